@@ -1,0 +1,30 @@
+"""The `maskdit` command: every pipeline step is a plain command.
+
+Each area keeps its commands in `maskdit/cli_<area>.py` with heavy imports inside the
+function bodies, so `maskdit --help` stays fast; they are registered below.
+"""
+
+import typer
+
+app = typer.Typer(
+    help="MaskDiT: encode, train, sample, evaluate and register masked diffusion transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def main() -> None:
+    """MaskDiT pipeline steps as plain commands (each runs without Kubeflow)."""
+
+
+@app.command()
+def version() -> None:
+    """Print the installed maskdit version."""
+    from maskdit import __version__
+
+    typer.echo(__version__)
+
+
+# --- commands of each area (registered here, defined in maskdit/cli_<area>.py) ---
