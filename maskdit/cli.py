@@ -28,3 +28,8 @@ def version() -> None:
 
 
 # --- commands of each area (registered here, defined in maskdit/cli_<area>.py) ---
+
+from maskdit import cli_data  # noqa: E402  (data: encode, data mnist)
+
+app.command("encode")(cli_data.encode)
+app.add_typer(cli_data.data_app, name="data")

@@ -1,0 +1,344 @@
+"""`maskdit encode`: class folders of images -> shards of VAE posterior moments (or pixels).
+
+Run once per dataset so that training never runs the VAE:
+
+    images/<class>/<file>  --ADM crop, [-1, 1]-->  VAE encoder  -->  mean, logvar (float16)
+
+- Classes are the sorted folder names; files are taken in sorted order and cut into shards of
+  `shard_size` images, so a shard's content depends only on the input and the options.
+- Under torchrun rank r encodes shards r, r + W, r + 2W, ...; rank 0 shows progress and writes
+  the manifest after a barrier, last.
+- Resumable: each shard is written atomically, then a sidecar `shard-N.json` with its sha256;
+  a re-run skips every shard whose sidecar exists and whose bytes still match it. `encode.json`
+  holds the options and a digest of the file list, so a re-run with other inputs is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from maskdit import storage
+from maskdit.images import IMAGE_EXTENSIONS, BadImage, load_image, to_tensor
+from maskdit.shards import Manifest, ShardInfo, Skipped, shard_name, shard_uri, write_manifest, write_shard
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+ENCODE_JOB = "encode.json"
+
+
+class EncodeError(ValueError):
+    """The input or the options cannot make a dataset; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    vae: str | None = DEFAULT_VAE  # None in pixel space
+    resolution: int = 256
+    shard_size: int = 4096
+    flip: bool = False
+    pixel_space: bool = False
+    grayscale: bool = False
+
+
+# ------------------------------------------------------------------------------------------
+# Input discovery
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    uri: str
+    label: int
+    relative: str  # "<class>/<name>", what the file-list digest and the manifest show
+
+
+def discover(input_uri: str) -> tuple[list[str], list[ImageFile], list[Skipped]]:
+    """(class names, image files in order, skipped entries) of a folder or URI of class folders."""
+    root = str(input_uri).rstrip("/")
+    if storage.is_s3(root):
+        entries = [(item[len(root) + 1 :], item) for item in storage.list_uris(root)]
+        folders: set[str] = set()
+    else:
+        base = storage.local_path(root)
+        if not base.is_dir():
+            raise EncodeError(f"input {root!r} is not a folder; pass a folder (or s3:// prefix) of class folders")
+        entries = [(p.relative_to(base).as_posix(), str(p)) for p in base.rglob("*") if p.is_file()]
+        folders = {p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    skipped: list[Skipped] = []
+    by_class: dict[str, list[tuple[str, str]]] = {name: [] for name in folders}
+    for relative, uri in sorted(entries):
+        parts = PurePosixPath(relative).parts
+        if any(part.startswith(".") for part in parts):
+            skipped.append(Skipped(path=uri, reason="hidden file"))
+        elif len(parts) < 2:
+            skipped.append(Skipped(path=uri, reason="not inside a class folder"))
+        elif PurePosixPath(relative).suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(Skipped(path=uri, reason=f"not an image file (extension {PurePosixPath(relative).suffix!r}; "
+                                                    f"expected one of {sorted(IMAGE_EXTENSIONS)})"))
+        else:
+            by_class.setdefault(parts[0], []).append((relative, uri))
+    for name in sorted(by_class):
+        if not by_class[name]:
+            skipped.append(Skipped(path=storage.join(root, name), reason="empty class folder: no images, not a class"))
+            del by_class[name]
+    class_names = sorted(by_class)
+    if not class_names:
+        raise EncodeError(f"no images under {root}: expected one folder per class holding "
+                          f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files")
+    if len(class_names) == 1:
+        raise EncodeError(f"only one class ({class_names[0]!r}) under {root}: a class-conditional model needs "
+                          "at least two class folders")
+    files = [ImageFile(uri=uri, label=label, relative=relative)
+             for label, name in enumerate(class_names) for relative, uri in by_class[name]]
+    return class_names, files, skipped
+
+
+# ------------------------------------------------------------------------------------------
+# VAE
+# ------------------------------------------------------------------------------------------
+
+
+def load_vae(spec: str, device: str | torch.device = "cpu"):
+    """diffusers AutoencoderKL (eval, float32) from a hub id, a local directory or an s3:// directory."""
+    from diffusers import AutoencoderKL
+
+    kwargs = {"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
+    try:
+        if storage.is_s3(spec):
+            with tempfile.TemporaryDirectory(prefix="maskdit-vae-") as tmp:
+                vae = AutoencoderKL.from_pretrained(storage.get_tree(spec, tmp), **kwargs)
+        elif storage.local_path(spec).is_dir():
+            vae = AutoencoderKL.from_pretrained(storage.local_path(spec), **kwargs)
+        else:
+            vae = AutoencoderKL.from_pretrained(spec, **kwargs)
+    except storage.StorageError:
+        raise
+    except (OSError, ValueError) as error:
+        raise EncodeError(f"cannot load the VAE {spec!r}: {error}\nPass a hub id the node can reach, or a local "
+                          "or s3:// directory holding an AutoencoderKL saved with save_pretrained") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+@torch.no_grad()
+def vae_moments(vae, x: torch.Tensor, autocast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar) of q(z | x), each (B, C, h, w) float32; reduced precision falls back to float32
+    for a batch whose moments are not finite."""
+    device = next(vae.parameters()).device
+    x = x.to(device)
+    if autocast is not None:
+        with torch.autocast(device.type, dtype=autocast):
+            dist = vae.encode(x).latent_dist
+        mean, logvar = dist.mean.float(), dist.logvar.float()
+        if torch.isfinite(mean).all() and torch.isfinite(logvar).all():
+            return mean, logvar
+    dist = vae.encode(x).latent_dist
+    return dist.mean.float(), dist.logvar.float()
+
+
+# ------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in a single process)
+# ------------------------------------------------------------------------------------------
+
+
+def _dist_setup() -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo")  # only barriers are needed: gloo works on every node
+    return dist.get_rank(), dist.get_world_size(), created
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------
+# Encoding
+# ------------------------------------------------------------------------------------------
+
+
+def _sidecar_uri(out: str, index: int) -> str:
+    return shard_uri(out, shard_name(index).replace(".safetensors", ".json"))
+
+
+def _shard_done(out: str, index: int) -> bool:
+    """Whether shard `index` and its sidecar exist and the shard still matches the sidecar's sha256."""
+    try:
+        side = json.loads(storage.get_bytes(_sidecar_uri(out, index)))
+        data = storage.get_bytes(shard_uri(out, shard_name(index)))
+    except storage.ObjectNotFound:
+        return False
+    return hashlib.sha256(data).hexdigest() == side["shard"]["sha256"]
+
+
+def _read_one(item: ImageFile, options: EncodeOptions) -> np.ndarray | Skipped:
+    try:
+        return load_image(storage.get_bytes(item.uri), options.resolution, options.grayscale)
+    except BadImage as error:
+        return Skipped(path=item.uri, reason=str(error))
+
+
+def _encode_shard(files: list[ImageFile], options: EncodeOptions, vae, autocast, batch_size: int,
+                  pool: ThreadPoolExecutor, progress) -> tuple[dict[str, torch.Tensor], list[Skipped]]:
+    """Tensors of one shard: originals first, then (with `flip`) their mirrored copies."""
+    batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    pending: list[Future] = [pool.submit(_read_one, f, options) for f in batches[0]] if batches else []
+    outputs: dict[str, list[torch.Tensor]] = {}
+    labels: list[int] = []
+    skipped: list[Skipped] = []
+    for b, batch in enumerate(batches):
+        results = [future.result() for future in pending]
+        if b + 1 < len(batches):  # decode the next batch while this one runs through the VAE
+            pending = [pool.submit(_read_one, f, options) for f in batches[b + 1]]
+        arrays = [r for r in results if isinstance(r, np.ndarray)]
+        skipped += [r for r in results if isinstance(r, Skipped)]
+        labels += [f.label for f, r in zip(batch, results) if isinstance(r, np.ndarray)]
+        if progress is not None:
+            progress.update(len(batch))
+        if not arrays:
+            continue
+        views = {"": np.stack(arrays)}  # (B, H, W, C) uint8
+        if options.flip:
+            views["flip"] = views[""][:, :, ::-1]
+        for view, images in views.items():
+            if options.pixel_space:
+                outputs.setdefault(f"pixels{view}", []).append(torch.from_numpy(images.copy()).permute(0, 3, 1, 2))
+            else:
+                mean, logvar = vae_moments(vae, to_tensor(images), autocast)
+                outputs.setdefault(f"mean{view}", []).append(mean.half().cpu())
+                outputs.setdefault(f"logvar{view}", []).append(logvar.half().cpu())
+    names = ["pixels"] if options.pixel_space else ["mean", "logvar"]
+    tensors = {}
+    for name in names:
+        parts = outputs.get(name, []) + outputs.get(f"{name}flip", [])
+        tensors[name] = torch.cat(parts).contiguous() if parts else torch.empty(0)
+    tensors["labels"] = torch.tensor(labels * (2 if options.flip else 1), dtype=torch.int64)
+    return tensors, skipped
+
+
+def encode(input_uri: str, out_uri: str, vae: str = DEFAULT_VAE, resolution: int = 256, batch_size: int = 64,
+           shard_size: int = 4096, flip: bool = False, pixel_space: bool = False, grayscale: bool = False,
+           device: str | None = None, dtype: str = "auto", workers: int = 8, progress: bool = True) -> Manifest | None:
+    """Encode the class folders at `input_uri` into shards + manifest at `out_uri` (see module doc).
+
+    Returns the manifest on rank 0 (None on other ranks).
+    """
+    if resolution < 8 or (resolution % 8 and not pixel_space):
+        raise EncodeError(f"--resolution {resolution}: use a multiple of 8, the VAE's factor (256 for ImageNet)")
+    if batch_size < 1 or shard_size < 1 or workers < 1:
+        raise EncodeError("--batch-size, --shard-size and --workers must be at least 1")
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise EncodeError(f"--dtype {dtype!r}: use auto, float32, float16 or bfloat16")
+    if grayscale and not pixel_space:
+        raise EncodeError("--grayscale needs --pixel-space (a VAE expects RGB)")
+    options = EncodeOptions(vae=None if pixel_space else vae, resolution=resolution, shard_size=shard_size,
+                            flip=flip, pixel_space=pixel_space, grayscale=grayscale)
+    out = str(out_uri).rstrip("/")
+    class_names, files, skipped = discover(input_uri)
+    shards = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
+    listing = "\n".join(f"{f.label}\t{f.relative}" for f in files).encode()
+    job = {"options": asdict(options), "class_names": class_names, "images": len(files),
+           "files_sha256": hashlib.sha256(listing).hexdigest()}
+
+    rank, world, created = _dist_setup()
+    try:
+        if rank == 0:
+            _claim_output(out, job)
+        _barrier(world)
+        torch_device = torch.device(device) if device else _default_device()
+        model = None if pixel_space else load_vae(vae, torch_device)
+        autocast = None if pixel_space else _autocast_dtype(dtype, torch_device)
+        mine = list(range(rank, len(shards), world))
+        bar = None
+        if progress and rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img",
+                       desc=f"encode (rank 0 of {world})" if world > 1 else "encode")
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for k in mine:
+                if _shard_done(out, k):
+                    if bar is not None:
+                        bar.update(len(shards[k]))
+                    continue
+                tensors, bad = _encode_shard(shards[k], options, model, autocast, batch_size, pool, bar)
+                info = write_shard(out, k, tensors)
+                side = {"shard": info.model_dump(), "images": len(shards[k]) - len(bad),
+                        "shape": list(tensors["pixels" if pixel_space else "mean"].shape[1:]),
+                        "skipped": [s.model_dump() for s in bad]}
+                if model is not None:
+                    side["scale_factor"] = float(model.config.scaling_factor)
+                storage.put_bytes(_sidecar_uri(out, k), json.dumps(side).encode())
+        if bar is not None:
+            bar.close()
+        _barrier(world)
+        if rank != 0:
+            return None
+        return _write_manifest(out, options, class_names, len(shards), skipped)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _claim_output(out: str, job: dict) -> None:
+    """Record the job in `out`, or refuse when `out` holds an encoding of other inputs/options."""
+    uri = storage.join(out, ENCODE_JOB)
+    try:
+        previous = json.loads(storage.get_bytes(uri))
+    except storage.ObjectNotFound:
+        storage.put_bytes(uri, json.dumps(job, indent=1).encode())
+        return
+    if previous != job:
+        changed = sorted(k for k in job if previous.get(k) != job[k])
+        raise EncodeError(f"{out} already holds an encoding of other inputs or options (differs in: "
+                          f"{', '.join(changed)}); pick another --out or delete that one")
+
+
+def _write_manifest(out: str, options: EncodeOptions, class_names: list[str], num_shards: int,
+                    skipped: list[Skipped]) -> Manifest:
+    sides = [json.loads(storage.get_bytes(_sidecar_uri(out, k))) for k in range(num_shards)]
+    infos = [ShardInfo.model_validate(s["shard"]) for s in sides]
+    images = sum(s["images"] for s in sides)
+    if images == 0:
+        raise EncodeError(f"no image under the input could be decoded ({len(skipped)} skipped); see the reasons "
+                          f"in {storage.join(out, 'shards')}/*.json")
+    shape = next(s["shape"] for s in sides if s["images"])
+    manifest = Manifest(
+        space="pixel" if options.pixel_space else "latent",
+        count=sum(i.count for i in infos), images=images, channels=shape[0], resolution=options.resolution,
+        shape=tuple(shape), dtype="uint8" if options.pixel_space else "float16",
+        scale_factor=1.0 if options.pixel_space else next(s["scale_factor"] for s in sides if "scale_factor" in s),
+        vae=options.vae, class_names=class_names, flip=options.flip, shard_size=options.shard_size,
+        shards=infos, skipped=skipped + [Skipped.model_validate(x) for s in sides for x in s["skipped"]])
+    write_manifest(out, manifest)
+    return manifest
