@@ -33,3 +33,7 @@ from maskdit import cli_data  # noqa: E402  (data: encode, data mnist)
 
 app.command("encode")(cli_data.encode)
 app.add_typer(cli_data.data_app, name="data")
+
+from maskdit import cli_train  # noqa: E402  (train)
+
+app.command("train")(cli_train.train)

@@ -1,0 +1,51 @@
+"""`maskdit train --config X [key=value ...]`: one process, or every rank under torchrun.
+
+The last line on stdout (rank 0) is the URI of the final checkpoint: pipeline steps parse it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+
+import typer
+
+
+def preset_path(config: str) -> Path:
+    """A YAML path, or the name of a preset shipped in maskdit/configs (e.g. `mnist_pretrain`)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = resources.files("maskdit") / "configs" / f"{Path(config).stem}.yaml"
+    return Path(str(shipped)) if shipped.is_file() else path
+
+
+def train(
+    config: str = typer.Option(..., "--config", "-c", help="YAML file, or a preset name: imagenet256_pretrain, "
+                               "imagenet256_tune_zero, imagenet256_tune_cosine, mnist_pretrain, mnist_tune"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. steps=1000 optim.lr=5e-5"),
+) -> None:
+    """Masked pretraining or unmasking tuning; resumes from the newest checkpoint in checkpoint.dir."""
+    from maskdit.checkpoint import CheckpointError, ModelMismatchError
+    from maskdit.config import ConfigError, load_config
+    from maskdit.shards import ShardError
+    from maskdit.storage import StorageError
+    from maskdit.train import NonFiniteError
+    from maskdit.train import train as run_train
+    from maskdit.trainconfig import TrainConfig
+
+    main = int(os.environ.get("RANK", 0)) == 0
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(TrainConfig, preset_path(config), overrides or [])
+        result = run_train(cfg)
+    except (ConfigError, CheckpointError, ModelMismatchError, NonFiniteError, ShardError, StorageError) as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
+    if main:
+        typer.echo(f"steps {result.step}, skipped {result.skipped_steps}, "
+                   + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+        typer.echo(result.checkpoint)

@@ -1,0 +1,137 @@
+"""The training config: one strict pydantic tree, defaults = the paper's ImageNet-256 pretraining.
+
+Presets live in `maskdit/configs/*.yaml`; `maskdit train --config X key=value ...` loads them.
+The model section is either a full `ModelConfig` or a preset name plus overrides:
+
+    model: {preset: "XL/2", decoder_depth: 4}    # or simply  model: "XL/2"
+
+The global batch is what one optimizer step sees, on any number of ranks: each rank takes
+`global_batch / world_size` samples in micro batches of `micro_batch` (gradient accumulation),
+and the gradient is the mean over the global batch. So a config trains the same on 1 or N GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from maskdit.config import ConfigError, StrictModel
+from maskdit.model import MODEL_PRESETS, ModelConfig
+
+
+class DataConfig(StrictModel):
+    uri: str = Field(description="shard folder written by `maskdit encode` (local path or s3://)")
+    verify: bool = True  # check every shard's sha256 against the manifest when loading
+    cache_dir: str | None = None  # node-local shard cache; None: MASKDIT_DATA_CACHE, else /dev/shm
+
+
+class OptimConfig(StrictModel):
+    """AdamW without weight decay, constant lr after an optional linear warm-up."""
+
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)  # max global grad norm; None = no clipping
+    fused: bool | None = None  # None: fused AdamW on CUDA, foreach elsewhere
+
+
+class BatchConfig(StrictModel):
+    global_batch: int = Field(1024, ge=1)  # samples per optimizer step, all ranks together
+    micro_batch: int | None = Field(None, ge=1)  # samples per forward on one rank; None = global / ranks
+
+    def split(self, world_size: int) -> tuple[int, int, int]:
+        """(per-rank batch, micro batch, accumulation steps) for `world_size` ranks."""
+        if self.global_batch % world_size:
+            raise ConfigError(
+                f"batch.global_batch {self.global_batch} is not divisible by the {world_size} ranks; "
+                f"use a multiple of {world_size}"
+            )
+        per_rank = self.global_batch // world_size
+        micro = self.micro_batch or per_rank
+        if micro > per_rank or per_rank % micro:
+            raise ConfigError(
+                f"batch.micro_batch {micro} must divide the per-rank batch {per_rank} "
+                f"(global_batch {self.global_batch} / {world_size} ranks)"
+            )
+        return per_rank, micro, per_rank // micro
+
+
+class MaskConfig(StrictModel):
+    """Mask ratio per step: constant r; zero (r = 0, unmasking tuning); cosine r_i = ratio * cos^4(pi/2 * i/n)."""
+
+    ratio: float = Field(0.5, ge=0, lt=1)
+    schedule: Literal["constant", "zero", "cosine"] = "constant"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _zero_means_zero(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("schedule") == "zero":
+            if data.get("ratio", 0) != 0:
+                raise ValueError(f"schedule 'zero' masks nothing: drop mask.ratio (got {data['ratio']}) or set it to 0")
+            data = {**data, "ratio": 0.0}
+        return data
+
+    def ratio_at(self, step: int, steps: int) -> float:
+        """The mask ratio of step `step` (0-based) of `steps`; cosine reaches exactly 0 at the last step."""
+        if self.schedule == "cosine":
+            progress = min(step / max(steps - 1, 1), 1.0)  # i / n of the paper, 0 ... 1
+            return 0.0 if progress == 1.0 else self.ratio * math.cos(math.pi / 2 * progress) ** 4
+        return self.ratio
+
+
+class EmaConfig(StrictModel):
+    decay: float = Field(0.9999, ge=0, le=1)
+
+
+class CheckpointConfig(StrictModel):
+    dir: str = Field(description="folder URI (local or s3://) for ckpt-<step>.pt; resume looks here")
+    every: int = Field(10_000, ge=1)  # steps between checkpoints (one is always written at the end)
+    keep_last: int = Field(3, ge=1)
+
+
+class TrackingConfig(StrictModel):
+    """MLflow. The environment wins: MLFLOW_TRACKING_URI, MASKDIT_PARENT_RUN_ID, MLFLOW_RUN_ID."""
+
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else no tracking
+    experiment: str = "maskdit"
+    run_name: str | None = None
+
+
+class TrainConfig(StrictModel):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    precision: Literal["bf16", "fp16", "tf32", "fp32"] = "bf16"
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    mae_weight: float = Field(0.1, ge=0)  # lambda of eq. (8)
+    p_uncond: float = Field(0.1, ge=0, le=1)  # label dropping for classifier-free guidance
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    steps: int = Field(2_000_000, ge=1)  # optimizer steps of this run (tuning counts its own)
+    checkpoint: CheckpointConfig
+    init_from: str | None = None  # pretraining checkpoint (file or folder): its model + EMA, fresh optimizer
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    seed: int = 0
+    log_every: int = Field(100, ge=1)
+    max_nonfinite_steps: int = Field(10, ge=1)  # this many skipped steps in a row stop training
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_model_preset(cls, data: Any) -> Any:
+        """`model: "B/4"` or `model: {preset: "B/4", depth: 6}` -> the full ModelConfig fields."""
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model")
+        if isinstance(model, str):
+            model = {"preset": model}
+        if isinstance(model, dict) and "preset" in model:
+            overrides = {k: v for k, v in model.items() if k != "preset"}
+            name = model["preset"]
+            if name not in MODEL_PRESETS:
+                raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+            data = {**data, "model": {**MODEL_PRESETS[name], **overrides}}
+        return data

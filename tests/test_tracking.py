@@ -1,0 +1,91 @@
+"""MLflow tracking against a real `mlflow server`: params, metrics, nesting, resume; off without a URI."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pytest
+import torch
+
+from maskdit import tracking
+from maskdit.config import build_config
+from maskdit.train import train
+from maskdit.trainconfig import TrainConfig
+from test_train import make_data, tiny_config
+
+METRICS = {"loss", "dsm", "mae", "lr", "mask_ratio", "grad_norm", "img_per_s", "skipped_steps"}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for key in ("MLFLOW_TRACKING_URI", "MASKDIT_PARENT_RUN_ID", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME",
+                "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.setenv(key, "")  # recorded, so that teardown removes what mlflow itself sets
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MASKDIT_DATA_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def test_no_uri_means_no_tracking():
+    with tracking.tracking_run("x", {"a": 1}) as run_id:
+        assert run_id is None and tracking.active_run_id() is None
+        tracking.log_metrics({"loss": 1.0}, step=1)  # a no-op, not an error
+
+
+def test_disabled_rank_does_not_track():
+    with tracking.tracking_run("x", {"a": 1}, uri="http://127.0.0.1:9", enabled=False) as run_id:
+        assert run_id is None
+
+
+@pytest.mark.slow
+def test_params_metrics_nesting_and_resume(mlflow_server, monkeypatch):
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    with tracking.tracking_run("parent", None, experiment="nest") as parent_id:
+        pass
+    monkeypatch.setenv("MASKDIT_PARENT_RUN_ID", parent_id)
+    params = {"optim": {"lr": 1e-4, "betas": [0.9, 0.999]}, "steps": 5}
+    with tracking.tracking_run("child", params, tags={"maskdit.step": "train"}, experiment="elsewhere") as child_id:
+        tracking.log_metrics({"loss": 0.5}, step=3)
+    child = client.get_run(child_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent_id and child.data.tags["maskdit.step"] == "train"
+    assert child.info.experiment_id == client.get_run(parent_id).info.experiment_id
+    assert child.data.params == {"optim.lr": "0.0001", "optim.betas": "[0.9, 0.999]", "steps": "5"}
+    assert child.info.status == "FINISHED"
+    monkeypatch.setenv("MLFLOW_RUN_ID", child_id)  # a pipeline step resuming its run
+    with tracking.tracking_run("again", {**params, "steps": 6}) as again_id:
+        tracking.log_metrics({"loss": 0.25}, step=4)
+    assert again_id == child_id
+    assert [m.value for m in client.get_metric_history(child_id, "loss")] == [0.5, 0.25]
+    assert client.get_run(child_id).data.params["steps"] == "5"  # MLflow params cannot change
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # (mlflow consumes it)
+    with tracking.tracking_run("fresh", None, run_id="f" * 32) as fresh_id:  # a checkpoint from another server
+        pass
+    assert fresh_id not in (None, "f" * 32, child_id)
+
+
+@pytest.mark.slow
+def test_training_logs_to_mlflow_and_resumes_its_run(mlflow_server, tmp_path):
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "ck", steps=4, log_every=2,
+                      tracking={"uri": mlflow_server, "experiment": "train", "run_name": "tiny"})
+    first = train(build_config(TrainConfig, cfg))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(first.run_id)
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["model.hidden_size"] == "32"
+    assert run.data.params["mask.schedule"] == "constant" and run.data.params["batch.global_batch"] == "16"
+    assert METRICS <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [2, 4]
+    assert all(math.isfinite(v) for v in run.data.metrics.values())
+
+    # preempted and started again with more steps: the same MLflow run continues
+    second = train(build_config(TrainConfig, {**cfg, "steps": 6}))
+    assert second.run_id == first.run_id
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [2, 4, 6]
