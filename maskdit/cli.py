@@ -37,3 +37,7 @@ app.add_typer(cli_data.data_app, name="data")
 from maskdit import cli_train  # noqa: E402  (train)
 
 app.command("train")(cli_train.train)
+
+from maskdit import cli_config  # noqa: E402  (config show / reference)
+
+app.add_typer(cli_config.config_app, name="config")

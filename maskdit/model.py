@@ -28,17 +28,17 @@ from maskdit.config import ConfigError, StrictModel, build_config
 class ModelConfig(StrictModel):
     """Network shape. Defaults: MaskDiT-XL/2 on 256px SD-VAE latents (32x32x4), decoder 8 x 512."""
 
-    input_size: int = Field(32, ge=1)
-    in_channels: int = Field(4, ge=1)
-    patch_size: int = Field(2, ge=1)
-    hidden_size: int = Field(1152, ge=4)
-    depth: int = Field(28, ge=1)
-    num_heads: int = Field(16, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
-    num_classes: int = Field(1000, ge=1)
-    decoder_hidden_size: int = Field(512, ge=4)
+    input_size: int = Field(32, ge=1)  # H = W of the model's input (latent or pixels)
+    in_channels: int = Field(4, ge=1)  # C: 4 for SD-VAE latents, 1 or 3 for pixels
+    patch_size: int = Field(2, ge=1)  # p: tokens are p x p patches, L = (H/p)^2
+    hidden_size: int = Field(1152, ge=4)  # encoder width D
+    depth: int = Field(28, ge=1)  # encoder DiT blocks
+    num_heads: int = Field(16, ge=1)  # encoder attention heads
+    mlp_ratio: float = Field(4.0, gt=0)  # MLP width / D in every block
+    num_classes: int = Field(1000, ge=1)  # class labels 0..n-1; index n is the null class (CFG)
+    decoder_hidden_size: int = Field(512, ge=4)  # decoder width Dd (reference: 512)
     decoder_depth: int = Field(8, ge=0)  # 0 = plain DiT (no decoder)
-    decoder_num_heads: int = Field(16, ge=1)
+    decoder_num_heads: int = Field(16, ge=1)  # decoder attention heads
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

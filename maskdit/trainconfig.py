@@ -22,6 +22,8 @@ from maskdit.model import MODEL_PRESETS, ModelConfig
 
 
 class DataConfig(StrictModel):
+    """Training data: a shard set written by `maskdit encode`."""
+
     uri: str = Field(description="shard folder written by `maskdit encode` (local path or s3://)")
     verify: bool = True  # check every shard's sha256 against the manifest when loading
     cache_dir: str | None = None  # node-local shard cache; None: MASKDIT_DATA_CACHE, else /dev/shm
@@ -30,15 +32,17 @@ class DataConfig(StrictModel):
 class OptimConfig(StrictModel):
     """AdamW without weight decay, constant lr after an optional linear warm-up."""
 
-    lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    lr: float = Field(1e-4, gt=0)  # paper: 1e-4 pretraining, 5e-5 unmasking tuning
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = Field(1e-8, gt=0)  # AdamW epsilon
+    warmup_steps: int = Field(0, ge=0)  # linear lr warm-up from 0 over this many steps
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm; None = no clipping
     fused: bool | None = None  # None: fused AdamW on CUDA, foreach elsewhere
 
 
 class BatchConfig(StrictModel):
+    """Batch sizes; the same config trains the same on 1 or N ranks."""
+
     global_batch: int = Field(1024, ge=1)  # samples per optimizer step, all ranks together
     micro_batch: int | None = Field(None, ge=1)  # samples per forward on one rank; None = global / ranks
 
@@ -62,8 +66,8 @@ class BatchConfig(StrictModel):
 class MaskConfig(StrictModel):
     """Mask ratio per step: constant r; zero (r = 0, unmasking tuning); cosine r_i = ratio * cos^4(pi/2 * i/n)."""
 
-    ratio: float = Field(0.5, ge=0, lt=1)
-    schedule: Literal["constant", "zero", "cosine"] = "constant"
+    ratio: float = Field(0.5, ge=0, lt=1)  # fraction of patches dropped (cosine: at step 0)
+    schedule: Literal["constant", "zero", "cosine"] = "constant"  # "zero"/"cosine": unmasking tuning
 
     @model_validator(mode="before")
     @classmethod
@@ -83,21 +87,25 @@ class MaskConfig(StrictModel):
 
 
 class EmaConfig(StrictModel):
-    decay: float = Field(0.9999, ge=0, le=1)
+    """Exponential moving average of the weights (used for sampling)."""
+
+    decay: float = Field(0.9999, ge=0, le=1)  # EMA of the weights, updated every step
 
 
 class CheckpointConfig(StrictModel):
+    """Where checkpoints go; a restarted run resumes from the newest valid one."""
+
     dir: str = Field(description="folder URI (local or s3://) for ckpt-<step>.pt; resume looks here")
     every: int = Field(10_000, ge=1)  # steps between checkpoints (one is always written at the end)
-    keep_last: int = Field(3, ge=1)
+    keep_last: int = Field(3, ge=1)  # older checkpoints are deleted
 
 
 class TrackingConfig(StrictModel):
     """MLflow. The environment wins: MLFLOW_TRACKING_URI, MASKDIT_PARENT_RUN_ID, MLFLOW_RUN_ID."""
 
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else no tracking
-    experiment: str = "maskdit"
-    run_name: str | None = None
+    experiment: str = "maskdit"  # MLflow experiment name
+    run_name: str | None = None  # MLflow run name; None: MLflow picks one
 
 
 class TrainConfig(StrictModel):
@@ -105,7 +113,7 @@ class TrainConfig(StrictModel):
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
-    precision: Literal["bf16", "fp16", "tf32", "fp32"] = "bf16"
+    precision: Literal["bf16", "fp16", "tf32", "fp32"] = "bf16"  # autocast dtype; fp16 adds a grad scaler
     mask: MaskConfig = Field(default_factory=MaskConfig)
     mae_weight: float = Field(0.1, ge=0)  # lambda of eq. (8)
     p_uncond: float = Field(0.1, ge=0, le=1)  # label dropping for classifier-free guidance
@@ -114,10 +122,10 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointConfig
     init_from: str | None = None  # pretraining checkpoint (file or folder): its model + EMA, fresh optimizer
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    seed: int = 0
-    log_every: int = Field(100, ge=1)
+    seed: int = 0  # every random draw derives from (seed, step, sample offset)
+    log_every: int = Field(100, ge=1)  # steps between metric logs
     max_nonfinite_steps: int = Field(10, ge=1)  # this many skipped steps in a row stop training
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,35 @@
+"""`maskdit config show | reference`: what a config resolves to, and every key there is."""
+
+from __future__ import annotations
+
+import typer
+
+config_app = typer.Typer(help="Inspect training configs and the configuration reference.", no_args_is_help=True)
+
+
+@config_app.command("show")
+def show(
+    config: str = typer.Argument(..., help="YAML file or preset name (e.g. mnist_pretrain)"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, as for `maskdit train`"),
+) -> None:
+    """Print a training config with presets resolved, overrides applied and defaults filled in."""
+    import yaml
+
+    from maskdit.cli_train import preset_path
+    from maskdit.config import ConfigError, load_config
+    from maskdit.trainconfig import TrainConfig
+
+    try:
+        cfg = load_config(TrainConfig, preset_path(config), overrides or [])
+    except ConfigError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+@config_app.command("reference")
+def reference() -> None:
+    """Print the configuration reference (Markdown) generated from the pydantic models."""
+    from maskdit.configref import render_reference
+
+    typer.echo(render_reference().rstrip())
