@@ -41,3 +41,9 @@ app.command("train")(cli_train.train)
 from maskdit import cli_config  # noqa: E402  (config show / reference)
 
 app.add_typer(cli_config.config_app, name="config")
+
+from maskdit import cli_eval  # noqa: E402  (evaluation: sample, evaluate, fid-stats)
+
+app.command("sample")(cli_eval.sample)
+app.command("evaluate")(cli_eval.evaluate)
+app.command("fid-stats")(cli_eval.fid_stats)

@@ -108,11 +108,14 @@ def render_presets() -> str:
 
 def sections() -> list[tuple[str, type[BaseModel], str]]:
     """The configs users write, in the order of the pipeline."""
+    from maskdit.evaluate import EvalConfig
     from maskdit.trainconfig import TrainConfig
 
     return [
         ("`maskdit train --config`", TrainConfig,
          "Presets: `maskdit/configs/*.yaml` (`maskdit config show NAME` prints one resolved)."),
+        ("`maskdit evaluate`", EvalConfig,
+         "`maskdit evaluate [--config FILE] key=value ...`; defaults are the paper's FID-50K protocol."),
     ]
 
 
