@@ -42,6 +42,12 @@ from maskdit import cli_config  # noqa: E402  (config show / reference)
 
 app.add_typer(cli_config.config_app, name="config")
 
+from maskdit import cli_registry  # noqa: E402  (registry; pipeline and demo forward to pipelines.cli)
+
+app.command("register")(cli_registry.register)
+app.command("pipeline", **cli_registry.FORWARD)(cli_registry.pipeline)
+app.command("demo")(cli_registry.demo)
+
 from maskdit import cli_eval  # noqa: E402  (evaluation: sample, evaluate, fid-stats)
 
 app.command("sample")(cli_eval.sample)

@@ -1,0 +1,17 @@
+"""The exit step: delete the run's PyTorchJobs and close its MLflow parent run, however the run ended."""
+
+from kfp import dsl
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def cleanup(kfp_run_id: str, backend: str, namespace: str, experiment: str, status: dsl.PipelineTaskFinalStatus):
+    """Delete every PyTorchJob labelled with this pipeline run (terminating a KFP run does not), then
+    mark the run's MLflow parent run FINISHED or FAILED."""
+    from components.steps import cleanup_step, finish_parent_run
+
+    try:
+        cleanup_step(kfp_run_id, backend, namespace)
+    finally:
+        finish_parent_run(kfp_run_id, experiment, status.state, status.error_message)

@@ -1,0 +1,183 @@
+"""`maskdit pipeline compile | run-local | submit | schedule` and `maskdit demo`.
+
+maskdit/ never imports KFP: `maskdit pipeline ...` and `maskdit demo` forward to this module at
+call time (maskdit/cli_registry.py).
+"""
+
+import base64
+import inspect
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from pipelines.maskdit_pipeline import PIPELINE_YAML, compile_pipeline, maskdit_pipeline
+
+pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit, schedule.",
+                           no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+
+ParamOption = Annotated[Optional[list[str]], typer.Option(
+    "--param", "-p", help="Pipeline parameter key=value (repeatable); lists/dicts as JSON, e.g. "
+    'pretrain_overrides=\'["steps=1000"]\'.')]
+
+
+def parse_params(pairs: list[str] | None) -> dict[str, Any]:
+    """`key=value` strings -> typed pipeline arguments (types from the pipeline's signature)."""
+    signature = inspect.signature(maskdit_pipeline.pipeline_func)
+    params: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in signature.parameters:
+            known = ", ".join(signature.parameters)
+            raise typer.BadParameter(f"{pair!r}: expected key=value with key one of: {known}")
+        kind = signature.parameters[key].annotation
+        try:
+            if kind is str:
+                value: Any = text
+            elif kind is bool:
+                value = {"true": True, "false": False}[text.lower()]
+            elif kind in (list, dict):
+                value = json.loads(text)
+                if not isinstance(value, kind):
+                    raise ValueError
+            else:
+                value = kind(text)
+        except (ValueError, KeyError, json.JSONDecodeError):
+            raise typer.BadParameter(f"{key}={text!r} is not a valid {kind.__name__}") from None
+        params[key] = value
+    return params
+
+
+@pipeline_app.command("compile")
+def compile_cmd(
+    out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = PIPELINE_YAML,
+    image: Annotated[Optional[str], typer.Option(help="Image of the steps (your registry's maskdit image).")] = None,
+) -> None:
+    """Compile the pipeline to YAML for the KFP UI (Pipelines > Upload pipeline) or the kfp CLI."""
+    typer.echo(compile_pipeline(out, image))
+
+
+def run_local(arguments: dict[str, Any], pipeline_root: str | Path) -> None:
+    """Run the whole DAG with KFP's local runner (subprocesses in this environment, backend local)."""
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               raise_on_error=True)
+    maskdit_pipeline(**{"backend": "local", **arguments})
+
+
+@pipeline_app.command("run-local")
+def run_local_cmd(
+    param: ParamOption = None,
+    pipeline_root: Annotated[Path, typer.Option(help="Folder for the steps' artifacts.")] = Path("kfp-local"),
+) -> None:
+    """Run the DAG on this machine with KFP's local runner (torchrun instead of PyTorchJobs)."""
+    run_local(parse_params(param), pipeline_root.resolve())
+
+
+def _client(host: str | None, namespace: str):
+    import kfp
+
+    return kfp.Client(host=host, namespace=namespace)
+
+
+@pipeline_app.command("submit")
+def submit_cmd(
+    host: Annotated[Optional[str], typer.Option(help="KFP API endpoint, e.g. http://localhost:8080 "
+                                                     "(kubectl port-forward); default: in-cluster.")] = None,
+    namespace: Annotated[str, typer.Option(help="KFP namespace (multi-user profile).")] = "kubeflow",
+    experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "maskdit",
+    run_name: Annotated[Optional[str], typer.Option(help="Run name (default: maskdit-<time>).")] = None,
+    package: Annotated[Path, typer.Option(help="Compiled pipeline YAML.")] = PIPELINE_YAML,
+    param: ParamOption = None,
+) -> None:
+    """Start one run on Kubeflow Pipelines."""
+    result = _client(host, namespace).create_run_from_pipeline_package(
+        str(package), arguments=parse_params(param), run_name=run_name or f"maskdit-{time.strftime('%Y%m%d-%H%M%S')}",
+        experiment_name=experiment, namespace=namespace)
+    typer.echo(f"run {result.run_id}")
+
+
+@pipeline_app.command("schedule")
+def schedule_cmd(
+    cron: Annotated[str, typer.Option(help="KFP cron (6 fields, seconds first), e.g. '0 0 3 * * 0' = Sundays 03:00.")],
+    name: Annotated[str, typer.Option(help="Recurring run name.")] = "maskdit-retrain",
+    host: Annotated[Optional[str], typer.Option(help="KFP API endpoint; default: in-cluster.")] = None,
+    namespace: Annotated[str, typer.Option(help="KFP namespace (multi-user profile).")] = "kubeflow",
+    experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "maskdit",
+    package: Annotated[Path, typer.Option(help="Compiled pipeline YAML.")] = PIPELINE_YAML,
+    param: ParamOption = None,
+) -> None:
+    """Schedule recurring retrains (one at a time, no catch-up of missed runs)."""
+    client = _client(host, namespace)
+    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+    recurring = client.create_recurring_run(experiment_id, name, cron_expression=cron, max_concurrency=1,
+                                            no_catchup=True, params=parse_params(param),
+                                            pipeline_package_path=str(package))
+    typer.echo(f"recurring run {recurring.recurring_run_id}")
+
+
+# --- `maskdit demo` ---
+
+DEMO_MODEL, DEMO_EXPERIMENT = "maskdit-mnist", "maskdit-demo"
+DEMO_REF_DIGITS = 400  # FID reference: 40 digits a class (Inception on CPU costs about 0.25 s an image)
+DEMO_SAMPLES = 200
+
+
+def _reference_stats(out: Path) -> Path:
+    """FID statistics of the digits themselves (a class-balanced subset), computed once."""
+    from components.steps import sh
+
+    stats = out / "ref_stats.npz"
+    if not stats.exists():
+        sh(["data", "mnist", "--out", str(out / "ref-digits"), "--limit", str(DEMO_REF_DIGITS)])
+        sh(["fid-stats", "--source", str(out / "ref-digits"), "--out", str(stats)])
+    return stats
+
+
+def demo(out_dir: Path = Path("demo-output"), fid_threshold: float = 1000.0) -> None:
+    """The whole pipeline on this machine: MNIST digits, pixel space, local store and sqlite MLflow."""
+    import mlflow
+
+    started = time.time()
+    out = out_dir.resolve()
+    store, artifacts = out / "store", out / "mlartifacts"
+    for folder in (store, artifacts):
+        folder.mkdir(parents=True, exist_ok=True)
+    tracking = f"sqlite:///{out / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking
+    mlflow.set_tracking_uri(tracking)
+    if mlflow.get_experiment_by_name(DEMO_EXPERIMENT) is None:
+        mlflow.create_experiment(DEMO_EXPERIMENT, artifact_location=artifacts.as_uri())
+    ref_stats = _reference_stats(out)
+    run_local(dict(images="mnist", store_uri=str(store), resolution=32, pixel_space=True, grayscale=True,
+                   pretrain_config="mnist_pretrain", tune_config="mnist_tune", local_nproc=1,
+                   ref_stats=str(ref_stats), num_samples=DEMO_SAMPLES, cfg_scale=1.5, num_steps=18,
+                   fid_threshold=fid_threshold, model_name=DEMO_MODEL, experiment=DEMO_EXPERIMENT), out / "kfp")
+    grid = _grid_png(out / "kfp", out / "samples.png")
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias(DEMO_MODEL, "candidate")
+    parent = client.get_run(version.run_id).data.tags.get("mlflow.parentRunId", version.run_id)
+    typer.echo(f"""
+demo finished in {(time.time() - started) / 60:.1f} min
+  sample grid : {grid}   (rows: digits 0-7, columns: seeds)
+  FID         : {float(version.tags['fid']):.2f} ({DEMO_SAMPLES} samples against {DEMO_REF_DIGITS} real digits)
+  MLflow run  : {parent} (experiment {DEMO_EXPERIMENT})
+  registered  : models:/{DEMO_MODEL}/{version.version} (aliases: {', '.join(sorted(version.aliases))})
+  sample it   : .venv/bin/maskdit sample --model models:/{DEMO_MODEL}@champion --classes 0,1,2,3,4,5,6,7,8,9 \\
+                    --out grid.png   (with MLFLOW_TRACKING_URI={tracking})
+  MLflow UI   : .venv/bin/mlflow ui --backend-store-uri {tracking} --port 5000   (then open http://127.0.0.1:5000)""")
+
+
+def _grid_png(pipeline_root: Path, dest: Path) -> Path:
+    """The evaluate step's sample grid (base64 in its HTML artifact) of the newest run, as a PNG file."""
+    pages = sorted(pipeline_root.glob("**/samples"), key=lambda p: p.stat().st_mtime)
+    if not pages:
+        raise RuntimeError(f"no sample grid under {pipeline_root}: did the evaluate step run?")
+    data = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", pages[-1].read_text()).group(1)
+    dest.write_bytes(base64.b64decode(data))
+    return dest

@@ -1,0 +1,202 @@
+"""The MaskDiT training pipeline (Kubeflow Pipelines v2).
+
+    encode -> pretrain -> tune -> evaluate -> [FID <= fid_threshold] register
+    (all inside an ExitHandler whose exit step deletes the run's PyTorchJobs)
+
+Pretrain and tune are light launcher pods that run `maskdit train` as a PyTorchJob (or, with
+`backend="local"`, with torchrun on the same machine, for KFP's local runner). Register adds a
+version with alias `candidate` and moves `champion` only when the FID beats the champion's.
+
+Secrets never pass as parameters: the steps read S3 and MLflow credentials from Kubernetes
+Secrets (`maskdit-s3`, `maskdit-mlflow`) and MLflow's address from the ConfigMap `maskdit-config`
+(k8s/); the PyTorchJobs get the same through envFrom. The local runner ignores these settings:
+there the environment of the calling process provides them.
+"""
+
+
+import ast
+import json
+import re
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+
+from components import IMAGE
+from components.cleanup import cleanup
+from components.encode import encode
+from components.evaluate import evaluate
+from components.pretrain import pretrain
+from components.register import register
+from components.steps import CONFIG_MAP, MLFLOW_SECRET, S3_SECRET
+from components.tune import tune
+
+PIPELINE_YAML = Path(__file__).with_name("maskdit_pipeline.yaml")
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # the label NVIDIA's GPU feature discovery sets
+GPU_TOLERATIONS = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """S3 and MLflow settings from the cluster: Secrets and a ConfigMap, never pipeline parameters."""
+    kubernetes.use_secret_as_env(task, S3_SECRET, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                                   "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+    kubernetes.use_secret_as_env(task, S3_SECRET, {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"}, optional=True)
+    kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                                                       "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
+                                 optional=True)
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
+    return task
+
+
+def _on_gpu(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
+    """One GPU in the step's own pod, on a GPU node."""
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+    task.set_cpu_limit(cpu).set_memory_limit(memory)
+    for key, value in GPU_NODE_SELECTOR.items():
+        kubernetes.add_node_selector(task, key, value)
+    for toleration in GPU_TOLERATIONS:
+        kubernetes.add_toleration(task, **toleration)
+    return task
+
+
+def _launcher(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+    """A pretrain/tune pod: it only creates and watches the PyTorchJob (retries re-attach to it)."""
+    task.set_display_name(name).set_caching_options(False).set_retry(num_retries=2, backoff_duration="60s")
+    task.set_cpu_limit("1").set_memory_limit("2Gi")
+    return _with_credentials(task)
+
+
+@dsl.pipeline(
+    name="maskdit",
+    description="MaskDiT: encode -> masked pretraining (PyTorchJob) -> unmasking tuning -> FID -> MLflow registry.",
+)
+def maskdit_pipeline(
+    images: str = "s3://maskdit/data/imagenet/train",
+    store_uri: str = "s3://maskdit",
+    resolution: int = 256,
+    vae: str = "stabilityai/sd-vae-ft-mse",
+    pixel_space: bool = False,
+    grayscale: bool = False,
+    pretrain_config: str = "imagenet256_pretrain",
+    pretrain_overrides: list = [],
+    tune_config: str = "imagenet256_tune_zero",
+    tune_overrides: list = [],
+    image: str = IMAGE,
+    backend: str = "kubernetes",
+    namespace: str = "",
+    nodes: int = 1,
+    gpus_per_node: int = 8,
+    cpu_per_node: str = "64",
+    memory_per_node: str = "900Gi",
+    shm_size: str = "64Gi",
+    node_selector: dict = GPU_NODE_SELECTOR,
+    tolerations: list = GPU_TOLERATIONS,
+    pretrain_timeout_hours: float = 336.0,
+    tune_timeout_hours: float = 48.0,
+    local_nproc: int = 1,
+    ref_stats: str = "s3://maskdit/fid/VIRTUAL_imagenet256_labeled.npz",
+    num_samples: int = 50000,
+    cfg_scale: float = 1.5,
+    num_steps: int = 40,
+    fid_threshold: float = 3.0,
+    model_name: str = "maskdit-xl2-imagenet256",
+    experiment: str = "maskdit",
+):
+    """Train, evaluate and register a MaskDiT (defaults: the paper's ImageNet-256 XL/2 recipe).
+
+    Args:
+        images: Class folders of training images (folder or s3:// prefix), or "mnist" for the bundled digits.
+        store_uri: Object-store root for datasets (<store>/datasets) and checkpoints (<store>/runs/<run id>).
+        resolution: Image side in pixels (ADM center crop); the SD VAE makes 32x32x4 latents of 256.
+        vae: AutoencoderKL for the latents (hub id or path); ignored with pixel_space.
+        pixel_space: Train on pixels instead of VAE latents (the laptop demo).
+        grayscale: One channel (with pixel_space).
+        pretrain_config: `maskdit train` preset or YAML for masked pretraining (mask ratio 0.5, 2M steps).
+        pretrain_overrides: key=value overrides for pretraining, e.g. ["steps=100000"].
+        tune_config: Preset for unmasking tuning: imagenet256_tune_zero (best with CFG) or imagenet256_tune_cosine.
+        tune_overrides: key=value overrides for tuning.
+        image: Container image of the PyTorchJob pods.
+        backend: "kubernetes" (a PyTorchJob per training step) or "local" (torchrun in the step itself).
+        namespace: Namespace for the PyTorchJobs; empty = the pipeline's own.
+        nodes: Nodes per PyTorchJob (one torchrun each).
+        gpus_per_node: GPUs per node (= processes per node); 0 = one CPU process per node.
+        cpu_per_node: CPU request/limit of each training pod.
+        memory_per_node: Memory request/limit of each training pod.
+        shm_size: Size of /dev/shm (a memory-backed emptyDir) for data-loader workers and NCCL.
+        node_selector: Node labels the training pods must match.
+        tolerations: Tolerations of the training pods (for tainted GPU nodes).
+        pretrain_timeout_hours: Delete the pretraining job and fail after this long (2M steps: about 257 h on 8 A100).
+        tune_timeout_hours: Delete the tuning job and fail after this long.
+        local_nproc: Processes for the local backend's torchrun.
+        ref_stats: FID reference statistics (.npz with mu and sigma, ADM's VIRTUAL_imagenet256_labeled.npz); empty = the dataset's own.
+        num_samples: Samples for FID (50k in the paper).
+        cfg_scale: Classifier-free guidance scale w for sampling (1.5 for the paper's FID 2.28).
+        num_steps: EDM Heun sampler steps (40 = 79 network evaluations).
+        fid_threshold: Register only when FID <= this.
+        model_name: Registered model name in the MLflow Model Registry.
+        experiment: MLflow experiment of the run's parent run.
+    """
+    run_id, run_name = dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+    exit_task = cleanup(kfp_run_id=run_id, backend=backend, namespace=namespace, experiment=experiment)
+    exit_task.set_display_name("delete PyTorchJobs, close MLflow run").set_caching_options(False).set_retry(3)
+    _with_credentials(exit_task.set_cpu_limit("500m").set_memory_limit("1Gi"))
+
+    with dsl.ExitHandler(exit_task, name="train and register"):
+        encoded = encode(images=images, store_uri=store_uri, resolution=resolution, vae=vae,
+                         pixel_space=pixel_space, grayscale=grayscale)
+        encoded.set_display_name("encode images").set_caching_options(True).set_retry(2, backoff_duration="60s")
+        _on_gpu(_with_credentials(encoded), cpu="16", memory="64Gi")
+
+        cluster = dict(store_uri=store_uri, kfp_run_id=run_id, kfp_run_name=run_name, experiment=experiment,
+                       image=image, backend=backend, nodes=nodes, gpus_per_node=gpus_per_node, cpu=cpu_per_node,
+                       memory=memory_per_node, shm_size=shm_size, node_selector=node_selector,
+                       tolerations=tolerations, namespace=namespace, local_nproc=local_nproc)
+        pretrained = pretrain(dataset=encoded.outputs["dataset"], config=pretrain_config,
+                              overrides=pretrain_overrides, timeout_hours=pretrain_timeout_hours, **cluster)
+        _launcher(pretrained, "masked pretraining (PyTorchJob)")
+
+        tuned = tune(dataset=encoded.outputs["dataset"], pretrained=pretrained.outputs["model"], config=tune_config,
+                     overrides=tune_overrides, timeout_hours=tune_timeout_hours, **cluster)
+        _launcher(tuned, "unmasking tuning (PyTorchJob)")
+
+        evaluated = evaluate(model=tuned.outputs["model"], dataset=encoded.outputs["dataset"], ref_stats=ref_stats,
+                             num_samples=num_samples, cfg_scale=cfg_scale, num_steps=num_steps, kfp_run_id=run_id,
+                             kfp_run_name=run_name, experiment=experiment)
+        evaluated.set_display_name("samples and FID").set_caching_options(False).set_retry(1)
+        _on_gpu(_with_credentials(evaluated), cpu="8", memory="64Gi")
+
+        # FID (float) against the threshold (float): like types, or dsl.If silently skips both branches
+        fid = evaluated.outputs["Output"]
+        with dsl.If(fid <= fid_threshold, name="fid-within-threshold"):
+            registered = register(model=tuned.outputs["model"], dataset=encoded.outputs["dataset"],
+                                  fid=fid, cfg_scale=cfg_scale, num_steps=num_steps,
+                                  model_name=model_name, kfp_run_id=run_id, kfp_run_name=run_name,
+                                  experiment=experiment)
+            registered.set_display_name("register in MLflow").set_caching_options(False)
+            registered.set_retry(3, backoff_duration="30s").set_cpu_limit("2").set_memory_limit("8Gi")
+            _with_credentials(registered)
+
+
+def _stable_header(text: str) -> str:
+    """KFP's header comment prints dict defaults in protobuf map order, which varies between runs:
+    print them with sorted keys so that the same code compiles to the same bytes."""
+
+    def sort(match: re.Match) -> str:
+        value = json.dumps(ast.literal_eval(match.group(2)), sort_keys=True)
+        return f"{match.group(1)}{value}]"
+
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        lines[i] = re.sub(r"^(#\s+\w+: (?:dict|list) \[Default: )(.*)\]$", sort, line)
+    return "\n".join(lines)
+
+
+def compile_pipeline(path: str | Path = PIPELINE_YAML, image: str | None = None) -> Path:
+    """Write the pipeline's IR YAML to `path`; `image` replaces the steps' image (your registry's)."""
+    path = Path(path)
+    compiler.Compiler().compile(maskdit_pipeline, str(path))
+    text = _stable_header(path.read_text())
+    path.write_text(text.replace(IMAGE, image) if image else text)
+    return path

@@ -1,0 +1,117 @@
+"""The compiled pipeline: up to date, valid KFP IR, and the cluster settings where they belong."""
+
+import yaml
+from google.protobuf import json_format
+from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from pipelines.maskdit_pipeline import PIPELINE_YAML, compile_pipeline
+
+SECRET_VALUES = {"AWS_ACCESS_KEY_ID": "AKIA-test-key-id-4711", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-do-not-leak",
+                 "MLFLOW_TRACKING_PASSWORD": "mlflow-password-0815", "MLFLOW_TRACKING_USERNAME": "mlflow-user-0815"}
+
+
+def _compiled(tmp_path, monkeypatch):
+    for key, value in SECRET_VALUES.items():  # credentials in the compiling shell must not leak into the YAML
+        monkeypatch.setenv(key, value)
+    path = compile_pipeline(tmp_path / "pipeline.yaml")
+    return path.read_text()
+
+
+def _parse(text):
+    spec_doc, platform_doc = yaml.safe_load_all(text)
+    spec = json_format.ParseDict(spec_doc, pipeline_spec_pb2.PipelineSpec())
+    platform = json_format.ParseDict(platform_doc, pipeline_spec_pb2.PlatformSpec())
+    executors = {
+        name: json_format.ParseDict(json_format.MessageToDict(config), k8s_pb2.KubernetesExecutorConfig())
+        for name, config in platform.platforms["kubernetes"].deployment_spec.executors.items()
+    }
+    return spec, executors
+
+
+def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch):
+    assert PIPELINE_YAML.exists(), "run `maskdit pipeline compile` and commit pipelines/maskdit_pipeline.yaml"
+    assert _compiled(tmp_path, monkeypatch) == PIPELINE_YAML.read_text(), (
+        "pipelines/maskdit_pipeline.yaml is out of date with the code: run `maskdit pipeline compile`")
+
+
+def test_spec_parses_and_wires_the_dag(tmp_path, monkeypatch):
+    spec, _ = _parse(_compiled(tmp_path, monkeypatch))
+    assert spec.pipeline_info.name == "maskdit"
+    root = spec.root.dag.tasks
+    assert root["cleanup"].trigger_policy.strategy == \
+        pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.TriggerStrategy.ALL_UPSTREAM_TASKS_COMPLETED
+    inner = spec.components[root["exit-handler-1"].component_ref.name].dag.tasks
+    assert set(inner) == {"encode", "pretrain", "tune", "evaluate", "condition-2"}
+    assert list(inner["tune"].dependent_tasks) == ["encode", "pretrain"] or \
+        set(inner["tune"].dependent_tasks) == {"encode", "pretrain"}
+    condition = inner["condition-2"].trigger_policy.condition
+    assert "pipelinechannel--evaluate-Output" in condition and "<=" in condition and "fid_threshold" in condition
+    # like types on both sides of the comparison (a float output against a float parameter)
+    condition_inputs = spec.components[inner["condition-2"].component_ref.name].input_definitions.parameters
+    double = pipeline_spec_pb2.ParameterType.NUMBER_DOUBLE
+    assert condition_inputs["pipelinechannel--evaluate-Output"].parameter_type == double
+    assert condition_inputs["pipelinechannel--fid_threshold"].parameter_type == double
+    # caching only for encode; retries on the steps that talk to the network
+    assert inner["encode"].caching_options.enable_cache
+    assert not any(inner[t].caching_options.enable_cache for t in ("pretrain", "tune", "evaluate"))
+    for task in ("encode", "pretrain", "tune"):
+        assert inner[task].retry_policy.max_retry_count >= 1
+    register = spec.components[inner["condition-2"].component_ref.name].dag.tasks["register"]
+    assert register.retry_policy.max_retry_count >= 1 and not register.caching_options.enable_cache
+    params = spec.root.input_definitions.parameters
+    assert params["fid_threshold"].default_value.number_value == 3.0
+    assert params["cfg_scale"].default_value.number_value == 1.5
+    assert params["gpus_per_node"].default_value.number_value == 8
+    assert "FID <= this" in params["fid_threshold"].description  # documented for the UI
+
+
+def test_gpus_tolerations_node_selectors_and_secrets(tmp_path, monkeypatch):
+    spec, executors = _parse(_compiled(tmp_path, monkeypatch))
+    deployment = json_format.ParseDict(json_format.MessageToDict(spec.deployment_spec),
+                                       pipeline_spec_pb2.PipelineDeploymentConfig())
+    containers = {name: e.container for name, e in deployment.executors.items()}
+    for gpu_step in ("exec-encode", "exec-evaluate"):
+        accelerator = containers[gpu_step].resources.accelerator
+        assert (accelerator.resource_type, accelerator.resource_count) == ("nvidia.com/gpu", "1")
+        assert [t.key for t in executors[gpu_step].tolerations] == ["nvidia.com/gpu"]
+        assert dict(executors[gpu_step].node_selector.labels) == {"nvidia.com/gpu.present": "true"}
+    for light_step in ("exec-pretrain", "exec-tune", "exec-register", "exec-cleanup"):
+        assert not containers[light_step].resources.accelerator.resource_type
+        assert not executors.get(light_step, k8s_pb2.KubernetesExecutorConfig()).tolerations
+    for step in ("exec-encode", "exec-pretrain", "exec-tune", "exec-evaluate", "exec-register"):
+        secrets = {(s.secret_name, k.env_var) for s in executors[step].secret_as_env for k in s.key_to_env}
+        assert {("maskdit-s3", "AWS_SECRET_ACCESS_KEY"), ("maskdit-mlflow", "MLFLOW_TRACKING_PASSWORD")} <= secrets
+        assert [c.config_map_name for c in executors[step].config_map_as_env] == ["maskdit-config"]
+    # the PyTorchJobs get their GPUs, node selector and tolerations as (documented) parameters
+    params = spec.root.input_definitions.parameters
+    assert json_format.MessageToDict(params["node_selector"].default_value) == {"nvidia.com/gpu.present": "true"}
+    assert json_format.MessageToDict(params["tolerations"].default_value)[0]["key"] == "nvidia.com/gpu"
+
+
+def test_no_secret_value_in_the_yaml(tmp_path, monkeypatch):
+    text = _compiled(tmp_path, monkeypatch)
+    for value in SECRET_VALUES.values():
+        assert value not in text
+    spec, _ = _parse(text)
+    names = " ".join(spec.root.input_definitions.parameters).lower()
+    assert not any(word in names for word in ("password", "secret", "token", "access_key"))
+
+
+def test_cli_parameters_take_the_pipelines_types():
+    import typer
+
+    from pipelines.cli import parse_params
+
+    params = parse_params(["fid_threshold=3", "nodes=2", "pixel_space=true", 'pretrain_overrides=["steps=10"]',
+                           "images=s3://b/x=y"])
+    assert params == {"fid_threshold": 3.0, "nodes": 2, "pixel_space": True, "pretrain_overrides": ["steps=10"],
+                      "images": "s3://b/x=y"}
+    assert isinstance(params["fid_threshold"], float)
+    for bad in ("fid_treshold=3", "nodes=two", "tolerations={}"):
+        try:
+            parse_params([bad])
+        except typer.BadParameter as error:
+            assert bad.split("=")[0] in str(error)
+        else:
+            raise AssertionError(f"{bad} was accepted")

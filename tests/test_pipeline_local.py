@@ -1,0 +1,86 @@
+"""The whole DAG with KFP's local runner: S3 (SeaweedFS), a real MLflow server, torchrun on CPU.
+
+A tiny configuration: 50 MNIST digits at 32x32, a few training steps, 16 samples for FID (Inception
+on CPU is the slow part: about 0.25 s an image).
+"""
+
+import base64
+import io
+import re
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from maskdit import storage
+from pipelines.cli import run_local
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+TINY = ["batch.global_batch=16", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from maskdit.mnist import write_mnist
+
+    root = tmp_path_factory.mktemp("digits") / "mnist"
+    write_mnist(str(root), 50)
+    return str(root)
+
+
+def _arguments(digits, bucket, name, experiment, fid_threshold):
+    return dict(images=digits, store_uri=f"s3://{bucket}", resolution=32, pixel_space=True, grayscale=True,
+                pretrain_config="mnist_pretrain", pretrain_overrides=["steps=6", "checkpoint.every=3", *TINY],
+                tune_config="mnist_tune", tune_overrides=["steps=3", "checkpoint.every=3", *TINY],
+                local_nproc=1, ref_stats="", num_samples=16, cfg_scale=1.5, num_steps=3,
+                fid_threshold=fid_threshold, model_name=name, experiment=experiment)
+
+
+@pytest.fixture
+def tracking(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MASKDIT_PARENT_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(mlflow_server)
+    return mlflow.MlflowClient()
+
+
+def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
+    name, experiment = "maskdit-local-dag", "pipeline-local"
+    run_local(_arguments(digits, bucket, name, experiment, fid_threshold=1e6), tmp_path / "kfp")
+
+    version = tracking.get_model_version_by_alias(name, "champion")
+    assert version.version == "1" and sorted(version.aliases) == ["candidate", "champion"]
+    tags = version.tags
+    assert 0 < float(tags["fid"]) <= 1e6 and tags["cfg_scale"] == "1.5" and tags["num_steps"] == "3"
+    assert tags["checkpoint_uri"].startswith(f"s3://{bucket}/runs/") and "/tune/" in tags["checkpoint_uri"]
+    assert tags["dataset_manifest"] == f"s3://{bucket}/datasets/mnist-32-pixel/manifest.json"
+    assert storage.exists(tags["checkpoint_uri"])
+
+    # one MLflow parent run per pipeline run, closed by the exit step; the steps nest under it
+    (parent,) = tracking.search_runs([tracking.get_experiment_by_name(experiment).experiment_id],
+                                     "tags.`kfp.run_id` = '" + tags["kfp_run_id"] + "'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["kfp.state"] == "SUCCEEDED"
+    children = tracking.search_runs([parent.info.experiment_id],
+                                    f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) >= 3  # pretrain, tune, register (and evaluate when it tracks)
+
+    # the KFP UI's artifacts: FID metrics and the sample grid embedded in HTML
+    page = next((tmp_path / "kfp").glob("*/evaluate/samples")).read_text()
+    png = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)", page).group(1))
+    assert Image.open(io.BytesIO(png)).size[0] >= 32
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    out = model.predict(pd.DataFrame({"class_label": [1, 7], "seed": [0, 1], "num_steps": [2, 2]}))
+    images = [np.asarray(Image.open(io.BytesIO(b))) for b in out["image"]]
+    assert [image.shape for image in images] == [(32, 32, 3), (32, 32, 3)]
+
+
+def test_a_run_that_misses_the_fid_threshold_registers_nothing(digits, bucket, tracking, tmp_path):
+    name = "maskdit-local-dag-missed"
+    run_local(_arguments(digits, bucket, name, "pipeline-local", fid_threshold=0.0), tmp_path / "kfp")
+    assert list((tmp_path / "kfp").glob("*/evaluate/samples"))  # it did evaluate
+    assert not list((tmp_path / "kfp").glob("*/register"))
+    assert tracking.search_registered_models(f"name = '{name}'") == []

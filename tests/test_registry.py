@@ -1,0 +1,96 @@
+"""Registration in the MLflow Model Registry against a real MLflow server (tests/fixtures/mlflow_server.py)."""
+
+import io
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from maskdit.checkpoint import save_checkpoint
+from maskdit.cli import app
+from maskdit.model import MaskDiT, model_config
+from maskdit.registry import CANDIDATE, CHAMPION, register
+
+pytestmark = pytest.mark.slow  # a real MLflow server process
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny pixel-space dataset (8x8 gray digits) and an (untrained) checkpoint of a matching model."""
+    import torch
+
+    from maskdit.encode import encode
+    from maskdit.mnist import write_mnist
+
+    root = tmp_path_factory.mktemp("registry")
+    write_mnist(str(root / "digits"), 20)
+    encode(str(root / "digits"), str(root / "dataset"), pixel_space=True, grayscale=True, resolution=8,
+           device="cpu", workers=1)
+    torch.manual_seed(0)
+    cfg = model_config("tiny", in_channels=1)
+    weights = MaskDiT(cfg).state_dict()
+    ckpt = save_checkpoint(str(root / "ckpt"), {"model_config": cfg.model_dump(), "model": weights, "ema": weights,
+                                                "optimizer": None, "step": 7,
+                                                "train_config": {"data": {"uri": str(root / "dataset")}}})
+    return ckpt, str(root / "dataset")
+
+
+@pytest.fixture
+def tracking(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MASKDIT_PARENT_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(mlflow_server)
+    return mlflow.MlflowClient()
+
+
+def test_versions_aliases_tags_and_champion(trained, tracking):
+    ckpt, dataset = trained
+    name = "maskdit-test-aliases"
+    first = register(ckpt, 10.0, name, cfg_scale=1.5, num_steps=4, dataset_uri=dataset, kfp_run_id="run-1")
+    assert (first.version, first.champion, first.aliases) == ("1", True, [CANDIDATE, CHAMPION])
+    tags = tracking.get_model_version(name, "1").tags
+    assert float(tags["fid"]) == 10.0 and tags["cfg_scale"] == "1.5" and tags["num_steps"] == "4"
+    assert tags["kfp_run_id"] == "run-1" and tags["checkpoint_uri"] == ckpt
+    assert tags["dataset_manifest"] == f"{dataset}/manifest.json"
+
+    worse = register(ckpt, 20.0, name, dataset_uri=dataset, kfp_run_id="run-2")
+    assert (worse.version, worse.champion, worse.aliases) == ("2", False, [CANDIDATE])
+    assert (worse.previous_champion, worse.previous_champion_fid) == ("1", 10.0)
+    assert tracking.get_model_version_by_alias(name, CHAMPION).version == "1"
+    assert tracking.get_model_version_by_alias(name, CANDIDATE).version == "2"
+
+    better = register(ckpt, 5.0, name)  # the dataset from the checkpoint's train_config
+    assert better.champion and tracking.get_model_version_by_alias(name, CHAMPION).version == "3"
+    assert tracking.get_model_version(name, "1").aliases == []
+
+
+def test_champion_loads_as_pyfunc_and_returns_images(trained, tracking):
+    ckpt, dataset = trained
+    name = "maskdit-test-pyfunc"
+    register(ckpt, 3.0, name, cfg_scale=1.5, num_steps=3, dataset_uri=dataset)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    out = model.predict(pd.DataFrame({"class_label": [1, 7, 1], "seed": [0, 1, 0]}))
+    assert list(out["class_label"]) == [1, 7, 1] and list(out["num_steps"]) == [3, 3, 3]
+    images = [np.asarray(Image.open(io.BytesIO(png))) for png in out["image"]]
+    assert all(image.shape == (8, 8, 3) and image.dtype == np.uint8 for image in images)
+    assert np.array_equal(images[0], images[2])  # same label and seed, same picture
+    # seed and the sampler settings are optional; the registered ones are the defaults
+    assert len(model.predict(pd.DataFrame({"class_label": [2]}))) == 1
+    with pytest.raises(Exception, match="class_label"):
+        model.predict(pd.DataFrame({"class_label": [12]}))
+
+
+def test_register_command(trained, tracking, monkeypatch):
+    ckpt, dataset = trained
+    result = CliRunner().invoke(app, ["register", "--checkpoint", ckpt, "--fid", "4.5", "--name", "maskdit-test-cli",
+                                      "--dataset", dataset, "--kfp-run-id", "run-9"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["version"] == "1" and summary["champion"] and summary["model_uri"] == "models:/maskdit-test-cli/1"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    result = CliRunner().invoke(app, ["register", "--checkpoint", ckpt, "--fid", "1", "--name", "x"])
+    assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output
