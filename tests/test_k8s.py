@@ -107,12 +107,16 @@ def test_the_validator_rejects_an_unknown_field() -> None:
 
 
 def crd_file() -> Path:
-    """shared/crds beside the repository (CI's clone) or inside it (a device checkout)."""
-    for shared in (ROOT.parent / "shared", ROOT / "shared"):
-        if (shared / "crds" / CRD_NAME).exists():
-            return shared / "crds" / CRD_NAME
-    pytest.skip(f"shared/crds/{CRD_NAME} is not beside the repository (../shared): "
-                "the PyTorchJob cannot be checked against the Training Operator's schema")
+    """The Training Operator's CRD (release-1.9), kept in tests/data (a copy of shared/crds)."""
+    return ROOT / "tests" / "data" / "crds" / CRD_NAME
+
+
+def test_the_kept_crd_is_the_shared_one() -> None:
+    """The copy in tests/data must not drift from shared/crds where that sits beside the repository."""
+    shared = ROOT.parent / "shared" / "crds" / CRD_NAME
+    if not shared.exists():
+        pytest.skip(f"no {shared} to compare with")
+    assert crd_file().read_bytes() == shared.read_bytes(), f"tests/data/crds/{CRD_NAME} differs from {shared}"
 
 
 def strict(schema: dict[str, Any]) -> dict[str, Any]:
