@@ -126,6 +126,9 @@ def schedule_cmd(
 DEMO_MODEL, DEMO_EXPERIMENT = "maskdit-mnist", "maskdit-demo"
 DEMO_REF_DIGITS = 400  # FID reference: 40 digits a class (Inception on CPU costs about 0.25 s an image)
 DEMO_SAMPLES = 200
+# A 1.5M-parameter model after 7 minutes of CPU training: guidance 1.5 (the paper's FID setting
+# for ImageNet) leaves most digits blotchy; at 4 nearly every class is recognisable in the grid.
+DEMO_CFG_SCALE = 4.0
 
 
 def _reference_stats(out: Path) -> Path:
@@ -156,7 +159,7 @@ def demo(out_dir: Path = Path("demo-output"), fid_threshold: float = 1000.0) -> 
     ref_stats = _reference_stats(out)
     run_local(dict(images="mnist", store_uri=str(store), resolution=32, pixel_space=True, grayscale=True,
                    pretrain_config="mnist_pretrain", tune_config="mnist_tune", local_nproc=1,
-                   ref_stats=str(ref_stats), num_samples=DEMO_SAMPLES, cfg_scale=1.5, num_steps=18,
+                   ref_stats=str(ref_stats), num_samples=DEMO_SAMPLES, cfg_scale=DEMO_CFG_SCALE, num_steps=18,
                    fid_threshold=fid_threshold, model_name=DEMO_MODEL, experiment=DEMO_EXPERIMENT), out / "kfp")
     grid = _grid_png(out / "kfp", out / "samples.png")
     client = mlflow.MlflowClient()
@@ -165,11 +168,11 @@ def demo(out_dir: Path = Path("demo-output"), fid_threshold: float = 1000.0) -> 
     typer.echo(f"""
 demo finished in {(time.time() - started) / 60:.1f} min
   sample grid : {grid}   (rows: digits 0-7, columns: seeds)
-  FID         : {float(version.tags['fid']):.2f} ({DEMO_SAMPLES} samples against {DEMO_REF_DIGITS} real digits)
+  FID         : {float(version.tags['fid']):.2f} ({DEMO_SAMPLES} samples at CFG {DEMO_CFG_SCALE} against {DEMO_REF_DIGITS} real digits)
   MLflow run  : {parent} (experiment {DEMO_EXPERIMENT})
   registered  : models:/{DEMO_MODEL}/{version.version} (aliases: {', '.join(sorted(version.aliases))})
   sample it   : .venv/bin/maskdit sample --model models:/{DEMO_MODEL}@champion --classes 0,1,2,3,4,5,6,7,8,9 \\
-                    --out grid.png   (with MLFLOW_TRACKING_URI={tracking})
+                    --cfg-scale {DEMO_CFG_SCALE} --out grid.png   (with MLFLOW_TRACKING_URI={tracking})
   MLflow UI   : .venv/bin/mlflow ui --backend-store-uri {tracking} --port 5000   (then open http://127.0.0.1:5000)""")
 
 
