@@ -3,6 +3,7 @@
 import io
 import os
 import socket
+import threading
 
 import pytest
 
@@ -13,14 +14,17 @@ from maskdit.storage import MiB, ObjectNotFound, StorageError
 class FailingReader(io.RawIOBase):
     """A source that yields `fail_after` bytes and then raises, like a crashed producer."""
 
-    def __init__(self, fail_after: int):
+    def __init__(self, fail_after: int, before_failing=None):
         self.left = fail_after
+        self.before_failing = before_failing  # called once, right before the crash
 
     def readable(self):
         return True
 
     def readinto(self, buffer):
         if self.left <= 0:
+            if self.before_failing is not None:
+                self.before_failing()
             raise OSError("producer crashed")
         n = min(len(buffer), self.left)
         buffer[:n] = b"x" * n
@@ -109,12 +113,20 @@ def test_s3_interrupted_upload_leaves_nothing(bucket, monkeypatch, size):
     monkeypatch.setattr(storage.SETTINGS, "multipart_chunksize", 5 * MiB)
     uri = f"s3://{bucket}/partial.bin"
     calls = []
+    part_sent = threading.Event()  # the crash waits for a part in flight: the abort must clean it up
+
+    def record(op, **_):
+        calls.append(op)
+        if op == "UploadPart":
+            part_sent.set()
+
     events = storage._client().meta.events
     for op in ("CreateMultipartUpload", "UploadPart", "AbortMultipartUpload"):
-        events.register(f"before-call.s3.{op}", lambda op=op, **kw: calls.append(op), unique_id=f"count-{op}")
+        events.register(f"before-call.s3.{op}", lambda op=op, **kw: record(op, **kw), unique_id=f"count-{op}")
+    wait = (lambda: part_sent.wait(timeout=30)) if size > 5 * MiB else None
     try:
         with pytest.raises((StorageError, OSError)):
-            storage.put_fileobj(FailingReader(size), uri)
+            storage.put_fileobj(FailingReader(size, before_failing=wait), uri)
     finally:
         for op in ("CreateMultipartUpload", "UploadPart", "AbortMultipartUpload"):
             events.unregister(f"before-call.s3.{op}", unique_id=f"count-{op}")
