@@ -150,8 +150,18 @@ def test_sigkill_during_write_leaves_previous_checkpoint(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     partial = []
+    def started_writing() -> list[Path]:
+        found = []
+        for path in ck.glob(".ckpt-000000002.pt*") if ck.is_dir() else []:
+            try:
+                if path.stat().st_size > 0:
+                    found.append(path)
+            except FileNotFoundError:  # renamed into place between glob and stat: too late, look again
+                pass
+        return found
+
     while not partial and proc.poll() is None and time.monotonic() < deadline:
-        partial = [p for p in ck.glob(".ckpt-000000002.pt*") if p.stat().st_size > 0] if ck.is_dir() else []
+        partial = started_writing()
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate()
