@@ -39,14 +39,6 @@ def _arguments(digits, bucket, name, experiment, fid_threshold):
                 fid_threshold=fid_threshold, model_name=name, experiment=experiment)
 
 
-@pytest.fixture
-def tracking(mlflow_server, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.delenv("MASKDIT_PARENT_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(mlflow_server)
-    return mlflow.MlflowClient()
-
-
 def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     name, experiment = "maskdit-local-dag", "pipeline-local"
     run_local(_arguments(digits, bucket, name, experiment, fid_threshold=1e6), tmp_path / "kfp")

@@ -39,14 +39,6 @@ def trained(tmp_path_factory):
     return ckpt, str(root / "dataset")
 
 
-@pytest.fixture
-def tracking(mlflow_server, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.delenv("MASKDIT_PARENT_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(mlflow_server)
-    return mlflow.MlflowClient()
-
-
 def test_versions_aliases_tags_and_champion(trained, tracking):
     ckpt, dataset = trained
     name = "maskdit-test-aliases"
