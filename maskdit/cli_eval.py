@@ -7,34 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from maskdit.checkpoint import CheckpointError, ModelMismatchError
-    from maskdit.config import ConfigError
-    from maskdit.evaluate import EvalError
-    from maskdit.fid import FIDError
-    from maskdit.sample import SampleError
-    from maskdit.shards import ShardError
-    from maskdit.storage import StorageError
-
-    return (CheckpointError, ConfigError, EvalError, FIDError, ModelMismatchError, SampleError, ShardError,
-            StorageError)
-
-
-@contextmanager
-def _clean_errors():
-    """Errors a user can cause: message on stderr, exit code 2, no traceback."""
-    errors = _user_errors()
-    try:
-        yield
-    except errors as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(2) from None
+from maskdit.errors import exit_on_user_error
 
 
 def _parse_classes(text: str | None) -> list[int] | None:
@@ -71,7 +48,7 @@ def sample(
     from maskdit.sample import (SampleError, generate, grid_plan, load_sampler_source, random_labels,
                                 sample_to, save_grid)
 
-    with _clean_errors():
+    with exit_on_user_error():
         if (checkpoint is None) == (model is None):
             raise SampleError("give exactly one of --checkpoint URI or --model models:/<name>@<alias>")
         if model is not None and not model.startswith("models:/"):
@@ -115,7 +92,7 @@ def evaluate(
     from maskdit.evaluate import EvalConfig
     from maskdit.evaluate import evaluate as run_evaluate
 
-    with _clean_errors():
+    with exit_on_user_error():
         cfg = load_config(EvalConfig, Path(config) if config else None, overrides or [])
         try:
             summary = run_evaluate(cfg)
@@ -140,7 +117,7 @@ def fid_stats(
     from maskdit import fid
     from maskdit.distributed import resolve_device
 
-    with _clean_errors():
+    with exit_on_user_error():
         inc = fid.InceptionFeatures(inception, resolve_device(device, int(os.environ.get("LOCAL_RANK", 0))))
         stats = fid.compute_source_stats(source, inc, batch_size, limit, keep_features=features, progress=True)
         fid.save_stats(stats, out)

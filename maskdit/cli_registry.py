@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from maskdit.errors import exit_on_user_error
+
 # `maskdit pipeline <anything>` hands its arguments (and --help) to pipelines.cli untouched
 FORWARD = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
                                 "help_option_names": []}, "add_help_option": False}
@@ -31,18 +33,11 @@ def register(
 
     Prints a JSON summary as the last line (name, version, champion, aliases, model_uri, ...).
     """
-    from maskdit.checkpoint import CheckpointError
-    from maskdit.registry import RegistryError
     from maskdit.registry import register as run_register
-    from maskdit.shards import ShardError
-    from maskdit.storage import StorageError
 
-    try:
+    with exit_on_user_error():
         result = run_register(checkpoint, fid, name, cfg_scale=cfg_scale, num_steps=num_steps, dataset_uri=dataset,
                               kfp_run_id=kfp_run_id, tracking_uri=tracking_uri, experiment=experiment)
-    except (RegistryError, CheckpointError, ShardError, StorageError) as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"registered {result.name} version {result.version} as {', '.join(result.aliases)}"
                + ("" if result.champion else f" (champion stays version {result.previous_champion}, "
                                               f"FID {result.previous_champion_fid})"), err=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from maskdit.errors import exit_on_user_error
+
 
 def preset_path(config: str) -> Path:
     """A YAML path, or the name of a preset shipped in maskdit/configs (e.g. `mnist_pretrain`)."""
@@ -28,23 +30,16 @@ def train(
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. steps=1000 optim.lr=5e-5"),
 ) -> None:
     """Masked pretraining or unmasking tuning; resumes from the newest checkpoint in checkpoint.dir."""
-    from maskdit.checkpoint import CheckpointError, ModelMismatchError
-    from maskdit.config import ConfigError, load_config
-    from maskdit.shards import ShardError
-    from maskdit.storage import StorageError
-    from maskdit.train import NonFiniteError
+    from maskdit.config import load_config
     from maskdit.train import train as run_train
     from maskdit.trainconfig import TrainConfig
 
     main = int(os.environ.get("RANK", 0)) == 0
     logging.basicConfig(level=logging.INFO if main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    with exit_on_user_error():
         cfg = load_config(TrainConfig, preset_path(config), overrides or [])
         result = run_train(cfg)
-    except (ConfigError, CheckpointError, ModelMismatchError, NonFiniteError, ShardError, StorageError) as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(2) from None
     if main:
         typer.echo(f"steps {result.step}, skipped {result.skipped_steps}, "
                    + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))

@@ -12,10 +12,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from maskdit.errors import UserError
+
 T = TypeVar("T", bound="StrictModel")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message says which key and what to do."""
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from maskdit import storage
+from maskdit.errors import UserError
 from maskdit.images import IMAGE_EXTENSIONS, BadImage, load_image, to_tensor
 from maskdit.shards import Manifest, ShardInfo, Skipped, shard_name, shard_uri, write_manifest, write_shard
 
@@ -34,7 +35,7 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 ENCODE_JOB = "encode.json"
 
 
-class EncodeError(ValueError):
+class EncodeError(UserError, ValueError):
     """The input or the options cannot make a dataset; the message says what to change."""
 
 

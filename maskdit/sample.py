@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskdit.errors import UserError
+
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # x0 (B, C, h, w) -> uint8 images (B, H, W, 3)
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """Bad sampling input (classes, counts, a model that does not fit its decoder); names the value."""
 
 

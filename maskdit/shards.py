@@ -32,13 +32,14 @@ from pydantic import Field
 
 from maskdit import storage
 from maskdit.config import StrictModel
+from maskdit.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard is missing or corrupt; the message names it and says what to do."""
 
 

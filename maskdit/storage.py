@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
+from maskdit.errors import UserError
+
 MiB = 1024 * 1024
 _PARTIAL = ".partial"  # suffix of in-flight local writes; never listed
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """An object store or file system refused an operation; the message names URI and endpoint."""
 
 

@@ -33,6 +33,7 @@ from maskdit import checkpoint, distributed, tracking
 from maskdit.config import ConfigError
 from maskdit.diffusion import EDMPrecond, drop_labels, maskdit_loss
 from maskdit.distributed import DistInfo
+from maskdit.errors import UserError
 from maskdit.model import MaskDiT
 from maskdit.shards import LatentSet, load_dataset
 from maskdit.trainconfig import TrainConfig
@@ -40,7 +41,7 @@ from maskdit.trainconfig import TrainConfig
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many non-finite steps in a row; the message names the step and what to try."""
 
 

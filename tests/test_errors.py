@@ -1,0 +1,44 @@
+"""Every area's user-facing error class is a UserError, and commands turn one into exit code 2."""
+
+import pytest
+import typer
+
+from maskdit.checkpoint import CheckpointError, ModelMismatchError
+from maskdit.config import ConfigError
+from maskdit.encode import EncodeError
+from maskdit.errors import UsageError, UserError, exit_on_user_error
+from maskdit.evaluate import EvalError
+from maskdit.fid import FIDError
+from maskdit.reference import ReferenceCheckpointError
+from maskdit.registry import RegistryError
+from maskdit.sample import SampleError
+from maskdit.shards import ShardError
+from maskdit.storage import StorageError
+from maskdit.train import NonFiniteError
+
+
+@pytest.mark.parametrize("cls", [CheckpointError, ModelMismatchError, ConfigError, EncodeError, EvalError, FIDError,
+                                 ReferenceCheckpointError, RegistryError, SampleError, ShardError, StorageError,
+                                 NonFiniteError, UsageError])
+def test_user_errors_exit_2_with_their_message(cls, capsys):
+    assert issubclass(cls, UserError)
+    with pytest.raises(typer.Exit) as exit_info:
+        with exit_on_user_error():
+            raise cls("bucket 'b' does not exist; create it")
+    assert exit_info.value.exit_code == 2
+    assert "bucket 'b' does not exist; create it" in capsys.readouterr().err
+
+
+def test_a_bug_keeps_its_traceback():
+    with pytest.raises(KeyError):
+        with exit_on_user_error():
+            raise KeyError("not a user error")
+
+
+def test_mnist_limit_below_one_a_class_is_a_usage_error():
+    from typer.testing import CliRunner
+
+    from maskdit.cli import app
+
+    result = CliRunner().invoke(app, ["data", "mnist", "--out", "unused", "--limit", "3"])
+    assert result.exit_code == 2 and "--limit 3: keep at least 10 digits" in result.output
