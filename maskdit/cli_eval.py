@@ -73,7 +73,7 @@ def sample(
                 seeds = [seed + i for i in range(n)]
             else:
                 labels, seeds = grid_plan(wanted or list(range(source.config.num_classes)), n_per_class, seed)
-            result = sample_to(source, out, labels, seeds, cfg_scale, steps, batch_size, png=png, npz=npz,
+            sample_to(source, out, labels, seeds, cfg_scale, steps, batch_size, png=png, npz=npz,
                                rank=info.rank, world_size=info.world_size)
             if info.is_main:
                 typer.echo(f"{len(seeds)} images -> {out}")
