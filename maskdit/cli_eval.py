@@ -74,7 +74,7 @@ def sample(
             else:
                 labels, seeds = grid_plan(wanted or list(range(source.config.num_classes)), n_per_class, seed)
             sample_to(source, out, labels, seeds, cfg_scale, steps, batch_size, png=png, npz=npz,
-                               rank=info.rank, world_size=info.world_size)
+                      rank=info.rank, world_size=info.world_size)
             if info.is_main:
                 typer.echo(f"{len(seeds)} images -> {out}")
         finally:
