@@ -20,7 +20,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 
+from maskdit.config import StrictModel
 from maskdit.model import MaskDiT, MaskIndices, ModelConfig, patchify, random_masking
 
 #################################################################################
@@ -161,6 +163,23 @@ class SeededNoise:
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(x.shape, dtype=x.dtype)
+
+
+class SamplerConfig(StrictModel):
+    """How images are sampled (EDM Heun, Algorithm 2): one model, used by sample, evaluate, register and serving.
+
+    Defaults are the paper's FID settings: 40 steps (79 network calls), rho 7, sigma 0.002..80, CFG 1.5.
+    """
+
+    cfg_scale: float = Field(1.5, ge=0.0, description="classifier-free guidance w (1 = none); the paper's FID uses 1.5")
+    num_steps: int = Field(40, ge=1, description="EDM Heun steps (2 * num_steps - 1 network calls)")
+    sigma_min: float = Field(0.002, gt=0.0, description="smallest noise level")
+    sigma_max: float = Field(80.0, gt=0.0, description="largest noise level")
+    rho: float = Field(7.0, gt=0.0, description="EDM eq. (5) time-step exponent")
+
+    def sampler_kwargs(self) -> dict:
+        """Keyword arguments of `edm_sampler` / `sample_latents`."""
+        return self.model_dump()
 
 
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float, device=None) -> torch.Tensor:
