@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(VENV)/bin/maskdit demo
+	$(VENV)/bin/maskdit-pipeline demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -1,22 +1,24 @@
 """The evaluate step: samples and FID of the tuned model (`maskdit evaluate`), shown in the KFP UI."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate(model: Input[Model], dataset: Input[Dataset], ref_stats: str, num_samples: int, cfg_scale: float,
-             num_steps: int, kfp_run_id: str, kfp_run_name: str, experiment: str, metrics: Output[Metrics],
-             samples: Output[HTML]) -> float:
-    """FID of `num_samples` EDM-Heun samples (`num_steps`, CFG `cfg_scale`) against `ref_stats`.
+def evaluate(model: Input[Model], dataset: Input[Dataset], ref_stats: str, num_samples: int, sampler: dict,
+             store_uri: str, kfp_run_id: str, kfp_run_name: str, experiment: str, metrics: Output[Metrics],
+             samples: Output[HTML], evaluation: Output[Artifact]) -> float:
+    """FID of `num_samples` EDM-Heun samples (settings `sampler`: SamplerConfig fields) against `ref_stats`.
 
     ref_stats: reference statistics (.npz with mu, sigma); empty = the dataset's own statistics
-    (`maskdit fid-stats`). Logs FID to KFP (Metrics) and the sample grid (HTML), and to MLflow.
-    Returns the FID (the output `Output`: KFP's local runner resolves conditions only on that name).
+    (`maskdit fid-stats`). Writes <store_uri>/runs/<run id>/evaluate (result.json, grid.png); logs FID
+    to KFP (Metrics) and the sample grid (HTML), and to MLflow. Returns the FID (the output `Output`:
+    KFP's local runner resolves conditions only on that name).
     """
     from components.steps import evaluate_step, pointed
 
-    return evaluate_step(pointed(model), pointed(dataset), ref_stats, num_samples, cfg_scale, num_steps,
-                         kfp_run_id, kfp_run_name, experiment, metrics, samples)
+    result = evaluate_step(pointed(model), pointed(dataset), ref_stats, num_samples, sampler, store_uri, kfp_run_id,
+                           kfp_run_name, experiment, metrics, samples, evaluation)
+    return result.fid

@@ -1,7 +1,7 @@
 """The pretrain step: a light pod that launches masked pretraining (`maskdit train`) as a PyTorchJob."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -10,14 +10,19 @@ from components import IMAGE
 def pretrain(dataset: Input[Dataset], config: str, overrides: list, store_uri: str, kfp_run_id: str,
              kfp_run_name: str, experiment: str, image: str, backend: str, nodes: int, gpus_per_node: int,
              cpu: str, memory: str, shm_size: str, node_selector: dict, tolerations: list, namespace: str,
-             timeout_hours: float, local_nproc: int, model: Output[Model]):
+             timeout_hours: float, local_nproc: int, model: Output[Model], metrics: Output[Metrics]):
     """Masked pretraining (`maskdit train`) as a PyTorchJob, or with torchrun here (backend "local").
 
     The checkpoints go to <store_uri>/runs/<run id>/pretrain; the Model artifact points at the final one.
     """
-    from components.steps import point, pointed, train_step
+    from components.steps import TrainStep, point, pointed, show_training, train_step
 
-    uri, mlflow_run = train_step("pretrain", config, overrides, pointed(dataset), "", store_uri, kfp_run_id,
-                                 kfp_run_name, experiment, image, backend, nodes, gpus_per_node, cpu, memory,
-                                 shm_size, node_selector, tolerations, namespace, timeout_hours, local_nproc)
-    point(model, uri, dataset=pointed(dataset), config=config, stage="pretrain", mlflow_parent_run_id=mlflow_run)
+    step = TrainStep(stage="pretrain", config=config, overrides=overrides, dataset=pointed(dataset),
+                     store_uri=store_uri, kfp_run_id=kfp_run_id, kfp_run_name=kfp_run_name, experiment=experiment,
+                     image=image, backend=backend, namespace=namespace, nodes=nodes, gpus_per_node=gpus_per_node,
+                     cpu=cpu, memory=memory, shm_size=shm_size, node_selector=node_selector,
+                     tolerations=tolerations, timeout_hours=timeout_hours, local_nproc=local_nproc)
+    result, parent = train_step(step)
+    point(model, result.checkpoint, dataset=step.dataset, config=config, stage=step.stage,
+          mlflow_parent_run_id=parent)
+    show_training(result, metrics)

@@ -1,22 +1,28 @@
-"""What the KFP components run: each step is a `maskdit` command plus the bookkeeping around it.
+"""What the KFP components run: each step calls its `maskdit` step's `run(config)` and shows the result.
 
 The component functions (components/<step>.py) only forward their inputs here, so the logic is
-plain Python that tests import directly. A step's artifacts are small pointers: the data and the
-checkpoints stay in object storage (`store_uri`), and each artifact records the URI in its
-metadata (`uri`) and in its file (JSON), so KFP never copies gigabytes between steps.
+plain Python that tests import directly. Encode, evaluate and register run in the component's own
+pod (in-process); pretrain and tune run `maskdit train` as a PyTorchJob (or torchrun locally), and
+their result comes back as `result.json` from object storage, never from a log.
+
+A step's artifacts are small pointers: the data and the checkpoints stay in object storage
+(`store_uri`), and each artifact records the URI in its metadata (`uri`) and in its file (JSON),
+so KFP never copies gigabytes between steps.
 """
 
 from __future__ import annotations
 
 import base64
-import collections
 import html
 import json
 import os
-import subprocess
-import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+from pydantic import Field
+
+from maskdit.config import StrictModel
 
 S3_SECRET = "maskdit-s3"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
 MLFLOW_SECRET = "maskdit-mlflow"  # MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD (may be empty)
@@ -25,41 +31,7 @@ KFP_RUN_TAG = "kfp.run_id"
 
 
 class StepError(RuntimeError):
-    """A `maskdit` command that a step runs failed."""
-
-
-def maskdit_exe() -> str:
-    """The `maskdit` entry point of this interpreter's environment (a venv need not be on PATH)."""
-    sibling = Path(sys.executable).parent / "maskdit"
-    return str(sibling) if sibling.exists() else "maskdit"
-
-
-def sh(args: list[str], env: dict[str, str] | None = None, tail: int = 40) -> str:
-    """Run `maskdit <args>`, streaming its output; return its stdout. Raise StepError with the tail."""
-    cmd = [maskdit_exe(), *args]
-    print("+ " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
-    lines: list[str] = []
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        lines.append(line.rstrip("\n"))
-    if proc.wait() != 0:
-        last = "\n".join(collections.deque(lines, maxlen=tail))
-        raise StepError(f"`maskdit {args[0]}` failed with exit code {proc.returncode}:\n{last}")
-    return "\n".join(lines)
-
-
-def last_json(output: str) -> dict:
-    """The last line of `output` that is a JSON object (the summary a command prints)."""
-    for line in reversed(output.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    raise StepError(f"expected a JSON summary line in the command's output; got:\n{output[-2000:]}")
+    """A pipeline step got inputs it cannot use (an artifact that points nowhere)."""
 
 
 # --- artifacts as pointers ---
@@ -82,6 +54,7 @@ def pointed(artifact) -> str:
 
 
 def run_dir(store_uri: str, kfp_run_id: str) -> str:
+    """`<store>/runs/<run id>`: every output of one pipeline run (checkpoints, evaluation, logs)."""
     from components.launcher import label_value
 
     return f"{store_uri.rstrip('/')}/runs/{label_value(kfp_run_id)}"
@@ -93,7 +66,7 @@ def parent_run(kfp_run_id: str, kfp_run_name: str, experiment: str) -> str | Non
     """The MLflow parent run of this pipeline run (found by its `kfp.run_id` tag, else created).
 
     None when no tracking URI is configured (MLFLOW_TRACKING_URI). Steps pass the id to their
-    command as MASKDIT_PARENT_RUN_ID, which nests the step's own run under it.
+    work as MASKDIT_PARENT_RUN_ID, which nests the step's own run under it.
     """
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         return None
@@ -128,49 +101,110 @@ def finish_parent_run(kfp_run_id: str, experiment: str, state: str, error: str =
 
 
 def step_env(kfp_run_id: str, kfp_run_name: str, experiment: str) -> dict[str, str]:
-    """Environment for a step's command: nest its MLflow run under the pipeline run's parent run."""
+    """Environment for a step's work: nest its MLflow run under the pipeline run's parent run."""
     parent = parent_run(kfp_run_id, kfp_run_name, experiment)
     return {"MASKDIT_PARENT_RUN_ID": parent} if parent else {}
+
+
+@contextmanager
+def environment(env: dict[str, str]):
+    """`env` set in this process while a step runs in-process (restored after)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # --- the steps ---
 
 def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_space: bool, grayscale: bool,
-                dataset) -> str:
+                dataset):
     """`maskdit encode` into `<store>/datasets/<name>-<resolution>[-pixel]`; 'mnist' = the bundled digits."""
+    from maskdit.encode import EncodeConfig, run
+
     name = "mnist" if images == "mnist" else Path(images.rstrip("/")).name
     out = f"{store_uri.rstrip('/')}/datasets/{name}-{resolution}{'-pixel' if pixel_space else ''}"
     with tempfile.TemporaryDirectory() as tmp:
         source = images
         if images == "mnist":
+            from maskdit.mnist import write_mnist
+
             source = str(Path(tmp) / "mnist")
-            sh(["data", "mnist", "--out", source])
-        args = ["encode", "--input", source, "--out", out, "--resolution", str(resolution)]
-        args += ["--pixel-space"] if pixel_space else ["--vae", vae]
-        args += ["--grayscale"] if grayscale else []
-        sh(args)
-    point(dataset, out, manifest=f"{out}/manifest.json", source=images, resolution=resolution)
-    return out
+            write_mnist(source)
+        result = run(EncodeConfig(input=source, out=out, resolution=resolution, vae=vae, pixel_space=pixel_space,
+                                  grayscale=grayscale))
+    point(dataset, result.dataset, manifest=result.manifest, source=images, resolution=resolution,
+          count=result.count, num_classes=result.num_classes)
+    return result
 
 
-def train_step(step: str, config: str, overrides: list[str], dataset_uri: str, init_from: str, store_uri: str,
-               kfp_run_id: str, kfp_run_name: str, experiment: str, image: str, backend: str, nodes: int,
-               gpus_per_node: int, cpu: str, memory: str, shm_size: str, node_selector: dict, tolerations: list,
-               namespace: str, timeout_hours: float, local_nproc: int) -> tuple[str, str]:
-    """`maskdit train` as a PyTorchJob (or torchrun here); return (final checkpoint URI, MLflow parent run)."""
-    from components.launcher import TrainJob, launch, last_line
+class TrainStep(StrictModel):
+    """Everything a pretrain or tune step needs: what to train, and where and how to run it."""
 
-    ckpt_dir = f"{run_dir(store_uri, kfp_run_id)}/{step}"
-    command = ["maskdit", "train", "--config", config, f"data.uri={dataset_uri}", f"checkpoint.dir={ckpt_dir}"]
-    command += [f"init_from={init_from}"] if init_from else []
-    command += list(overrides)
-    env = step_env(kfp_run_id, kfp_run_name, experiment)
-    job = TrainJob(step=step, run_id=kfp_run_id, image=image, command=command, checkpoint_uri=ckpt_dir, nodes=nodes,
-                   gpus_per_node=gpus_per_node, cpu=cpu, memory=memory, shm_size=shm_size,
-                   node_selector=dict(node_selector), tolerations=list(tolerations), env=env,
-                   secrets=[S3_SECRET, MLFLOW_SECRET], config_maps=[CONFIG_MAP])
-    log = launch(job, backend, namespace=namespace or None, timeout_s=timeout_hours * 3600, local_nproc=local_nproc)
-    return last_line(log), env.get("MASKDIT_PARENT_RUN_ID", "")
+    stage: str = Field(description="pretrain or tune: names the job and the checkpoint folder")
+    config: str  # `maskdit train` preset or YAML
+    overrides: list[str] = []
+    dataset: str  # dataset URI
+    init_from: str = ""  # checkpoint to start from (tune: the pretrained model)
+    store_uri: str
+    kfp_run_id: str
+    kfp_run_name: str = ""
+    experiment: str
+    image: str
+    backend: str
+    namespace: str = ""
+    nodes: int
+    gpus_per_node: int
+    cpu: str
+    memory: str
+    shm_size: str
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict] = []
+    timeout_hours: float
+    local_nproc: int = 1
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return f"{run_dir(self.store_uri, self.kfp_run_id)}/{self.stage}"
+
+
+def train_step(step: TrainStep):
+    """`maskdit train` as a PyTorchJob (or torchrun here); its result.json, and the MLflow parent run id."""
+    from components.launcher import TrainJob, launch
+    from maskdit.result import read_result, result_uri
+    from maskdit.train import TrainResult
+
+    command = ["maskdit", "train", "--config", step.config, f"data.uri={step.dataset}",
+               f"checkpoint.dir={step.checkpoint_dir}"]
+    command += [f"init_from={step.init_from}"] if step.init_from else []
+    command += list(step.overrides)
+    env = step_env(step.kfp_run_id, step.kfp_run_name, step.experiment)
+    job = TrainJob(step=step.stage, run_id=step.kfp_run_id, image=step.image, command=command,
+                   checkpoint_uri=step.checkpoint_dir, nodes=step.nodes, gpus_per_node=step.gpus_per_node,
+                   cpu=step.cpu, memory=step.memory, shm_size=step.shm_size, node_selector=dict(step.node_selector),
+                   tolerations=list(step.tolerations), env=env, secrets=[S3_SECRET, MLFLOW_SECRET],
+                   config_maps=[CONFIG_MAP])
+    launch(job, step.backend, namespace=step.namespace or None, timeout_s=step.timeout_hours * 3600,
+           local_nproc=step.local_nproc)
+    result = read_result(TrainResult, result_uri(step.checkpoint_dir))
+    if result.checkpoint is None:
+        raise StepError(f"the {step.stage} job finished without a checkpoint (steps={result.step}): set steps > 0")
+    return result, env.get("MASKDIT_PARENT_RUN_ID", "")
+
+
+def show_training(result, metrics) -> None:
+    """The training result in the KFP UI (a Metrics artifact): steps, skipped steps and the last logged metrics."""
+    metrics.log_metric("steps", float(result.step))
+    metrics.log_metric("skipped_steps", float(result.skipped_steps))
+    for key in ("loss", "dsm", "mae", "img_per_s"):
+        if key in result.metrics:
+            metrics.log_metric(key, float(result.metrics[key]))
 
 
 def grid_html(png: bytes, title: str, rows: dict[str, object]) -> str:
@@ -194,42 +228,47 @@ def cleanup_step(kfp_run_id: str, backend: str, namespace: str) -> list[str]:
     return deleted
 
 
-def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_samples: int, cfg_scale: float,
-                  num_steps: int, kfp_run_id: str, kfp_run_name: str, experiment: str, metrics, samples) -> float:
-    """`maskdit evaluate` (FID + sample grid); log both to KFP. Empty `ref_stats` = the whole dataset's own."""
-    env = step_env(kfp_run_id, kfp_run_name, experiment)
-    with tempfile.TemporaryDirectory() as tmp:
+def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_samples: int, sampler: dict,
+                  store_uri: str, kfp_run_id: str, kfp_run_name: str, experiment: str, metrics, samples,
+                  evaluation):
+    """`maskdit evaluate` into `<run dir>/evaluate` (FID + grid); shown in KFP. Empty ref_stats = the dataset's own."""
+    from maskdit import fid, storage
+    from maskdit.diffusion import SamplerConfig
+    from maskdit.evaluate import EvaluateConfig, run
+
+    out = f"{run_dir(store_uri, kfp_run_id)}/evaluate"
+    with environment(step_env(kfp_run_id, kfp_run_name, experiment)):
         if not ref_stats:
-            ref_stats = str(Path(tmp) / "ref_stats.npz")
-            sh(["fid-stats", "--source", dataset_uri, "--out", ref_stats], env)
-        summary = last_json(sh(["evaluate", f"checkpoint={checkpoint_uri}", f"dataset={dataset_uri}",
-                                f"ref_stats={ref_stats}", f"out={tmp}/eval", f"num_samples={num_samples}",
-                                f"cfg_scale={cfg_scale}", f"num_steps={num_steps}"], env))
-        fid = float(summary["fid"])
-        png = (Path(tmp) / "eval" / "grid.png").read_bytes()
-    for key, value in (("fid", fid), ("cfg_scale", cfg_scale), ("num_steps", num_steps), ("num_samples", num_samples),
-                       *((k, summary[k]) for k in ("precision", "recall") if k in summary)):
-        metrics.log_metric(key, float(value))
+            ref_stats = fid.run(fid.FIDStatsConfig(source=dataset_uri, out=f"{out}/ref_stats.npz")).stats
+        result = run(EvaluateConfig(checkpoint=checkpoint_uri, dataset=dataset_uri, ref_stats=ref_stats, out=out,
+                                    num_samples=num_samples, sampler=SamplerConfig(**sampler)))
+    for key, value in (("fid", result.fid), ("cfg_scale", result.sampler.cfg_scale),
+                       ("num_steps", result.sampler.num_steps), ("num_samples", result.num_samples),
+                       ("precision", result.precision), ("recall", result.recall)):
+        if value is not None:
+            metrics.log_metric(key, float(value))
     Path(samples.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(samples.path).write_text(grid_html(png, "MaskDiT samples", {
-        "FID": f"{fid:.3f}", "samples": num_samples, "CFG scale": cfg_scale, "sampler steps": num_steps,
-        "reference": summary.get("ref_stats", ref_stats), "checkpoint": checkpoint_uri,
-        "MLflow parent run": env.get("MASKDIT_PARENT_RUN_ID", "-")}))
-    return fid
+    Path(samples.path).write_text(grid_html(storage.get_bytes(result.grid), "MaskDiT samples", {
+        "FID": f"{result.fid:.3f}", "samples": result.num_samples, "CFG scale": result.sampler.cfg_scale,
+        "sampler steps": result.sampler.num_steps, "reference": result.ref_stats, "checkpoint": result.checkpoint,
+        "evaluation": out, "MLflow parent run": os.environ.get("MASKDIT_PARENT_RUN_ID", "-")}))
+    point(evaluation, out, fid=result.fid)
+    return result
 
 
-def register_step(checkpoint_uri: str, dataset_uri: str, fid: float, cfg_scale: float, num_steps: int,
-                  model_name: str, kfp_run_id: str, kfp_run_name: str, experiment: str, report) -> tuple[str, bool]:
-    """`maskdit register`: a new version (alias candidate), champion when it beats the current one."""
-    env = step_env(kfp_run_id, kfp_run_name, experiment)
-    summary = last_json(sh(["register", "--checkpoint", checkpoint_uri, "--fid", repr(float(fid)),
-                            "--name", model_name, "--cfg-scale", repr(float(cfg_scale)), "--num-steps", str(num_steps),
-                            "--dataset", dataset_uri, "--kfp-run-id", kfp_run_id], env))
+def register_step(evaluation_uri: str, dataset_uri: str, model_name: str, kfp_run_id: str, kfp_run_name: str,
+                  experiment: str, report):
+    """`maskdit register` of what the evaluation scored: a new version (alias candidate), champion when best."""
+    from maskdit.registry import RegisterConfig, run
+
+    with environment(step_env(kfp_run_id, kfp_run_name, experiment)):
+        result = run(RegisterConfig(evaluation=evaluation_uri, name=model_name, dataset=dataset_uri,
+                                    kfp_run_id=kfp_run_id))
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text(
-        f"## {summary['name']} version {summary['version']}\n\n"
-        f"| | |\n|---|---|\n| FID | {fid:.3f} |\n| aliases | {', '.join(summary['aliases'])} |\n"
-        f"| champion before | {summary.get('previous_champion') or '-'} "
-        f"(FID {summary.get('previous_champion_fid') or '-'}) |\n"
-        f"| model URI | `{summary['model_uri']}` |\n| MLflow run | `{summary['run_id']}` |\n")
-    return str(summary["version"]), bool(summary["champion"])
+        f"## {result.name} version {result.version}\n\n"
+        f"| | |\n|---|---|\n| FID | {result.fid:.3f} |\n| aliases | {', '.join(result.aliases)} |\n"
+        f"| champion before | {result.previous_champion or '-'} "
+        f"(FID {result.previous_champion_fid if result.previous_champion_fid is not None else '-'}) |\n"
+        f"| model URI | `{result.model_uri}` |\n| MLflow run | `{result.run_id}` |\n")
+    return result

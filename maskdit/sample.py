@@ -5,89 +5,28 @@ own generator (`diffusion.SeededNoise`), so image i is the same whatever the bat
 number of ranks. Rank r generates indices r, r + W, r + 2W, ... (W ranks); PNGs are written by
 index from every rank, the npz is gathered on rank 0 in index order.
 
-Sources (`load_sampler_source`):
-- a checkpoint file or folder URI (its EMA weights, `checkpoint.load_ema_model`), decoded with
-  the VAE named by a dataset manifest (`--dataset`, else the checkpoint's `train_config.data.uri`);
-- `models:/<name>@<alias>` or `models:/<name>/<version>`: the MLflow pyfunc model of
-  `maskdit.registry`, which carries its EMA weights and its manifest.
+What to sample from (a checkpoint or a registered model) is `maskdit.sources`. The step is
+`run(SampleConfig) -> SampleResult`: a grid PNG, or a folder of PNGs and/or one npz, plus its
+result.json.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from maskdit.errors import UserError
+from maskdit.config import StrictModel
+from maskdit.diffusion import SamplerConfig
+from maskdit.result import StepResult, result_uri
+from maskdit.sources import Decoder, SampleError, load_sampler_source
 
-Decoder = Callable[[torch.Tensor], torch.Tensor]  # x0 (B, C, h, w) -> uint8 images (B, H, W, 3)
-
-
-class SampleError(UserError, ValueError):
-    """Bad sampling input (classes, counts, a model that does not fit its decoder); names the value."""
-
-
-# ------------------------------------------------------------------------------------------
-# Sources: what to sample from
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplerSource:
-    precond: torch.nn.Module  # EDMPrecond in eval mode
-    decode: Decoder
-    config: Any  # ModelConfig
-    meta: dict[str, Any] = field(default_factory=dict)  # uri, step, dataset, ...
-
-
-def check_decoder_fits(config, manifest, source: str) -> None:
-    """The model's x0 must be what the manifest's decoder takes, and its classes the dataset's."""
-    model_shape = (config.in_channels, config.input_size, config.input_size)
-    if tuple(manifest.shape) != model_shape:
-        raise SampleError(f"{source}: the model makes x0 of shape {model_shape} but the dataset manifest's "
-                          f"decoder takes {tuple(manifest.shape)} ({manifest.space} space); pass the --dataset "
-                          "the model was trained on")
-    if manifest.num_classes != config.num_classes:
-        raise SampleError(f"{source}: the model has {config.num_classes} classes, the dataset "
-                          f"{manifest.num_classes}; pass the --dataset the model was trained on")
-
-
-def load_sampler_source(uri: str, device: torch.device | str = "cpu", dataset: str | None = None) -> SamplerSource:
-    """EMA model + decoder from a checkpoint URI (file or folder) or an MLflow `models:/` URI."""
-    if str(uri).startswith("models:/"):
-        return _registered_source(uri, device)
-    from maskdit.checkpoint import load_ema_model
-    from maskdit.shards import load_decoder, read_manifest
-
-    precond, config, meta = load_ema_model(uri, device)
-    dataset = dataset or ((meta.get("train_config") or {}).get("data") or {}).get("uri")
-    if not dataset:
-        raise SampleError(f"checkpoint {meta.get('uri', uri)} names no dataset (train_config.data.uri); pass "
-                          "--dataset, the dataset whose manifest names the VAE (or pixel space)")
-    manifest = read_manifest(dataset)
-    check_decoder_fits(config, manifest, f"checkpoint {meta.get('uri', uri)}")
-    return SamplerSource(precond, load_decoder(manifest, device), config, {**meta, "dataset": dataset})
-
-
-def _registered_source(uri: str, device: torch.device | str) -> SamplerSource:
-    """A `models:/` URI through `maskdit.registry`'s pyfunc model (its weights and its manifest)."""
-    import mlflow
-
-    from maskdit import registry
-
-    try:
-        model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    except mlflow.exceptions.MlflowException as error:
-        raise SampleError(f"cannot load {uri} from the MLflow registry: {error}") from None
-    if not isinstance(model, registry.MaskDiTModel):
-        raise SampleError(f"{uri} is a {type(model).__name__}, not a maskdit model (maskdit.registry.MaskDiTModel)")
-    precond = model.precond.to(device)
-    return SamplerSource(precond, model.decode, model.model_config, {"uri": uri})
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,8 +63,7 @@ def rank_indices(n: int, rank: int, world_size: int) -> list[int]:
 
 
 def generate_batches(precond, decode: Decoder, class_labels: torch.Tensor, seeds: Sequence[int],
-                     cfg_scale: float = 1.5, num_steps: int = 40, batch_size: int = 64,
-                     progress: bool = False) -> Iterator[torch.Tensor]:
+                     sampler: SamplerConfig, batch_size: int = 64, progress: bool = False) -> Iterator[torch.Tensor]:
     """Yield uint8 images (B, H, W, 3) on the CPU, `batch_size` at a time, in the order of `seeds`."""
     from tqdm import tqdm
 
@@ -138,22 +76,21 @@ def generate_batches(precond, decode: Decoder, class_labels: torch.Tensor, seeds
         for start in range(0, len(seeds), batch_size):
             labels = class_labels[start:start + batch_size]
             x0 = sample_latents(precond, labels, list(seeds[start:start + batch_size]),
-                                cfg_scale=cfg_scale, num_steps=num_steps)  # (B, C, h, w)
+                                **sampler.sampler_kwargs())  # (B, C, h, w)
             images = decode(x0).cpu()  # (B, H, W, 3) uint8
             bar.update(len(images))
             yield images
 
 
-def generate(precond, decoder: Decoder, class_labels: torch.Tensor, seeds: Sequence[int], cfg_scale: float = 1.5,
-             num_steps: int = 40, batch_size: int = 64, device: torch.device | str | None = None,
-             progress: bool = False) -> torch.Tensor:
+def generate(precond, decoder: Decoder, class_labels: torch.Tensor, seeds: Sequence[int], sampler: SamplerConfig,
+             batch_size: int = 64, device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
     """uint8 images (N, H, W, 3) for class_labels (N,) and seeds (N,) with the EDM Heun sampler and CFG."""
     if device is not None:
         precond = precond.to(device)
     if len(seeds) == 0:
         raise SampleError("nothing to generate: 0 seeds")
     batches = generate_batches(precond, decoder, torch.as_tensor(class_labels, dtype=torch.long), seeds,
-                               cfg_scale, num_steps, batch_size, progress)
+                               sampler, batch_size, progress)
     return torch.cat(list(batches))
 
 
@@ -214,15 +151,15 @@ def load_samples_npz(uri: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
-class SampleResult:
+class RankSamples:
     indices: list[int]  # the indices this rank generated
     images: torch.Tensor | None  # all N images on rank 0 when gathered (npz), else None
     files: list[str]  # URIs written by this rank
 
 
-def sample_to(source: SamplerSource, out: str, class_labels: torch.Tensor, seeds: Sequence[int],
-              cfg_scale: float, num_steps: int, batch_size: int, png: bool = True, npz: bool = False,
-              rank: int = 0, world_size: int = 1, progress: bool = True) -> SampleResult:
+def sample_to(source, out: str, class_labels: torch.Tensor, seeds: Sequence[int], sampler: SamplerConfig,
+              batch_size: int, png: bool = True, npz: bool = False, rank: int = 0, world_size: int = 1,
+              progress: bool = True) -> RankSamples:
     """Generate this rank's share of the images; PNGs `<out>/<index:06d>.png`, npz `<out>/samples.npz`."""
     from maskdit import storage
 
@@ -232,8 +169,8 @@ def sample_to(source: SamplerSource, out: str, class_labels: torch.Tensor, seeds
     files: list[str] = []
     kept: list[torch.Tensor] = []
     done = 0
-    for images in generate_batches(source.precond, source.decode, labels, my_seeds, cfg_scale, num_steps,
-                                   batch_size, progress=progress and rank == 0):
+    for images in generate_batches(source.precond, source.decode, labels, my_seeds, sampler, batch_size,
+                                   progress=progress and rank == 0):
         if png:
             for i, image in zip(idx[done:done + len(images)], images):
                 files.append(storage.join(out, f"{i:06d}.png"))
@@ -249,7 +186,7 @@ def sample_to(source: SamplerSource, out: str, class_labels: torch.Tensor, seeds
             uri = storage.join(out, "samples.npz")
             storage.put_bytes(uri, npz_bytes(gathered.numpy(), class_labels.numpy(), np.asarray(seeds)))
             files.append(uri)
-    return SampleResult(idx, gathered, files)
+    return RankSamples(idx, gathered, files)
 
 
 def gather_by_index(mine: torch.Tensor, indices: list[int], n: int, rank: int, world_size: int) -> torch.Tensor | None:
@@ -266,3 +203,75 @@ def gather_by_index(mine: torch.Tensor, indices: list[int], n: int, rank: int, w
     for part_indices, rows in parts:
         full[part_indices] = rows
     return full
+
+
+# ------------------------------------------------------------------------------------------
+# The sample step
+# ------------------------------------------------------------------------------------------
+
+
+class SampleConfig(StrictModel):
+    """`maskdit sample`: images from a checkpoint or a registered model (EDM Heun sampler with CFG)."""
+
+    checkpoint: str = Field(description="checkpoint file or folder (path or s3:// URI), or models:/<name>@<alias>")
+    out: str = Field(description="grid PNG (ends in .png: rows of classes, columns of seeds), or a folder "
+                                 "(path or URI) for <index>.png files and/or samples.npz")
+    classes: list[int] | None = None  # rows of the grid / classes to draw; None: the first 8 (grid) or all
+    n_per_class: int = Field(8, ge=1, description="images per class (grid columns)")
+    num_images: int | None = Field(None, ge=1, description="N images with uniform random classes (not with classes)")
+    sampler: SamplerConfig = SamplerConfig()
+    seed: int = 0  # image i uses seed + i (grid: seed + column)
+    batch_size: int = Field(64, ge=1, description="images per forward pass, per rank")
+    dataset: str | None = None  # manifest naming the decoder; None: the checkpoint's train_config.data.uri
+    png: bool = True  # folder output: one PNG per image
+    npz: bool = False  # folder output: one samples.npz (arr_0 images, arr_1 labels, seeds)
+    device: str = "auto"  # auto (the local rank's GPU, else CPU), cpu or cuda
+    progress: bool = True
+
+
+class SampleResult(StepResult):
+    kind: Literal["sample"] = "sample"
+    out: str  # the grid PNG or the folder
+    images: int
+    checkpoint: str  # what was sampled (a checkpoint URI or models:/ URI)
+    sampler: SamplerConfig
+    seed: int
+
+
+def run(cfg: SampleConfig) -> SampleResult | None:
+    """Generate as configured; the result (also `result.json`) on rank 0, None on the others."""
+    from maskdit import distributed, storage
+
+    if cfg.classes and cfg.num_images:
+        raise SampleError("give classes (with n_per_class) or num_images (random classes), not both")
+    grid = cfg.out.endswith(".png")
+    info = distributed.setup(cfg.device)
+    try:
+        if info.is_main:  # every location is checked before the first sample
+            storage.check_writable(cfg.out if grid else storage.join(cfg.out, "result.json"), "output (out)")
+        source = load_sampler_source(cfg.checkpoint, info.device, cfg.dataset)
+        num_classes = source.config.num_classes
+        if grid:
+            rows = cfg.classes or list(range(min(8, num_classes)))
+            labels, seeds = grid_plan(rows, cfg.n_per_class, cfg.seed)
+        elif cfg.num_images:
+            labels, seeds = random_labels(cfg.num_images, num_classes, cfg.seed), [cfg.seed + i for i in range(cfg.num_images)]
+        else:
+            labels, seeds = grid_plan(cfg.classes or list(range(num_classes)), cfg.n_per_class, cfg.seed)
+        check_labels(labels, num_classes)
+        if grid:
+            if info.is_main:
+                images = generate(source.precond, source.decode, labels, seeds, cfg.sampler, cfg.batch_size,
+                                  progress=cfg.progress)  # (R * K, H, W, 3)
+                save_grid(images, len(rows), cfg.out)
+        else:
+            sample_to(source, cfg.out, labels, seeds, cfg.sampler, cfg.batch_size, png=cfg.png, npz=cfg.npz,
+                      rank=info.rank, world_size=info.world_size, progress=cfg.progress)
+        if not info.is_main:
+            return None
+        result = SampleResult(out=cfg.out, images=len(seeds), checkpoint=source.meta.get("uri", cfg.checkpoint),
+                              sampler=cfg.sampler, seed=cfg.seed)
+        result.write(result_uri(cfg.out, is_file=grid))
+        return result
+    finally:
+        distributed.teardown()

@@ -322,7 +322,7 @@ def load_decoder(manifest: Manifest, device: str | torch.device = "cpu") -> Call
     """x0 -> uint8 images (B, H, W, 3): the manifest's VAE decoder, or identity in pixel space."""
     if manifest.space == "pixel":
         return to_uint8_images
-    from maskdit.encode import load_vae
+    from maskdit.vae import load_vae
 
     vae = load_vae(manifest.vae, device=device)
 

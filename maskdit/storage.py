@@ -339,6 +339,22 @@ def delete(uri: str | os.PathLike) -> None:
     local_path(uri).unlink(missing_ok=True)
 
 
+def check_writable(uri: str | os.PathLike, what: str = "output") -> None:
+    """Fail now, not after hours of work, when nothing can be written at `uri` (a file or folder URI).
+
+    Writes and deletes a small probe object beside `uri`: the only check that is true for every
+    store (permissions, a read-only mount, a missing bucket, a policy that denies PutObject).
+    """
+    probe = f"{str(uri).rstrip('/')}.maskdit-write-probe"
+    try:
+        put_bytes(probe, b"")
+        delete(probe)
+    except StorageError as error:
+        raise StorageError(f"cannot write the {what} {uri}: {error}") from None
+    except OSError as error:  # a local path under a file, or a folder we may not create
+        raise StorageError(f"cannot write the {what} {uri}: {error.strerror or error}; pick a writable location") from None
+
+
 def get_tree(prefix_uri: str | os.PathLike, directory: str | os.PathLike) -> Path:
     """Download every object under `prefix_uri` into `directory`, keeping relative paths."""
     uri, directory = str(prefix_uri).rstrip("/"), Path(directory)

@@ -23,8 +23,7 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -35,6 +34,7 @@ from maskdit.diffusion import EDMPrecond, drop_labels, maskdit_loss
 from maskdit.distributed import DistInfo
 from maskdit.errors import UserError
 from maskdit.model import MaskDiT
+from maskdit.result import StepResult, result_uri
 from maskdit.shards import LatentSet, load_dataset
 from maskdit.trainconfig import TrainConfig
 
@@ -45,13 +45,17 @@ class NonFiniteError(UserError, RuntimeError):
     """Too many non-finite steps in a row; the message names the step and what to try."""
 
 
-@dataclass
-class TrainResult:
-    checkpoint: str | None  # URI of the final checkpoint
+class TrainResult(StepResult):
+    """What `maskdit train` leaves in `checkpoint.dir/result.json` (rank 0) when it has done all its steps."""
+
+    kind: Literal["train"] = "train"
+    checkpoint: str | None  # URI of the final checkpoint (None: no step was configured)
+    checkpoint_dir: str
     step: int  # optimizer steps done
-    metrics: dict[str, float] = field(default_factory=dict)  # the last logged metrics
+    metrics: dict[str, float] = {}  # the last logged metrics
     skipped_steps: int = 0
     run_id: str | None = None  # MLflow run, when tracking
+    world_size: int = 1
 
 
 #################################################################################
@@ -303,7 +307,7 @@ class Trainer:
         if self.step >= cfg.steps:
             final = checkpoint.checkpoint_uri(cfg.checkpoint.dir, self.step) if self.step else None
             log.info("nothing to do: step %d of %d already done", self.step, cfg.steps)
-            return TrainResult(final, self.step, {}, self.skipped, self.run_id)
+            return self._result(final, {})
         params = cfg.model_dump(mode="json")
         tags = {"maskdit.step": "train", "world_size": str(self.dist.world_size)}
         with tracking.tracking_run(cfg.tracking.run_name, params, tags=tags,
@@ -366,11 +370,23 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.checkpoint.every == 0 or last:
                     final = self.save()
-        return TrainResult(final, self.step, metrics, self.skipped, self.run_id)
+        return self._result(final, metrics)
+
+    def _result(self, final: str | None, metrics: dict[str, float]) -> TrainResult:
+        """The run's result, written to `checkpoint.dir/result.json` by rank 0 (what pipeline steps read)."""
+        result = TrainResult(checkpoint=final, checkpoint_dir=self.cfg.checkpoint.dir, step=self.step,
+                             metrics=metrics, skipped_steps=self.skipped, run_id=self.run_id,
+                             world_size=self.dist.world_size)
+        if self.dist.is_main:
+            result.write(result_uri(self.cfg.checkpoint.dir))
+        return result
 
 
-def train(cfg: TrainConfig, data: LatentSet | None = None) -> TrainResult:
-    """Train (or resume) as configured; under torchrun every rank calls this, rank 0 logs and writes."""
+def run(cfg: TrainConfig, data: LatentSet | None = None) -> TrainResult:
+    """Train (or resume) as configured; under torchrun every rank calls this, rank 0 logs and writes.
+
+    `data` replaces loading `cfg.data.uri` (tests and benchmarks pass a LatentSet they built).
+    """
     dist = distributed.setup(cfg.device)
     try:
         return Trainer(cfg, dist, data).run()

@@ -1,7 +1,7 @@
-"""`maskdit pipeline compile | run-local | submit | schedule` and `maskdit demo`.
+"""`maskdit-pipeline compile | run-local | submit | schedule | demo`: the DAG and its command.
 
-maskdit/ never imports KFP: `maskdit pipeline ...` and `maskdit demo` forward to this module at
-call time (maskdit/cli_registry.py).
+The pipeline layer has its own command (a console script of the same package): maskdit/ never
+imports KFP or this package.
 """
 
 import base64
@@ -17,7 +17,7 @@ import typer
 
 from pipelines.maskdit_pipeline import PIPELINE_YAML, compile_pipeline, maskdit_pipeline
 
-pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit, schedule.",
+pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit, schedule; the local demo.",
                            no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
 ParamOption = Annotated[Optional[list[str]], typer.Option(
@@ -121,7 +121,7 @@ def schedule_cmd(
     typer.echo(f"recurring run {recurring.recurring_run_id}")
 
 
-# --- `maskdit demo` ---
+# --- `maskdit-pipeline demo` ---
 
 DEMO_MODEL, DEMO_EXPERIMENT = "maskdit-mnist", "maskdit-demo"
 DEMO_REF_DIGITS = 400  # FID reference: 40 digits a class (Inception on CPU costs about 0.25 s an image)
@@ -133,16 +133,22 @@ DEMO_CFG_SCALE = 4.0
 
 def _reference_stats(out: Path) -> Path:
     """FID statistics of the digits themselves (a class-balanced subset), computed once."""
-    from components.steps import sh
+    from maskdit import fid
+    from maskdit.mnist import write_mnist
 
     stats = out / "ref_stats.npz"
     if not stats.exists():
-        sh(["data", "mnist", "--out", str(out / "ref-digits"), "--limit", str(DEMO_REF_DIGITS)])
-        sh(["fid-stats", "--source", str(out / "ref-digits"), "--out", str(stats)])
+        write_mnist(out / "ref-digits", DEMO_REF_DIGITS)
+        fid.run(fid.FIDStatsConfig(source=str(out / "ref-digits"), out=str(stats)))
     return stats
 
 
-def demo(out_dir: Path = Path("demo-output"), fid_threshold: float = 1000.0) -> None:
+@pipeline_app.command("demo")
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the store, the sqlite MLflow and the samples.")]
+    = Path("demo-output"),
+    fid_threshold: Annotated[float, typer.Option(help="Register only when FID <= this.")] = 1000.0,
+) -> None:
     """The whole pipeline on this machine: MNIST digits, pixel space, local store and sqlite MLflow."""
     import mlflow
 
@@ -159,7 +165,8 @@ def demo(out_dir: Path = Path("demo-output"), fid_threshold: float = 1000.0) -> 
     ref_stats = _reference_stats(out)
     run_local(dict(images="mnist", store_uri=str(store), resolution=32, pixel_space=True, grayscale=True,
                    pretrain_config="mnist_pretrain", tune_config="mnist_tune", local_nproc=1,
-                   ref_stats=str(ref_stats), num_samples=DEMO_SAMPLES, cfg_scale=DEMO_CFG_SCALE, num_steps=18,
+                   ref_stats=str(ref_stats), num_samples=DEMO_SAMPLES,
+                   sampler={"cfg_scale": DEMO_CFG_SCALE, "num_steps": 18},
                    fid_threshold=fid_threshold, model_name=DEMO_MODEL, experiment=DEMO_EXPERIMENT), out / "kfp")
     grid = _grid_png(out / "kfp", out / "samples.png")
     client = mlflow.MlflowClient()
@@ -171,8 +178,8 @@ demo finished in {(time.time() - started) / 60:.1f} min
   FID         : {float(version.tags['fid']):.2f} ({DEMO_SAMPLES} samples at CFG {DEMO_CFG_SCALE} against {DEMO_REF_DIGITS} real digits)
   MLflow run  : {parent} (experiment {DEMO_EXPERIMENT})
   registered  : models:/{DEMO_MODEL}/{version.version} (aliases: {', '.join(sorted(version.aliases))})
-  sample it   : .venv/bin/maskdit sample --model models:/{DEMO_MODEL}@champion --classes 0,1,2,3,4,5,6,7,8,9 \\
-                    --cfg-scale {DEMO_CFG_SCALE} --out grid.png   (with MLFLOW_TRACKING_URI={tracking})
+  sample it   : .venv/bin/maskdit sample checkpoint=models:/{DEMO_MODEL}@champion classes=[0,1,2,3,4,5,6,7,8,9] \\
+                    sampler.cfg_scale={DEMO_CFG_SCALE} out=grid.png   (with MLFLOW_TRACKING_URI={tracking})
   MLflow UI   : .venv/bin/mlflow ui --backend-store-uri {tracking} --port 5000   (then open http://127.0.0.1:5000)""")
 
 

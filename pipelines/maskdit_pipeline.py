@@ -96,8 +96,7 @@ def maskdit_pipeline(
     local_nproc: int = 1,
     ref_stats: str = "s3://maskdit/fid/VIRTUAL_imagenet256_labeled.npz",
     num_samples: int = 50000,
-    cfg_scale: float = 1.5,
-    num_steps: int = 40,
+    sampler: dict = {},
     fid_threshold: float = 3.0,
     model_name: str = "maskdit-xl2-imagenet256",
     experiment: str = "maskdit",
@@ -130,8 +129,7 @@ def maskdit_pipeline(
         local_nproc: Processes for the local backend's torchrun.
         ref_stats: FID reference statistics (.npz with mu and sigma, ADM's VIRTUAL_imagenet256_labeled.npz); empty = the dataset's own.
         num_samples: Samples for FID (50k in the paper).
-        cfg_scale: Classifier-free guidance scale w for sampling (1.5 for the paper's FID 2.28).
-        num_steps: EDM Heun sampler steps (40 = 79 network evaluations).
+        sampler: Sampler settings for FID (SamplerConfig fields), e.g. {"cfg_scale": 1.5, "num_steps": 40}; empty = the paper's (CFG 1.5, 40 EDM Heun steps).
         fid_threshold: Register only when FID <= this.
         model_name: Registered model name in the MLflow Model Registry.
         experiment: MLflow experiment of the run's parent run.
@@ -160,7 +158,7 @@ def maskdit_pipeline(
         _launcher(tuned, "unmasking tuning (PyTorchJob)")
 
         evaluated = evaluate(model=tuned.outputs["model"], dataset=encoded.outputs["dataset"], ref_stats=ref_stats,
-                             num_samples=num_samples, cfg_scale=cfg_scale, num_steps=num_steps, kfp_run_id=run_id,
+                             num_samples=num_samples, sampler=sampler, store_uri=store_uri, kfp_run_id=run_id,
                              kfp_run_name=run_name, experiment=experiment)
         evaluated.set_display_name("samples and FID").set_caching_options(False).set_retry(1)
         _on_gpu(_with_credentials(evaluated), cpu="8", memory="64Gi")
@@ -168,8 +166,7 @@ def maskdit_pipeline(
         # FID (float) against the threshold (float): like types, or dsl.If silently skips both branches
         fid = evaluated.outputs["Output"]
         with dsl.If(fid <= fid_threshold, name="fid-within-threshold"):
-            registered = register(model=tuned.outputs["model"], dataset=encoded.outputs["dataset"],
-                                  fid=fid, cfg_scale=cfg_scale, num_steps=num_steps,
+            registered = register(evaluation=evaluated.outputs["evaluation"], dataset=encoded.outputs["dataset"],
                                   model_name=model_name, kfp_run_id=run_id, kfp_run_name=run_name,
                                   experiment=experiment)
             registered.set_display_name("register in MLflow").set_caching_options(False)

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from maskdit import encode as encode_mod
 from maskdit import shards, storage
 from maskdit.cli import app
-from maskdit.encode import EncodeError, encode
+from maskdit.encode import EncodeConfig, EncodeError, EncodeResult, encode
 from maskdit.images import center_crop_arr, load_image, to_tensor
+from maskdit.result import read_result
 from maskdit.shards import ShardError, load_dataset, read_manifest
 
 RES = 32  # tiny VAE: factor 2, so latents are 4 x 16 x 16
@@ -65,7 +66,7 @@ def direct_moments(vae_path: str, paths: list[Path], flip=False) -> tuple[torch.
 
 def run(input_uri, out, vae, **kw):
     kw = {"resolution": RES, "batch_size": 3, "shard_size": 4, "device": "cpu", "workers": 2, "progress": False} | kw
-    return encode(str(input_uri), str(out), vae=vae, **kw)
+    return encode(EncodeConfig(input=str(input_uri), out=str(out), vae=vae, **kw))
 
 
 # --- the ADM crop ----------------------------------------------------------------------------
@@ -202,15 +203,17 @@ def test_empty_input_and_single_class_are_errors(tmp_path, tiny_vae):
     make_images(tmp_path / "in", classes=("only",), per_class=1)
     with pytest.raises(EncodeError, match="only one class"):
         run(tmp_path / "in", tmp_path / "out", tiny_vae)
-    result = CliRunner().invoke(app, ["encode", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
-                                      "--vae", tiny_vae])
+    result = CliRunner().invoke(app, ["encode", f"input={tmp_path / 'in'}", f"out={tmp_path / 'o'}",
+                                      f"vae={tiny_vae}"])
     assert result.exit_code == 2 and "only one class" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
 def test_missing_vae_is_a_clear_error(tmp_path):
     make_images(tmp_path / "in", per_class=1)
-    with pytest.raises(EncodeError, match="cannot load the VAE 'no-such/vae'"):
+    from maskdit.vae import VAEError
+
+    with pytest.raises(VAEError, match="cannot load the VAE 'no-such/vae'"):
         run(tmp_path / "in", tmp_path / "out", "no-such/vae")
 
 
@@ -222,10 +225,13 @@ def test_mnist_pixel_space_via_cli(tmp_path):
     result = runner.invoke(app, ["data", "mnist", "--out", str(tmp_path / "mnist"), "--limit", "40"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == [str(d) for d in range(10)]
-    result = runner.invoke(app, ["encode", "--input", str(tmp_path / "mnist"), "--out", str(tmp_path / "px"),
-                                 "--pixel-space", "--grayscale", "--resolution", "32", "--shard-size", "16",
-                                 "--device", "cpu"])
+    result = runner.invoke(app, ["encode", f"input={tmp_path / 'mnist'}", f"out={tmp_path / 'px'}",
+                                 "pixel_space=true", "grayscale=true", "resolution=32", "shard_size=16", "device=cpu"])
     assert result.exit_code == 0, result.output
+    written = read_result(EncodeResult, str(tmp_path / "px" / "result.json"))
+    assert (written.dataset, written.count, written.num_classes, written.shape) == (str(tmp_path / "px"), 40, 10,
+                                                                                    [1, 32, 32])
+    assert written.manifest == str(tmp_path / "px" / "manifest.json") and written.space == "pixel"
     manifest = read_manifest(str(tmp_path / "px"))
     assert manifest.space == "pixel" and manifest.vae is None and manifest.scale_factor == 1.0
     assert manifest.shape == (1, 32, 32) and manifest.count == 40 and manifest.dtype == "uint8"
@@ -267,8 +273,8 @@ def test_torchrun_two_ranks_split_the_shards(tmp_path, tiny_vae):
     single = run(tmp_path / "in", tmp_path / "one", tiny_vae, shard_size=2)
     bin_dir = Path(sys.executable).parent
     cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python", str(bin_dir / "maskdit"),
-           "encode", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "two"), "--vae", tiny_vae,
-           "--resolution", str(RES), "--shard-size", "2", "--batch-size", "3", "--device", "cpu", "--workers", "1"]
+           "encode", f"input={tmp_path / 'in'}", f"out={tmp_path / 'two'}", f"vae={tiny_vae}", f"resolution={RES}",
+           "shard_size=2", "batch_size=3", "device=cpu", "workers=1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 of 2" in result.stderr  # rank 0's progress bar

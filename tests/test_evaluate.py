@@ -1,13 +1,13 @@
 """`maskdit evaluate`: FID summary + grid (and MLflow logging) from a tiny model; bad input."""
 
-import json
-
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from maskdit import fid
 from maskdit.cli import app
+from maskdit.evaluate import EvaluateResult
+from maskdit.result import read_result
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning"),
@@ -30,7 +30,7 @@ def _run(*args):
     return result.exit_code, result.output
 
 
-def test_evaluate_writes_summary_grid_and_logs_to_mlflow(tiny_sampler, ref_stats, tmp_path, mlflow_server,
+def test_evaluate_writes_result_grid_and_logs_to_mlflow(tiny_sampler, ref_stats, tmp_path, mlflow_server,
                                                          monkeypatch):
     import mlflow
 
@@ -38,26 +38,27 @@ def test_evaluate_writes_summary_grid_and_logs_to_mlflow(tiny_sampler, ref_stats
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "eval-test")
     out = tmp_path / "eval"
     code, output = _run(f"checkpoint={tiny_sampler.checkpoint}", f"ref_stats={ref_stats}", f"out={out}",
-                        "num_samples=6", "num_steps=2", "batch_size=4", "grid_columns=3", "grid_classes=[1,7]",
-                        "device=cpu")
+                        "num_samples=6", "sampler.num_steps=2", "batch_size=4", "grid_columns=3",
+                        "grid_classes=[1,7]", "device=cpu")
     assert code == 0, output
-    summary = json.loads((out / "summary.json").read_text())
-    assert json.loads(output.strip().splitlines()[-1]) == summary  # last stdout line: the summary
-    assert summary["n"] == 6 and summary["cfg_scale"] == 1.5 and summary["steps"] == 2
-    assert summary["checkpoint"] == tiny_sampler.checkpoint and summary["step"] == 10
-    assert np.isfinite(summary["fid"]) and summary["fid"] > 0 and summary["seconds"] > 0
+    result = read_result(EvaluateResult, str(out / "result.json"))
+    assert result.num_samples == 6 and result.sampler.cfg_scale == 1.5 and result.sampler.num_steps == 2
+    assert result.checkpoint == tiny_sampler.checkpoint and result.step == 10 and result.ref_stats == ref_stats
+    assert result.dataset == tiny_sampler.dataset and result.grid == str(out / "grid.png")
+    assert np.isfinite(result.fid) and result.fid > 0 and result.seconds > 0
+    assert f"FID {result.fid:.4g}" in output
     assert (out / "grid.png").stat().st_size > 0
 
     client = mlflow.MlflowClient(mlflow_server)
     (run,) = client.search_runs([mlflow.get_experiment_by_name("eval-test").experiment_id])
-    assert run.data.metrics["fid"] == pytest.approx(summary["fid"])
+    assert run.data.metrics["fid"] == pytest.approx(result.fid)
     assert run.data.params["num_samples"] == "6"
     artifacts = {a.path for folder in ("evaluation", "images") for a in client.list_artifacts(run.info.run_id, folder)}
-    assert artifacts == {"evaluation/summary.json", "images/grid.png"}
+    assert artifacts == {"evaluation/result.json", "images/grid.png"}
 
 
 def test_evaluate_bad_input(tiny_sampler, ref_stats, tmp_path):
-    base = [f"checkpoint={tiny_sampler.checkpoint}", f"out={tmp_path / 'eval'}", "device=cpu", "num_steps=1"]
+    base = [f"checkpoint={tiny_sampler.checkpoint}", f"out={tmp_path / 'eval'}", "device=cpu", "sampler.num_steps=1"]
 
     np.savez(tmp_path / "ref64.npz", mu=np.zeros(64), sigma=np.eye(64))
     code, output = _run(*base, f"ref_stats={tmp_path / 'ref64.npz'}")
@@ -74,3 +75,19 @@ def test_evaluate_bad_input(tiny_sampler, ref_stats, tmp_path):
     assert code == 2 and "unknown key 'num_smaples'" in output
     code, output = _run(f"ref_stats={ref_stats}", f"out={tmp_path}")
     assert code == 2 and "checkpoint" in output
+
+
+def test_evaluate_checks_every_input_before_the_first_sample(tiny_sampler, ref_stats, tmp_path, monkeypatch):
+    """Issue 16.11: a bad grid class or an unwritable out fails in seconds, before any image is sampled."""
+    from maskdit import sample
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the inputs")
+
+    monkeypatch.setattr(sample, "generate_batches", no_sampling)
+    base = [f"checkpoint={tiny_sampler.checkpoint}", f"ref_stats={ref_stats}", "device=cpu", "num_samples=4"]
+    code, output = _run(*base, f"out={tmp_path / 'eval'}", "grid_classes=[1,12]")
+    assert code == 2 and "class 12 is outside 0..9" in output
+    (tmp_path / "a-file").write_text("")
+    code, output = _run(*base, f"out={tmp_path / 'a-file' / 'eval'}")
+    assert code == 2 and "cannot write the evaluation folder (out)" in output and "a-file" in output

@@ -225,14 +225,20 @@ def test_fid_stats_command_from_image_folder(tmp_path, mnist):
     for i in range(6):
         Image.fromarray(images[i]).save(folder / f"{i:03d}.png")
     out = tmp_path / "stats.npz"
-    result = CliRunner().invoke(app, ["fid-stats", "--source", str(folder), "--out", str(out), "--features"])
+    result = CliRunner().invoke(app, ["fid-stats", f"source={folder}", f"out={out}", "features=true"])
     assert result.exit_code == 0, result.output
+    from maskdit.result import read_result
+
+    written = read_result(fid.FIDStatsResult, f"{out}.result.json")
+    assert (written.stats, written.n, written.features, written.source) == (str(out), 6, True, str(folder))
     stats = fid.load_stats(str(out))
     assert stats.n == 6 and stats.features.shape == (6, 2048)
     np.testing.assert_allclose(stats.mu, stats.features.astype(np.float64).mean(0), atol=1e-5)
 
-    result = CliRunner().invoke(app, ["fid-stats", "--source", str(tmp_path / "none"), "--out", str(out)])
+    result = CliRunner().invoke(app, ["fid-stats", f"source={tmp_path / 'none'}", f"out={out}"])
     assert result.exit_code == 2 and "does not exist" in result.output
+    result = CliRunner().invoke(app, ["fid-stats", f"source={folder}", f"out={tmp_path / 'stats'}"])
+    assert result.exit_code == 2 and "ending in .npz" in result.output
 
 
 def test_fid_stats_command_from_dataset_uri(inception, tmp_path):
@@ -244,11 +250,11 @@ def test_fid_stats_command_from_dataset_uri(inception, tmp_path):
     runner = CliRunner()
     digits, dataset, out = tmp_path / "digits", tmp_path / "ds", tmp_path / "stats.npz"
     assert runner.invoke(app, ["data", "mnist", "--out", str(digits), "--limit", "10"]).exit_code == 0
-    result = runner.invoke(app, ["encode", "--input", str(digits), "--out", str(dataset), "--pixel-space",
-                                 "--grayscale", "--resolution", "32", "--device", "cpu", "--workers", "1"])
+    result = runner.invoke(app, ["encode", f"input={digits}", f"out={dataset}", "pixel_space=true", "grayscale=true",
+                                 "resolution=32", "device=cpu", "workers=1"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["fid-stats", "--source", str(dataset), "--out", str(out), "--limit", "4",
-                                 "--features", "--device", "cpu"])
+    result = runner.invoke(app, ["fid-stats", f"source={dataset}", f"out={out}", "limit=4", "features=true",
+                                 "device=cpu"])
     assert result.exit_code == 0, result.output
     stats = fid.load_stats(str(out))
     data = load_dataset(str(dataset))  # pixel space: decoding is the identity (1 channel -> RGB)

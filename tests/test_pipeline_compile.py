@@ -61,7 +61,8 @@ def test_spec_parses_and_wires_the_dag(tmp_path, monkeypatch):
     assert register.retry_policy.max_retry_count >= 1 and not register.caching_options.enable_cache
     params = spec.root.input_definitions.parameters
     assert params["fid_threshold"].default_value.number_value == 3.0
-    assert params["cfg_scale"].default_value.number_value == 1.5
+    assert json_format.MessageToDict(params["sampler"].default_value) == {}  # SamplerConfig's own defaults
+    assert "SamplerConfig" in params["sampler"].description
     assert params["gpus_per_node"].default_value.number_value == 8
     assert "FID <= this" in params["fid_threshold"].description  # documented for the UI
 

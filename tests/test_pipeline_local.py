@@ -35,7 +35,7 @@ def _arguments(digits, bucket, name, experiment, fid_threshold):
     return dict(images=digits, store_uri=f"s3://{bucket}", resolution=32, pixel_space=True, grayscale=True,
                 pretrain_config="mnist_pretrain", pretrain_overrides=["steps=6", "checkpoint.every=3", *TINY],
                 tune_config="mnist_tune", tune_overrides=["steps=3", "checkpoint.every=3", *TINY],
-                local_nproc=1, ref_stats="", num_samples=16, cfg_scale=1.5, num_steps=3,
+                local_nproc=1, ref_stats="", num_samples=16, sampler={"cfg_scale": 1.5, "num_steps": 3},
                 fid_threshold=fid_threshold, model_name=name, experiment=experiment)
 
 
@@ -50,6 +50,19 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     assert tags["checkpoint_uri"].startswith(f"s3://{bucket}/runs/") and "/tune/" in tags["checkpoint_uri"]
     assert tags["dataset_manifest"] == f"s3://{bucket}/datasets/mnist-32-pixel/manifest.json"
     assert storage.exists(tags["checkpoint_uri"])
+
+    # each step's typed result lies beside its outputs on the store; the DAG read them, not logs
+    from maskdit.evaluate import EvaluateResult
+    from maskdit.registry import RegisterResult
+    from maskdit.result import read_result
+    from maskdit.train import TrainResult
+
+    run_dir = tags["checkpoint_uri"].split("/tune/")[0]
+    assert read_result(TrainResult, f"{run_dir}/pretrain/result.json").step == 6
+    assert read_result(TrainResult, f"{run_dir}/tune/result.json").checkpoint == tags["checkpoint_uri"]
+    evaluation = read_result(EvaluateResult, f"{run_dir}/evaluate/result.json")
+    assert evaluation.fid == pytest.approx(float(tags["fid"]), rel=1e-5) and evaluation.sampler.num_steps == 3
+    assert read_result(RegisterResult, f"{run_dir}/evaluate/register/result.json").version == "1"
 
     # one MLflow parent run per pipeline run, closed by the exit step; the steps nest under it
     (parent,) = tracking.search_runs([tracking.get_experiment_by_name(experiment).experiment_id],

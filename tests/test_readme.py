@@ -62,39 +62,56 @@ def _check_options(command, rest: list[str], what: str) -> list[str]:
     return positional
 
 
+def _step_configs() -> dict[str, type]:
+    """The config model behind each step command (`maskdit <step> key=value ...`)."""
+    from maskdit.encode import EncodeConfig
+    from maskdit.evaluate import EvaluateConfig
+    from maskdit.fid import FIDStatsConfig
+    from maskdit.registry import RegisterConfig
+    from maskdit.sample import SampleConfig
+
+    return {"encode": EncodeConfig, "fid-stats": FIDStatsConfig, "evaluate": EvaluateConfig, "sample": SampleConfig,
+            "register": RegisterConfig}
+
+
 def _maskdit(words: list[str]) -> None:
     from maskdit.cli import app
 
-    if words[0] == "pipeline":  # forwarded untouched to the pipeline layer's own CLI
-        from pipelines.cli import pipeline_app
-
-        command, rest = _click_command(typer.main.get_command(pipeline_app), words[1:])
-    else:
-        command, rest = _click_command(typer.main.get_command(app), words)
+    command, rest = _click_command(typer.main.get_command(app), words)
     positional = _check_options(command, rest, "maskdit " + " ".join(words[:2]))
     overrides = [w for w in positional if "=" in w]
     if words[0] == "train":
-        from maskdit.cli_train import preset_path
+        from maskdit.cli.train import preset_path
         from maskdit.config import load_config
         from maskdit.trainconfig import TrainConfig
 
         config = words[words.index("--config") + 1]
         load_config(TrainConfig, preset_path(config), overrides)
-    elif words[0] == "evaluate":
+    elif words[0] in _step_configs():
         from maskdit.config import load_config
-        from maskdit.evaluate import EvalConfig
 
-        load_config(EvalConfig, None, overrides)
+        load_config(_step_configs()[words[0]], None, overrides)
     elif words[:2] == ["config", "show"]:
-        from maskdit.cli_train import preset_path
+        from maskdit.cli.train import preset_path
 
         assert preset_path(positional[0]).is_file(), f"README names a preset that does not exist: {positional[0]}"
+
+
+def _maskdit_pipeline(words: list[str]) -> None:
+    from pipelines.cli import parse_params, pipeline_app
+
+    command, rest = _click_command(typer.main.get_command(pipeline_app), words)
+    _check_options(command, rest, "maskdit-pipeline " + words[0])
+    params = [rest[i + 1] for i, w in enumerate(rest) if w in ("--param", "-p")]
+    parse_params(params)  # names and types as the pipeline declares them
 
 
 def check(words: list[str]) -> None:
     tool = words[0]
     if tool == "maskdit":
         _maskdit(words[1:])
+    elif tool == "maskdit-pipeline":
+        _maskdit_pipeline(words[1:])
     elif tool == "torchrun":
         assert "-m" in words and words[words.index("-m") + 1] == "maskdit.cli"
         _maskdit(words[words.index("-m") + 2:])

@@ -1,7 +1,6 @@
 """Registration in the MLflow Model Registry against a real MLflow server (tests/fixtures/mlflow_server.py)."""
 
 import io
-import json
 
 import mlflow
 import numpy as np
@@ -12,8 +11,11 @@ from typer.testing import CliRunner
 
 from maskdit.checkpoint import save_checkpoint
 from maskdit.cli import app
+from maskdit.diffusion import SamplerConfig
+from maskdit.evaluate import EvaluateResult
 from maskdit.model import MaskDiT, model_config
-from maskdit.registry import CANDIDATE, CHAMPION, register
+from maskdit.registry import CANDIDATE, CHAMPION, RegisterResult, register
+from maskdit.result import read_result
 
 pytestmark = pytest.mark.slow  # a real MLflow server process
 
@@ -23,13 +25,13 @@ def trained(tmp_path_factory):
     """A tiny pixel-space dataset (8x8 gray digits) and an (untrained) checkpoint of a matching model."""
     import torch
 
-    from maskdit.encode import encode
+    from maskdit.encode import EncodeConfig, encode
     from maskdit.mnist import write_mnist
 
     root = tmp_path_factory.mktemp("registry")
     write_mnist(str(root / "digits"), 20)
-    encode(str(root / "digits"), str(root / "dataset"), pixel_space=True, grayscale=True, resolution=8,
-           device="cpu", workers=1)
+    encode(EncodeConfig(input=str(root / "digits"), out=str(root / "dataset"), pixel_space=True, grayscale=True,
+                        resolution=8, device="cpu", workers=1))
     torch.manual_seed(0)
     cfg = model_config("tiny", in_channels=1)
     weights = MaskDiT(cfg).state_dict()
@@ -42,7 +44,7 @@ def trained(tmp_path_factory):
 def test_versions_aliases_tags_and_champion(trained, tracking):
     ckpt, dataset = trained
     name = "maskdit-test-aliases"
-    first = register(ckpt, 10.0, name, cfg_scale=1.5, num_steps=4, dataset_uri=dataset, kfp_run_id="run-1")
+    first = register(ckpt, 10.0, name, sampler=SamplerConfig(num_steps=4), dataset_uri=dataset, kfp_run_id="run-1")
     assert (first.version, first.champion, first.aliases) == ("1", True, [CANDIDATE, CHAMPION])
     tags = tracking.get_model_version(name, "1").tags
     assert float(tags["fid"]) == 10.0 and tags["cfg_scale"] == "1.5" and tags["num_steps"] == "4"
@@ -63,7 +65,7 @@ def test_versions_aliases_tags_and_champion(trained, tracking):
 def test_champion_loads_as_pyfunc_and_returns_images(trained, tracking):
     ckpt, dataset = trained
     name = "maskdit-test-pyfunc"
-    register(ckpt, 3.0, name, cfg_scale=1.5, num_steps=3, dataset_uri=dataset)
+    register(ckpt, 3.0, name, sampler=SamplerConfig(num_steps=3), dataset_uri=dataset)
     model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
     out = model.predict(pd.DataFrame({"class_label": [1, 7, 1], "seed": [0, 1, 0]}))
     assert list(out["class_label"]) == [1, 7, 1] and list(out["num_steps"]) == [3, 3, 3]
@@ -76,13 +78,24 @@ def test_champion_loads_as_pyfunc_and_returns_images(trained, tracking):
         model.predict(pd.DataFrame({"class_label": [12]}))
 
 
-def test_register_command(trained, tracking, monkeypatch):
+def test_register_command_registers_what_an_evaluation_scored(trained, tracking, monkeypatch, tmp_path):
     ckpt, dataset = trained
-    result = CliRunner().invoke(app, ["register", "--checkpoint", ckpt, "--fid", "4.5", "--name", "maskdit-test-cli",
-                                      "--dataset", dataset, "--kfp-run-id", "run-9"])
+    evaluation = EvaluateResult(fid=4.5, num_samples=100, sampler=SamplerConfig(cfg_scale=2.0, num_steps=5), seed=0,
+                                checkpoint=ckpt, step=7, dataset=dataset, ref_stats="s3://b/ref.npz", ref_n=50,
+                                inception="bundled", world_size=1, seconds=1.0, grid=str(tmp_path / "grid.png"))
+    evaluation.write(str(tmp_path / "eval" / "result.json"))
+    result = CliRunner().invoke(app, ["register", f"evaluation={tmp_path / 'eval'}", "name=maskdit-test-cli",
+                                      "kfp_run_id=run-9"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["version"] == "1" and summary["champion"] and summary["model_uri"] == "models:/maskdit-test-cli/1"
+    written = read_result(RegisterResult, str(tmp_path / "eval" / "register" / "result.json"))
+    assert written.version == "1" and written.champion and written.model_uri == "models:/maskdit-test-cli/1"
+    assert written.fid == 4.5 and "registered maskdit-test-cli version 1" in result.output
+    tags = tracking.get_model_version("maskdit-test-cli", "1").tags
+    assert (tags["cfg_scale"], tags["num_steps"], tags["ref_stats"], tags["num_samples"]) == \
+        ("2.0", "5", "s3://b/ref.npz", "100")
+
+    result = CliRunner().invoke(app, ["register", f"evaluation={tmp_path / 'nowhere'}", "name=x"])
+    assert result.exit_code == 2 and "no step result at" in result.output and "nowhere" in result.output
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    result = CliRunner().invoke(app, ["register", "--checkpoint", ckpt, "--fid", "1", "--name", "x"])
+    result = CliRunner().invoke(app, ["register", f"evaluation={tmp_path / 'eval'}", "name=x"])
     assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output

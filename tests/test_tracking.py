@@ -10,7 +10,7 @@ import torch
 
 from maskdit import tracking
 from maskdit.config import build_config
-from maskdit.train import train
+from maskdit.train import run as train
 from maskdit.trainconfig import TrainConfig
 from test_train import make_data, tiny_config
 

@@ -21,7 +21,9 @@ import yaml
 from maskdit import checkpoint
 from maskdit.config import ConfigError, build_config, load_config
 from maskdit.shards import Manifest, write_manifest, write_shard
-from maskdit.train import BatchPlan, NonFiniteError, Trainer, train
+from maskdit.result import read_result, result_uri
+from maskdit.train import BatchPlan, NonFiniteError, Trainer, TrainResult
+from maskdit.train import run as train
 from maskdit.trainconfig import MaskConfig, TrainConfig
 
 CLI = "from maskdit.cli import app; app()"
@@ -118,7 +120,7 @@ PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "maskdit" / "confi
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_shipped_presets_load(preset):
-    from maskdit.cli_train import preset_path
+    from maskdit.cli.train import preset_path
 
     cfg = load_config(TrainConfig, preset_path(preset))
     assert cfg.steps > 0 and cfg.checkpoint.dir
@@ -277,7 +279,7 @@ def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and f"at step {killed_at}" in resumed.stderr
-    final_uri = resumed.stdout.strip().splitlines()[-1]
+    final_uri = read_result(TrainResult, result_uri(str(ck))).checkpoint  # the result, not a log line
     assert final_uri == checkpoint.checkpoint_uri(str(ck), steps)
     states_equal(checkpoint.load_checkpoint(straight.checkpoint), checkpoint.load_checkpoint(final_uri))
 
@@ -301,7 +303,9 @@ def test_two_gloo_ranks_match_one_process(data, tmp_path, mlflow_server):
          "train", "--config", str(config)],
         env={**os.environ, **ENV1}, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-4000:]
-    final_uri = run.stdout.strip().splitlines()[-1]
+    written = read_result(TrainResult, result_uri(str(tmp_path / "two")))
+    assert written.world_size == 2 and written.step == one.step
+    final_uri = written.checkpoint
     a, b = checkpoint.load_checkpoint(one.checkpoint), checkpoint.load_checkpoint(final_uri)
     for key in ("model", "ema"):
         for name in a[key]:

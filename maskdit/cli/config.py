@@ -17,7 +17,7 @@ def show(
     """Print a training config with presets resolved, overrides applied and defaults filled in."""
     import yaml
 
-    from maskdit.cli_train import preset_path
+    from maskdit.cli.train import preset_path
     from maskdit.config import load_config
     from maskdit.trainconfig import TrainConfig
 

@@ -1,6 +1,6 @@
 """`maskdit train --config X [key=value ...]`: one process, or every rank under torchrun.
 
-The last line on stdout (rank 0) is the URI of the final checkpoint: pipeline steps parse it.
+The result (final checkpoint, steps, metrics) is `checkpoint.dir/result.json`, written by rank 0.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from maskdit.cli.common import Overrides
 from maskdit.errors import exit_on_user_error
 
 
@@ -27,11 +28,11 @@ def preset_path(config: str) -> Path:
 def train(
     config: str = typer.Option(..., "--config", "-c", help="YAML file, or a preset name: imagenet256_pretrain, "
                                "imagenet256_tune_zero, imagenet256_tune_cosine, mnist_pretrain, mnist_tune"),
-    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. steps=1000 optim.lr=5e-5"),
+    overrides: Overrides = None,
 ) -> None:
     """Masked pretraining or unmasking tuning; resumes from the newest checkpoint in checkpoint.dir."""
     from maskdit.config import load_config
-    from maskdit.train import train as run_train
+    from maskdit.train import run
     from maskdit.trainconfig import TrainConfig
 
     main = int(os.environ.get("RANK", 0)) == 0
@@ -39,8 +40,8 @@ def train(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with exit_on_user_error():
         cfg = load_config(TrainConfig, preset_path(config), overrides or [])
-        result = run_train(cfg)
+        result = run(cfg)
     if main:
         typer.echo(f"steps {result.step}, skipped {result.skipped_steps}, "
                    + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
-        typer.echo(result.checkpoint)
+        typer.echo(f"final checkpoint {result.checkpoint}; result in {cfg.checkpoint.dir}")

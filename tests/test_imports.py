@@ -1,0 +1,113 @@
+"""The layers of DESIGN.md, checked on the source: who may import whom, and no import cycles.
+
+Every import counts, also those inside function bodies (the CLI keeps heavy imports there): a
+cycle through a lazy import is still a cycle, it only fails later.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("maskdit", "components", "pipelines")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Modules (of any package) that the file imports, resolved to the deepest known project module."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in known}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {name: {m for m in imports(path, known) if m in known and m != name} for name, path in mods.items()}
+
+
+def external(name: str) -> set[str]:
+    return {m.split(".")[0] for m in imports(modules()[name], set(modules()))}
+
+
+@pytest.mark.parametrize("name", sorted(m for m in modules() if m.split(".")[0] == "maskdit"))
+def test_the_method_knows_nothing_of_kfp_kubernetes_or_the_pipeline(name):
+    assert not external(name) & {"kfp", "kubernetes", "kubeflow", "components", "pipelines"}, name
+
+
+@pytest.mark.parametrize("name", sorted(m for m in modules() if m.split(".")[0] == "components"))
+def test_components_know_nothing_of_the_dag(name):
+    assert "pipelines" not in external(name), name
+
+
+def test_no_import_cycles():
+    edges = graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    assert cycles == [], f"import cycles: {cycles}"
+
+
+def test_the_top_of_maskdit_shows_the_method_not_the_wiring():
+    assert not list((ROOT / "maskdit").glob("cli_*.py")), "command modules belong in maskdit/cli/"
+    assert (ROOT / "maskdit" / "cli" / "__init__.py").is_file()
+
+
+def test_every_step_is_run_config_to_result():
+    """encode, fid-stats, train, evaluate, register, sample: `run(<Step>Config) -> <Step>Result`."""
+    import inspect
+    import typing
+
+    from maskdit import encode, evaluate, fid, registry, sample, train
+    from maskdit.result import StepResult
+
+    for module, config, result in ((encode, "EncodeConfig", "EncodeResult"), (fid, "FIDStatsConfig", "FIDStatsResult"),
+                                   (train, "TrainConfig", "TrainResult"),
+                                   (evaluate, "EvaluateConfig", "EvaluateResult"),
+                                   (registry, "RegisterConfig", "RegisterResult"),
+                                   (sample, "SampleConfig", "SampleResult")):
+        hints = typing.get_type_hints(module.run)
+        first = next(iter(inspect.signature(module.run).parameters))
+        assert hints[first].__name__ == config, module.__name__
+        returned = [a for a in typing.get_args(hints["return"]) or [hints["return"]] if a is not type(None)]
+        assert [a.__name__ for a in returned] == [result] and issubclass(returned[0], StepResult), module.__name__

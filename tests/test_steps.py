@@ -1,0 +1,63 @@
+"""The pipeline steps as the components run them: results travel as result.json, never as log lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.steps import TrainStep, train_step
+from maskdit.result import ResultError, read_result, result_uri
+from maskdit.train import TrainResult
+from test_train import make_data, tiny_config
+
+# What a library, another rank's teardown or a deprecation notice may print after the result:
+# a process-wide exit hook that writes lines (one of them JSON) once `maskdit train` has finished.
+NOISE = '''
+import atexit, sys
+def _noise():
+    print('{"checkpoint": "s3://not/the/result.pt"}')
+    print("UserWarning: a library says goodbye after the result", file=sys.stderr)
+    print("s3://also/not/the/result.pt")
+atexit.register(_noise)
+'''
+
+
+@pytest.mark.slow
+def test_a_training_step_that_prints_after_its_result(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NOISE)
+    monkeypatch.setenv("PYTHONPATH", f"{site}:{Path(__file__).resolve().parents[1]}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = make_data(tmp_path / "data", n=32)
+    config = tmp_path / "tiny.yaml"
+    cfg = tiny_config(data, "set-by-the-step", steps=3, **{"checkpoint.every": 3})
+    config.write_text(yaml.safe_dump(cfg))
+    step = TrainStep(stage="pretrain", config=str(config), dataset=data, store_uri=str(tmp_path / "store"),
+                     kfp_run_id="run-1", experiment="x", image="unused", backend="local", nodes=1, gpus_per_node=0,
+                     cpu="1", memory="1Gi", shm_size="1Gi", timeout_hours=0.1)
+    result, parent = train_step(step)
+    assert result.checkpoint == f"{step.checkpoint_dir}/ckpt-000000003.pt" and result.step == 3
+    assert Path(result.checkpoint).is_file() and parent == ""
+    assert read_result(TrainResult, result_uri(step.checkpoint_dir)) == result
+
+
+def test_results_name_their_step_and_their_problems(tmp_path):
+    uri = str(tmp_path / "result.json")
+    with pytest.raises(ResultError, match=f"no step result at {uri}: the train step did not finish"):
+        read_result(TrainResult, uri)
+    (tmp_path / "result.json").write_text(json.dumps({"kind": "encode", "dataset": "x"}))
+    with pytest.raises(ResultError, match="is not a train result"):
+        read_result(TrainResult, uri)
+    (tmp_path / "result.json").write_text("{not json")
+    with pytest.raises(ResultError, match=str(tmp_path)):
+        read_result(TrainResult, uri)
+    written = TrainResult(checkpoint="c.pt", checkpoint_dir=str(tmp_path), step=3).write(uri)
+    assert read_result(TrainResult, written).step == 3 and written == result_uri(str(tmp_path))
+    assert result_uri("s3://b/ref.npz", is_file=True) == "s3://b/ref.npz.result.json"
+    assert sys.modules["maskdit.result"].RESULT_FILE == "result.json"
