@@ -517,3 +517,17 @@ def test_the_operators_docs_name_real_paths() -> None:
         assert target.exists(), f"the docs name {path}, which does not exist"
     applied = {m for doc in docs for m in re.findall(r"apply -k (k8s/[\w/-]+)", doc.read_text())}
     assert {f"k8s/overlays/{name}" for name in OVERLAYS} <= applied
+
+
+def test_a_profile_namespace_is_set_in_one_place(tmp_path) -> None:
+    """Changing the profile's namespace in kubeflow-profile/steps/kustomization.yaml moves the
+    Secrets, ConfigMap, Role, binding and its subject with it."""
+    tree = copy_k8s(tmp_path)
+    kustomization = tree / "overlays" / "kubeflow-profile" / "steps" / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert "namespace: kubeflow-user-example-com" in text
+    kustomization.write_text(text.replace("namespace: kubeflow-user-example-com", "namespace: team-a"))
+    docs = kustomize_build(tree / "overlays" / "kubeflow-profile")
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"team-a", MLFLOW_NAMESPACE}
+    binding = by_kind_name(docs, "RoleBinding", "maskdit-pipeline")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "team-a"}]
