@@ -83,14 +83,13 @@ def test_a_role_binding_refers_to_a_role_in_its_own_namespace() -> None:
 
 
 def test_a_cluster_role_through_a_role_binding_is_scoped_to_the_binding() -> None:
-    rbac = authorizer(role("jobs", [JOBS]),
-                      binding("b", "ClusterRole", "jobs", [{"kind": "Group", "name": "system:serviceaccounts:kubeflow"}],
-                              "kubeflow"))
+    group = {"kind": "Group", "name": "system:serviceaccounts:kubeflow"}
+    rbac = authorizer(role("jobs", [JOBS]), binding("b", "ClusterRole", "jobs", [group], "kubeflow"))
     assert rbac.allowed(RUNNER, "get", "pytorchjobs", "kubeflow", "kubeflow.org")
     assert not rbac.allowed(RUNNER, "get", "pytorchjobs", "maskdit", "kubeflow.org")
     assert not rbac.allowed(service_account("maskdit", "x"), "get", "pytorchjobs", "kubeflow", "kubeflow.org")
-    cluster_wide = authorizer(role("jobs", [JOBS]),
-                              binding("c", "ClusterRole", "jobs", [{"kind": "Group", "name": "system:serviceaccounts"}]))
+    every_account = {"kind": "Group", "name": "system:serviceaccounts"}
+    cluster_wide = authorizer(role("jobs", [JOBS]), binding("c", "ClusterRole", "jobs", [every_account]))
     assert cluster_wide.allowed(service_account("maskdit", "x"), "get", "pytorchjobs", "anywhere", "kubeflow.org")
     assert not cluster_wide.allowed(User("alice", ("system:authenticated",)), "get", "pytorchjobs", "a", "kubeflow.org")
 
@@ -135,14 +134,17 @@ def test_non_resource_urls_and_the_masters_group() -> None:
     assert not RBACAuthorizer().allowed(RUNNER, "get", "pods", "kubeflow"), "nothing is allowed by default"
 
 
+JOBS_PATH = "/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs"
+
+
 @pytest.mark.parametrize("method,path,query,expected", [
     ("GET", "/api/v1/namespaces/ns/pods", {}, ("list", "ns", "", "pods", "", "")),
     ("GET", "/api/v1/namespaces/ns/pods", {"watch": "true"}, ("watch", "ns", "", "pods", "", "")),
     ("GET", "/api/v1/namespaces/ns/pods/p-0/log", {"follow": "true"}, ("get", "ns", "", "pods", "log", "p-0")),
-    ("POST", "/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs", {}, ("create", "ns", "kubeflow.org", "pytorchjobs", "", "")),
-    ("DELETE", "/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs/j", {}, ("delete", "ns", "kubeflow.org", "pytorchjobs", "", "j")),
-    ("DELETE", "/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs", {}, ("deletecollection", "ns", "kubeflow.org", "pytorchjobs", "", "")),
-    ("PATCH", "/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs/j", {}, ("patch", "ns", "kubeflow.org", "pytorchjobs", "", "j")),
+    ("POST", JOBS_PATH, {}, ("create", "ns", "kubeflow.org", "pytorchjobs", "", "")),
+    ("DELETE", JOBS_PATH + "/j", {}, ("delete", "ns", "kubeflow.org", "pytorchjobs", "", "j")),
+    ("DELETE", JOBS_PATH, {}, ("deletecollection", "ns", "kubeflow.org", "pytorchjobs", "", "")),
+    ("PATCH", JOBS_PATH + "/j", {}, ("patch", "ns", "kubeflow.org", "pytorchjobs", "", "j")),
     ("GET", "/api/v1/namespaces/ns", {}, ("get", "ns", "", "namespaces", "", "ns")),
     ("GET", "/api/v1/events", {}, ("list", "", "", "events", "", "")),
     ("GET", "/api/v1/watch/namespaces/ns/events", {}, ("watch", "ns", "", "events", "", "")),
@@ -268,3 +270,26 @@ def test_apply_posts_to_the_right_collections() -> None:
         "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings"
     with pytest.raises(ValueError, match="no namespace"):
         collection_path({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}})
+
+
+def test_tokens_decide_who_asks() -> None:
+    """No token is system:anonymous (refused here), a wrong one 401; an admin (system:masters)
+    may create anything, and what it creates is stored and readable."""
+    access = Access()
+    server = K8sApiServer(access=access).start()
+    try:
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                  "spec": {"resourceAttributes": {"verb": "get", "resource": "pods", "namespace": "x"}}}
+        anonymous = urllib.request.Request(server.host + SSAR_PATH, data=json.dumps(review).encode(), method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(anonymous, timeout=10)
+        assert refused.value.code == 403
+        assert call(server, "wrong", "GET", "/api/v1/namespaces/x/pods")[0] == 401
+        config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "x"}, "data": {}}
+        assert call(server, access.admin_token, "POST", "/api/v1/namespaces/x/configmaps", config)[0] == 201
+        assert call(server, access.admin_token, "POST", "/api/v1/namespaces/x/configmaps", config)[0] == 409
+        assert call(server, access.admin_token, "POST", "/api/v1/namespaces/y/configmaps", config)[0] == 400
+        assert call(server, access.admin_token, "GET", "/api/v1/namespaces/x/configmaps/c")[1]["metadata"]["name"] == "c"
+        assert can_i(server, access.admin_token, "delete", "nodes", "")
+    finally:
+        server.stop()
