@@ -56,13 +56,10 @@ DAEMONSET_ROOM = {"cpu": 2.0, "memory": 16 * 2**30}
 # Building
 # ------------------------------------------------------------------------------------------
 
-def build(folder: Path) -> list[dict[str, Any]]:
-    """A kustomization built from a copy of k8s/ with the Secrets' env files made from the templates."""
-    return kustomize_build(folder)
-
-
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request, k8s_built) -> tuple[str, list[dict[str, Any]]]:
+    """(name, resources) of each overlay, built from a copy of k8s/ whose Secrets' env files are
+    the templates (tests/fixtures/k8s_manifests.py)."""
     return request.param, k8s_built[request.param]
 
 
