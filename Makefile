@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo bench clean image
+.PHONY: setup test test-fast demo bench clean image k8s-image
 IMAGE_REPO ?= maskdit
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 MLFLOW_VERSION := 3.17.2
@@ -44,3 +44,17 @@ image:
 	  echo "  docker build -f docker/mlflow.Dockerfile -t $(IMAGE_REPO)-mlflow:$(MLFLOW_VERSION) ."; exit 1; }
 	docker build -f docker/Dockerfile -t $(IMAGE_REPO):$(IMAGE_TAG) .
 	docker build -f docker/mlflow.Dockerfile -t $(IMAGE_REPO)-mlflow:$(MLFLOW_VERSION) .
+
+# Point k8s/ at the images you pushed (the registry that `make image IMAGE_REPO=...` tagged):
+#   make k8s-image IMAGE_REPO=registry.example.com/ml/maskdit
+# rewrites the two `images:` entries of k8s/components/settings, which every overlay uses.
+K8S_SETTINGS ?= k8s/components/settings/kustomization.yaml
+k8s-image:
+	@case "$(IMAGE_REPO)" in */*) ;; *) echo "make k8s-image: IMAGE_REPO=$(IMAGE_REPO) names no registry the nodes can pull from;"; \
+	  echo "  e.g. make k8s-image IMAGE_REPO=registry.example.com/ml/maskdit"; exit 2;; esac
+	sed -i.bak -e '/- name: maskdit$$/,/newTag:/s|newName: .*|newName: $(IMAGE_REPO)|' \
+	  -e '/- name: maskdit$$/,/newTag:/s|newTag: .*|newTag: "$(IMAGE_TAG)"|' \
+	  -e '/- name: maskdit-mlflow$$/,/newTag:/s|newName: .*|newName: $(IMAGE_REPO)-mlflow|' \
+	  -e '/- name: maskdit-mlflow$$/,/newTag:/s|newTag: .*|newTag: "$(MLFLOW_VERSION)"|' $(K8S_SETTINGS)
+	rm -f $(K8S_SETTINGS).bak
+	@grep -A2 -E -- '- name: maskdit(-mlflow)?$$' $(K8S_SETTINGS)

@@ -15,11 +15,20 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from maskdit.errors import exit_on_user_error
+from pipelines.kfp_backend import NEWEST_BACKEND, OPTIONAL_ENV_SINCE, SUPPORTED_BACKENDS, check_backend, \
+    rewrite_for_backend
 from pipelines.maskdit_pipeline import PIPELINE_YAML, compile_pipeline, maskdit_pipeline
 
 pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit, schedule; the local demo.",
                            no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
+NamespaceOption = Annotated[Optional[str], typer.Option(
+    help="Multi-user Kubeflow: your profile's namespace (e.g. kubeflow-user-example-com), where the run, its "
+    "steps and their PyTorchJobs go. Standalone KFP: leave it out.")]
+ServiceAccountOption = Annotated[Optional[str], typer.Option(
+    help="Service account of the run's step pods (default: KFP's own, pipeline-runner standalone or "
+    "default-editor in a profile); k8s/overlays/*/steps/rolebinding.yaml must bind it.")]
 ParamOption = Annotated[Optional[list[str]], typer.Option(
     "--param", "-p", help="Pipeline parameter key=value (repeatable); lists/dicts as JSON, e.g. "
     'pretrain_overrides=\'["steps=1000"]\'.')]
@@ -56,9 +65,14 @@ def parse_params(pairs: list[str] | None) -> dict[str, Any]:
 def compile_cmd(
     out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = PIPELINE_YAML,
     image: Annotated[Optional[str], typer.Option(help="Image of the steps (your registry's maskdit image).")] = None,
+    kfp_backend: Annotated[str, typer.Option(
+        help=f"The KFP backend version that will run it: {', '.join(SUPPORTED_BACKENDS)}. Before "
+        f"{OPTIONAL_ENV_SINCE} the Secrets and the ConfigMap are required, with every key.")] = NEWEST_BACKEND,
 ) -> None:
     """Compile the pipeline to YAML for the KFP UI (Pipelines > Upload pipeline) or the kfp CLI."""
-    typer.echo(compile_pipeline(out, image))
+    with exit_on_user_error():
+        check_backend(kfp_backend)
+        typer.echo(rewrite_for_backend(compile_pipeline(out, image), kfp_backend))
 
 
 def run_local(arguments: dict[str, Any], pipeline_root: str | Path) -> None:
@@ -79,26 +93,28 @@ def run_local_cmd(
     run_local(parse_params(param), pipeline_root.resolve())
 
 
-def _client(host: str | None, namespace: str):
+def _client(host: str | None):
+    """A KFP client (`kfp.Client(namespace=...)` names where KFP itself runs, not the run's namespace)."""
     import kfp
 
-    return kfp.Client(host=host, namespace=namespace)
+    return kfp.Client(host=host)
 
 
 @pipeline_app.command("submit")
 def submit_cmd(
     host: Annotated[Optional[str], typer.Option(help="KFP API endpoint, e.g. http://localhost:8080 "
                                                      "(kubectl port-forward); default: in-cluster.")] = None,
-    namespace: Annotated[str, typer.Option(help="KFP namespace (multi-user profile).")] = "kubeflow",
+    namespace: NamespaceOption = None,
+    service_account: ServiceAccountOption = None,
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "maskdit",
     run_name: Annotated[Optional[str], typer.Option(help="Run name (default: maskdit-<time>).")] = None,
     package: Annotated[Path, typer.Option(help="Compiled pipeline YAML.")] = PIPELINE_YAML,
     param: ParamOption = None,
 ) -> None:
     """Start one run on Kubeflow Pipelines."""
-    result = _client(host, namespace).create_run_from_pipeline_package(
+    result = _client(host).create_run_from_pipeline_package(
         str(package), arguments=parse_params(param), run_name=run_name or f"maskdit-{time.strftime('%Y%m%d-%H%M%S')}",
-        experiment_name=experiment, namespace=namespace)
+        experiment_name=experiment, namespace=namespace, service_account=service_account)
     typer.echo(f"run {result.run_id}")
 
 
@@ -107,17 +123,18 @@ def schedule_cmd(
     cron: Annotated[str, typer.Option(help="KFP cron (6 fields, seconds first), e.g. '0 0 3 * * 0' = Sundays 03:00.")],
     name: Annotated[str, typer.Option(help="Recurring run name.")] = "maskdit-retrain",
     host: Annotated[Optional[str], typer.Option(help="KFP API endpoint; default: in-cluster.")] = None,
-    namespace: Annotated[str, typer.Option(help="KFP namespace (multi-user profile).")] = "kubeflow",
+    namespace: NamespaceOption = None,
+    service_account: ServiceAccountOption = None,
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "maskdit",
     package: Annotated[Path, typer.Option(help="Compiled pipeline YAML.")] = PIPELINE_YAML,
     param: ParamOption = None,
 ) -> None:
     """Schedule recurring retrains (one at a time, no catch-up of missed runs)."""
-    client = _client(host, namespace)
+    client = _client(host)
     experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
     recurring = client.create_recurring_run(experiment_id, name, cron_expression=cron, max_concurrency=1,
                                             no_catchup=True, params=parse_params(param),
-                                            pipeline_package_path=str(package))
+                                            pipeline_package_path=str(package), service_account=service_account)
     typer.echo(f"recurring run {recurring.recurring_run_id}")
 
 

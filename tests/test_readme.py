@@ -19,12 +19,13 @@ import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+OPERATING = ROOT / "docs" / "operating.md"  # the install guide: its shell blocks are checked the same way
 
 
 def readme_commands() -> list[list[str]]:
-    text = README.read_text()
+    text = README.read_text() + OPERATING.read_text()
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S):
         joined = block.replace("\\\n", " ")
         for line in joined.splitlines():
             line = line.split("  #")[0].strip()

@@ -1,0 +1,181 @@
+"""Compiling for a KFP backend version: the YAML for each supported version uses only fields that
+version's protos know (pipelines/kfp_backend.py), and `maskdit pipeline submit|schedule` send
+the namespace and service account that the k8s/ overlays prepare."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
+from kfp.pipeline_spec import pipeline_spec_pb2
+from typer.testing import CliRunner
+
+from maskdit.errors import EXIT_USER_ERROR
+from pipelines.cli import pipeline_app
+from pipelines.kfp_backend import NEWEST_BACKEND, SUPPORTED_BACKENDS, known_fields, unknown_fields
+from pipelines.maskdit_pipeline import PIPELINE_YAML
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, str]:
+    """`maskdit pipeline compile --kfp-backend V` for every supported V: version -> YAML text."""
+    out = {}
+    for version in SUPPORTED_BACKENDS:
+        path = tmp_path_factory.mktemp("kfp") / f"pipeline-{version}.yaml"
+        result = CliRunner().invoke(pipeline_app, ["compile", "--out", str(path), "--kfp-backend", version])
+        assert result.exit_code == 0, result.output
+        out[version] = path.read_text()
+    return out
+
+
+def docs(text: str) -> tuple[dict, dict]:
+    spec, platform = yaml.safe_load_all(text)
+    return spec, platform
+
+
+def env_sources(platform: dict):
+    for config in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+        yield from config.get("secretAsEnv", []) + config.get("configMapAsEnv", [])
+
+
+@pytest.mark.parametrize("version", SUPPORTED_BACKENDS)
+def test_each_version_gets_only_fields_it_knows(compiled, version) -> None:
+    spec, platform = docs(compiled[version])
+    assert unknown_fields(spec, platform, version) == []
+    with_optional = [e for e in env_sources(platform) if "optional" in e]
+    if version == "2.14":
+        assert not with_optional, "a backend before 2.15 rejects `optional` on secret/ConfigMap env"
+    else:
+        assert any(e["optional"] is True and e["secretName"] == "maskdit-mlflow" for e in with_optional)
+
+
+def test_the_newest_needs_no_rewrite_and_older_ones_lose_only_optional(compiled) -> None:
+    assert NEWEST_BACKEND == SUPPORTED_BACKENDS[-1] and compiled[NEWEST_BACKEND] == PIPELINE_YAML.read_text(), (
+        "the committed YAML is the default compile (the newest backend)")
+    diff = [line for line in difflib.unified_diff(compiled[NEWEST_BACKEND].splitlines(),
+                                                  compiled["2.14"].splitlines(), lineterm="", n=0)
+            if not line.startswith(("---", "+++", "@@"))]
+    assert diff and all(line[0] == "-" and line[1:].strip() in ("optional: true", "optional: false")
+                        for line in diff), diff[:5]
+
+
+def test_the_check_names_what_an_older_backend_rejects(compiled) -> None:
+    spec, platform = docs(compiled[NEWEST_BACKEND])
+    rejected = unknown_fields(spec, platform, "2.14")
+    assert rejected and all(path.endswith(("secretAsEnv.optional", "configMapAsEnv.optional")) for path in rejected)
+    executor = next(iter(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()))
+    executor["securityContext"] = {"runAsNonRoot": True}  # kfp-kubernetes 2.16's set_security_context
+    assert any(p.endswith(".securityContext") for p in unknown_fields(spec, platform, "2.15"))
+    assert unknown_fields(spec, platform, "2.16") == []
+    spec["root"]["dag"]["tasks"]["cleanup"]["taskInfo"]["nme"] = "x"
+    assert "pipelineSpec.root.dag.tasks.cleanup.taskInfo.nme" in unknown_fields(spec, platform, NEWEST_BACKEND)
+
+
+def test_the_newest_table_matches_the_installed_sdks_protos() -> None:
+    """The transcribed field sets of the newest backend are those of the protos the SDK here
+    compiles with (kfp-pipeline-spec, kfp-kubernetes 2.17): a typo or a missed field fails."""
+    files = {"pipeline": pipeline_spec_pb2.DESCRIPTOR, "kubernetes": k8s_pb2.DESCRIPTOR}
+    for message, fields in known_fields(NEWEST_BACKEND).items():
+        descriptor = None
+        for file in files.values():
+            try:
+                descriptor = file.pool.FindMessageTypeByName(f"{file.package}.{message}")
+                break
+            except KeyError:
+                continue
+        assert descriptor is not None, f"{message} is in no installed proto"
+        assert set(fields) == {f.json_name for f in descriptor.fields}, message
+
+
+def test_an_unsupported_backend_is_refused(tmp_path) -> None:
+    result = CliRunner().invoke(pipeline_app, ["compile", "--out", str(tmp_path / "p.yaml"), "--kfp-backend", "2.5"])
+    assert result.exit_code == EXIT_USER_ERROR and "2.14" in result.output and not (tmp_path / "p.yaml").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# submit / schedule: namespace and service account reach KFP's API (v2beta1)
+# ------------------------------------------------------------------------------------------
+
+class KfpApi:
+    """KFP's REST API (v2beta1) as far as kfp.Client's run and recurring-run calls use it: it
+    records each request and answers what the real API server returns."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0) or 0)) or b"{}")
+                api.requests.append((self.command, self.path.split("?")[0], body))
+                path = self.path.split("?")[0]
+                answers = {
+                    ("GET", "/apis/v2beta1/healthz"): {"multi_user": True},
+                    ("GET", "/apis/v2beta1/experiments"): {"experiments": []},
+                    ("POST", "/apis/v2beta1/experiments"): {"experiment_id": "e-1", **body},
+                    ("POST", "/apis/v2beta1/runs"): {"run_id": "r-1", **body},
+                    ("POST", "/apis/v2beta1/recurringruns"): {"recurring_run_id": "rr-1", **body},
+                }
+                answer = answers.get((self.command, path))
+                data = json.dumps(answer if answer is not None else {"error": "not found"}).encode()
+                self.send_response(200 if answer is not None else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def posted(self, path: str) -> dict:
+        (body,) = [b for method, p, b in self.requests if method == "POST" and p == path]
+        return body
+
+
+@pytest.fixture
+def kfp_api():
+    api = KfpApi()
+    yield api
+    api.httpd.shutdown()
+    api.httpd.server_close()
+
+
+def test_submit_sends_the_profile_namespace_and_service_account(kfp_api) -> None:
+    result = CliRunner().invoke(pipeline_app, [
+        "submit", "--host", kfp_api.host, "--namespace", "kubeflow-user-example-com",
+        "--service-account", "default-editor", "--run-name", "try-1", "-p", "fid_threshold=10.0"])
+    assert result.exit_code == 0, result.output
+    assert kfp_api.posted("/apis/v2beta1/experiments") == {"display_name": "maskdit",
+                                                           "namespace": "kubeflow-user-example-com"}
+    run = kfp_api.posted("/apis/v2beta1/runs")
+    assert run["service_account"] == "default-editor" and run["experiment_id"] == "e-1"
+    assert run["runtime_config"]["parameters"] == {"fid_threshold": 10.0}
+
+
+def test_standalone_submit_names_no_namespace_and_keeps_kfps_service_account(kfp_api) -> None:
+    result = CliRunner().invoke(pipeline_app, ["submit", "--host", kfp_api.host])
+    assert result.exit_code == 0, result.output
+    assert kfp_api.posted("/apis/v2beta1/experiments")["namespace"] == "", "single-user KFP: no namespace"
+    assert "service_account" not in kfp_api.posted("/apis/v2beta1/runs"), "KFP's own default (pipeline-runner)"
+
+
+def test_schedule_sends_the_namespace_and_service_account(kfp_api) -> None:
+    result = CliRunner().invoke(pipeline_app, [
+        "schedule", "--cron", "0 0 3 * * 0", "--host", kfp_api.host, "--namespace", "team-a",
+        "--service-account", "maskdit-runner"])
+    assert result.exit_code == 0, result.output
+    assert kfp_api.posted("/apis/v2beta1/experiments")["namespace"] == "team-a"
+    recurring = kfp_api.posted("/apis/v2beta1/recurringruns")
+    assert recurring["service_account"] == "maskdit-runner" and recurring["max_concurrency"] in (1, "1")
+    assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
