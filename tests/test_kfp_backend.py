@@ -1,5 +1,5 @@
 """Compiling for a KFP backend version: the YAML for each supported version uses only fields that
-version's protos know (pipelines/kfp_backend.py), and `maskdit pipeline submit|schedule` send
+version's protos know (pipelines/kfp_backend.py), and `maskdit-pipeline submit|schedule` send
 the namespace and service account that the k8s/ overlays prepare."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pipelines.maskdit_pipeline import PIPELINE_YAML
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict[str, str]:
-    """`maskdit pipeline compile --kfp-backend V` for every supported V: version -> YAML text."""
+    """`maskdit-pipeline compile --kfp-backend V` for every supported V: version -> YAML text."""
     out = {}
     for version in SUPPORTED_BACKENDS:
         path = tmp_path_factory.mktemp("kfp") / f"pipeline-{version}.yaml"

@@ -30,9 +30,9 @@ def _parse(text):
 
 
 def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch):
-    assert PIPELINE_YAML.exists(), "run `maskdit pipeline compile` and commit pipelines/maskdit_pipeline.yaml"
+    assert PIPELINE_YAML.exists(), "run `maskdit-pipeline compile` and commit pipelines/maskdit_pipeline.yaml"
     assert _compiled(tmp_path, monkeypatch) == PIPELINE_YAML.read_text(), (
-        "pipelines/maskdit_pipeline.yaml is out of date with the code: run `maskdit pipeline compile`")
+        "pipelines/maskdit_pipeline.yaml is out of date with the code: run `maskdit-pipeline compile`")
 
 
 def test_spec_parses_and_wires_the_dag(tmp_path, monkeypatch):
