@@ -63,7 +63,7 @@ class MasterLog(threading.Thread):
         self._restarts = 0
         self._hwm: int | None = None  # the last time stamp seen (ns), and the lines seen at it
         self._at_hwm: collections.Counter[str] = collections.Counter()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._lock = threading.Lock()
         self._response = None
         self._last_notice = ""
@@ -74,21 +74,26 @@ class MasterLog(threading.Thread):
 
     # --- the thread ---
     def run(self) -> None:
+        final_tries = 3
         while True:
-            final = self._stop.is_set()
+            final = self._halt.is_set()
+            settled = True
             try:
-                self._pass(follow=not final)
+                settled = self._pass(follow=not final)
             except Exception as error:
                 self._notice(f"the master's log: {describe(error)}")
             if final:
-                self._spool.flush()
-                return
-            self._stop.wait(self.poll_s)
+                final_tries -= 1
+                if settled or not final_tries:
+                    self._spool.flush()
+                    return
+            elif settled:
+                self._halt.wait(self.poll_s)
 
     def finish(self, timeout: float) -> None:
         """Stop following (cut the open stream), let the thread catch up on the last lines, wait for it."""
         with self._lock:
-            self._stop.set()
+            self._halt.set()
             if self._response is not None:
                 try:
                     self._response.shutdown()
@@ -119,15 +124,17 @@ class MasterLog(threading.Thread):
             print(f"[launcher] {text}", file=self.out, flush=True)
 
     # --- one look at the master ---
-    def _pass(self, follow: bool) -> None:
+    def _master(self) -> dict | None:
         pods = self.calls.list_pods(MASTER_SELECTOR.format(name=self.job), until=self.until)
-        if not pods:
-            return
-        pod = pods[0]
-        status = _container_status(pod) or {}
+        return pods[0] if pods else None
+
+    def _pass(self, follow: bool) -> bool:
+        """Read what is new in the master's log (following it while it runs); False if it changed meanwhile."""
+        pod = self._master()
+        status = _container_status(pod or {}) or {}
         state, last = status.get("state") or {}, status.get("lastState") or {}
         if not ("running" in state or "terminated" in state or "terminated" in last):
-            return  # not started yet
+            return True  # no master, or not started yet
         name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
         if uid != self._uid:
             if self._uid:
@@ -139,28 +146,34 @@ class MasterLog(threading.Thread):
             if self.lines:
                 self._notice(f"master container of {name} restarted ({restarts} restarts): continuing its log")
             try:
-                self._read(name, previous=True, follow=False)
+                if not self._read(name, (uid, restarts), previous=True, follow=False):
+                    return False
             except Exception as error:
                 if http_status(error) != 400:  # 400: no previous container kept (restarted twice since)
                     raise
             self._restarts = restarts
-        self._read(name, previous=False, follow=follow and "running" in state)
+        return self._read(name, (uid, restarts), previous=False, follow=follow and "running" in state)
 
-    def _read(self, pod: str, previous: bool, follow: bool) -> None:
+    def _read(self, pod: str, expect: tuple[str, int], previous: bool, follow: bool) -> bool:
+        """Read one container's log from the last time stamp seen; False (nothing read) if the master is no
+        longer the (uid, restartCount) `expect`ed: the log opened may be another container's than assumed."""
         query = [("container", CONTAINER), ("timestamps", "true")]
         query += [("previous", "true")] if previous else []
         query += [("follow", "true")] if follow else []
         query += [("sinceTime", _since(self._hwm))] if self._hwm is not None else []
         response = self.calls.open_log(pod, query, until=self.until,
                                        idle_s=self.calls.call_timeout_s * IDLE_FACTOR if follow else None)
-        with self._lock:
-            if follow and self._stop.is_set():
-                response.release_conn()
-                return
-            self._response = response
-        replay = collections.Counter(self._at_hwm)
-        buffer = b""
         try:
+            now = self._master()
+            if now is None or (now["metadata"]["uid"], (_container_status(now) or {}).get("restartCount", 0)) != expect:
+                return False
+            if follow:  # published, so that finish() can cut it
+                with self._lock:
+                    if self._halt.is_set():
+                        return True
+                    self._response = response
+            replay = collections.Counter(self._at_hwm)
+            buffer = b""
             for chunk in response.stream(64 * 1024):
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
@@ -168,6 +181,7 @@ class MasterLog(threading.Thread):
                     self._accept(pod, raw.decode("utf-8", "replace"), replay)
             if buffer:  # a clean end without a final newline: the last line is whole
                 self._accept(pod, buffer.decode("utf-8", "replace"), replay)
+            return True
         finally:  # a cut stream raises here: its half line is dropped, the next read starts at its time stamp
             with self._lock:
                 self._response = None

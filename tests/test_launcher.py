@@ -173,11 +173,14 @@ def test_transient_and_permanent_errors():
     import urllib3
     from kubernetes.client.exceptions import ApiException
 
-    def wrapped(error):  # as the Training SDK wraps an ApiException
+    def wrapped(error):  # as the Training SDK wraps an ApiException: `raise RuntimeError(...)` in `except`
         try:
-            raise error
-        except Exception as e:
-            return RuntimeError(f"Failed: {e}")
+            try:
+                raise error
+            except Exception as e:
+                raise RuntimeError(f"Failed: {e}")  # noqa: B904 - the SDK's way
+        except RuntimeError as outer:
+            return outer
 
     assert is_transient(TimeoutError("Timeout to get PyTorchJob: default/x"))  # the SDK's slow get_job
     assert is_transient(urllib3.exceptions.ReadTimeoutError(None, "/x", "Read timed out."))
@@ -225,7 +228,7 @@ def test_a_flapping_api_is_ridden_out(k8s_api, api, ckpt, capsys):
     lines = [f"step {i}" for i in range(30)]
     k8s_api.script(NAME, JobScript(["Created", "Running", "Running", "Running", "Succeeded"], lines))
     k8s_api.inject(Fault(every=3, status=500),  # every third request: etcd leader change
-                   Fault(every=4, status=429),
+                   Fault(every=4, status=429, times=1),  # Retry-After: 1
                    Fault(method="GET", path="/pods$", every=5, drop="before"),  # connection reset
                    Fault(method="POST", drop="after", times=1))  # created, but the answer is lost
     result = _run(_job(ckpt), api)
