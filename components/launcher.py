@@ -36,6 +36,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,6 +62,7 @@ DEADLINE_ANNOTATION = "maskdit/deadline"
 JOB_SELECTOR = "training.kubeflow.org/job-name={name}"
 IMAGE_UID = 10001  # the image's user (docker/Dockerfile ARG UID)
 OWNER_ENV = ("MASKDIT_POD_NAME", "MASKDIT_POD_UID", "MASKDIT_POD_NAMESPACE")  # the step pod (downward API)
+TERMINATED_CLEANUP_S = 20.0  # after SIGTERM, within the step pod's default 30 s grace period
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 Backend = Literal["kubernetes", "local"]
@@ -83,6 +86,34 @@ class JobTimeout(LaunchError):
 
 class DeadlinePassed(JobTimeout):
     """An earlier try of this step reached the deadline: the job is not started again."""
+
+
+class StepTerminated(LaunchError):
+    """The step itself got SIGTERM (KFP Terminate, its pod evicted or deleted): the job was deleted."""
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so that no retry loop swallows it."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While inside, the first SIGTERM raises `_Terminated` in the main thread (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:  # a second SIGTERM must not cut the cleanup the first one started
+            fired.append(signum)
+            raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -460,35 +491,47 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
     incidents = _Incidents(out)
     failure, cause = None, ""
     delete = timed_out = False
-    try:
-        if time.monotonic() >= deadline:
-            raise OutOfTime("the deadline had passed before this try started", None)
-        deadline = _create_or_attach(calls, manifest, namespace, deadline, out)
-        follower.until = deadline + cleanup_s
-        follower.start()
-        conditions = _wait(calls, name, namespace, deadline, poll_s, pending_timeout_s, incidents, out)
-        if "Failed" in conditions:
-            cond = conditions["Failed"]
-            failure, cause = JobFailed, f"PyTorchJob {namespace}/{name} failed: {cond.get('reason')}: {cond.get('message')}"
-    except OutOfTime as error:
-        delete = timed_out = True
-        failure, cause = JobTimeout, (
-            f"PyTorchJob {namespace}/{name} did not finish by the step's deadline ({_iso(deadline_at)}, "
-            f"{timeout_s:.0f}s after the step first started it; {error}): deleted it, and a retry of this step will "
-            f"not start it again (marker {deadline_marker(job)}). Raise the step's timeout or check the cluster.")
-    except _Stuck as stuck:
-        delete = True
-        failure, cause = JobPending, (f"PyTorchJob {namespace}/{name} cannot run: {stuck}; deleted it. Free or add "
-                                      f"the resources, fix the pod's spec, or raise pending_timeout_s.")
-    finally:
-        until = time.monotonic() + cleanup_s
-        follower.finish(timeout=cleanup_s / 2)
-        log_uris = save_replica_logs(calls, job, namespace, follower, until=until) if follower.started else {}
-        follower.close()
-    if timed_out:
-        _mark_deadline_passed(job)  # before deleting: a retry that starts now already sees it
-    if delete:
-        cause += _delete_job(calls, name, until=until)
+    budget = cleanup_s
+    with _sigterm_raises():
+        try:
+            if time.monotonic() >= deadline:
+                raise OutOfTime("the deadline had passed before this try started", None)
+            deadline = _create_or_attach(calls, manifest, namespace, deadline, out)
+            follower.until = deadline + cleanup_s
+            follower.start()
+            conditions = _wait(calls, name, namespace, deadline, poll_s, pending_timeout_s, incidents, out)
+            if "Failed" in conditions:
+                cond = conditions["Failed"]
+                failure, cause = JobFailed, (f"PyTorchJob {namespace}/{name} failed: {cond.get('reason')}: "
+                                             f"{cond.get('message')}")
+        except OutOfTime as error:
+            delete = timed_out = True
+            failure, cause = JobTimeout, (
+                f"PyTorchJob {namespace}/{name} did not finish by the step's deadline ({_iso(deadline_at)}, "
+                f"{timeout_s:.0f}s after the step first started it; {error}): deleted it, and a retry of this step "
+                f"will not start it again (marker {deadline_marker(job)}). Raise the step's timeout or check the "
+                f"cluster.")
+        except _Stuck as stuck:
+            delete = True
+            failure, cause = JobPending, (f"PyTorchJob {namespace}/{name} cannot run: {stuck}; deleted it. Free or "
+                                          f"add the resources, fix the pod's spec, or raise pending_timeout_s.")
+        except _Terminated:
+            # the step pod's grace period is short (30 s by default): delete first, then save what logs remain
+            budget = min(cleanup_s, TERMINATED_CLEANUP_S)
+            failure, cause = StepTerminated, (
+                f"the step got SIGTERM (KFP Terminate, or its pod was evicted or deleted): deleted PyTorchJob "
+                f"{namespace}/{name}, whose pods checkpoint on SIGTERM; a retry of this step starts it again and it "
+                f"resumes from the checkpoints in {job.checkpoint_uri}")
+            cause += _delete_job(calls, name, until=time.monotonic() + budget / 2)
+        finally:
+            until = time.monotonic() + budget
+            follower.finish(timeout=budget / 2)
+            log_uris = save_replica_logs(calls, job, namespace, follower, until=until) if follower.started else {}
+            follower.close()
+        if timed_out:
+            _mark_deadline_passed(job)  # before deleting: a retry that starts now already sees it
+        if delete:
+            cause += _delete_job(calls, name, until=until)
     tail = follower.tail()
     if failure is not None:
         pods = f"\npods:{incidents}" if incidents.seen else ""

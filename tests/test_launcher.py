@@ -1,7 +1,10 @@
 """The PyTorchJob launcher against a stand-in API server (tests/fixtures/k8s_api.py) on a bad day, and locally."""
 
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from components.launcher import (
     JobTimeout,
     LaunchError,
     LaunchResult,
+    StepTerminated,
     TrainJob,
     build_pytorchjob,
     deadline_marker,
@@ -344,6 +348,26 @@ def test_a_retry_keeps_the_first_tries_deadline(k8s_api, api, ckpt):
     with pytest.raises(JobTimeout, match="2020-01-01T00:00:00Z"):
         _run(job, api, timeout_s=3600)
     assert k8s_api.jobs == {} and _posts(k8s_api) == 0
+
+
+def test_sigterm_to_the_step_deletes_the_job(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
+
+    def ignore(signum, frame):  # without the launcher's own handler SIGTERM changes nothing: the test times out
+        pass
+
+    previous = signal.signal(signal.SIGTERM, ignore)
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # KFP Terminate: Argo stops the step
+        with pytest.raises(StepTerminated, match="got SIGTERM .* deleted PyTorchJob") as info:
+            _run(_job(ckpt), api, timeout_s=5.0)
+        assert signal.getsignal(signal.SIGTERM) is ignore  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "could NOT" not in str(info.value)
+    assert k8s_api.jobs == {} and ("DELETE", JOB_PATH) in k8s_api.requests
+    assert _saved(ckpt, f"{NAME}-master-0") == ["step 1"]
+    assert json.loads(Path(deadline_marker(_job(ckpt))).read_text())["passed_at"] is None  # a retry may start it
 
 
 def test_a_retried_step_attaches_to_the_existing_job(k8s_api, api, ckpt, capsys):
