@@ -142,6 +142,11 @@ class Calls:
         return self.call("list PyTorchJobs", self.custom.list_namespaced_custom_object, GROUP, VERSION,
                          self.namespace, PLURAL, label_selector=selector, until=until).get("items", [])
 
+    def patch_job(self, name: str, patch: dict, *, until: float) -> dict:
+        """A JSON merge patch (give `metadata.resourceVersion` to make it conditional: 409 if stale)."""
+        return self.call(f"patch PyTorchJob {name}", self.custom.patch_namespaced_custom_object,
+                         GROUP, VERSION, self.namespace, PLURAL, name, patch, until=until)
+
     def delete_job(self, name: str, *, until: float) -> None:
         self.call(f"delete PyTorchJob {name}", self.custom.delete_namespaced_custom_object,
                   GROUP, VERSION, self.namespace, PLURAL, name, until=until)

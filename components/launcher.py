@@ -558,7 +558,32 @@ def _create_or_attach(calls: Calls, manifest: dict, namespace: str, deadline: fl
     theirs = (existing["metadata"].get("annotations") or {}).get(DEADLINE_ANNOTATION)
     if theirs:
         deadline = min(deadline, time.monotonic() + (_epoch(theirs) - time.time()))
+    for owner in manifest["metadata"].get("ownerReferences") or []:
+        _add_owner(calls, existing, owner, deadline, out)
     return deadline
+
+
+def _add_owner(calls: Calls, job: dict, owner: dict, deadline: float, out) -> None:
+    """Make this try's pod an owner of the job too: the job then lives while any try's pod does."""
+    name = job["metadata"]["name"]
+    for _ in range(5):  # a conflicting writer (the operator updating the job) makes the patch stale: read again
+        owners = job["metadata"].get("ownerReferences") or []
+        if any(o.get("uid") == owner["uid"] for o in owners):
+            return
+        patch = {"metadata": {"ownerReferences": [*owners, owner],
+                              "resourceVersion": job["metadata"]["resourceVersion"]}}
+        try:
+            calls.patch_job(name, patch, until=deadline)
+            return
+        except OutOfTime:
+            raise
+        except Exception as error:
+            if http_status(error) != 409:
+                print(f"[launcher] could not add this step's pod as an owner of {name} ({api_message(error)}; "
+                      f"the Role needs 'patch' on pytorchjobs): it stays owned by the earlier try's pod",
+                      file=out, flush=True)
+                return
+        job = calls.get_job(name, until=deadline)
 
 
 def delete_run_jobs(run_id: str, api, namespace: str | None = None, *, call_timeout_s: float = 30.0,

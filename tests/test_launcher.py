@@ -389,6 +389,19 @@ def test_the_job_is_owned_by_the_step_pod(k8s_api, api, ckpt, monkeypatch):
         "uid": "0b5e6a1c-1111-2222-3333-444455556666", "controller": False, "blockOwnerDeletion": False}]
 
 
+def test_a_retried_step_adds_its_pod_as_an_owner(k8s_api, api, ckpt, monkeypatch):
+    first = {"apiVersion": "v1", "kind": "Pod", "name": "try-1", "uid": "uid-1", "controller": False,
+             "blockOwnerDeletion": False}
+    k8s_api.add_job(build_pytorchjob(_job(ckpt), owner=first))
+    monkeypatch.setenv("MASKDIT_POD_NAME", "try-2")
+    monkeypatch.setenv("MASKDIT_POD_UID", "uid-2")
+    monkeypatch.setenv("MASKDIT_POD_NAMESPACE", "default")
+    k8s_api.inject(Fault(method="PATCH", status=409, times=1))  # someone else wrote the job meanwhile
+    _run(_job(ckpt), api)
+    owners = k8s_api.jobs[("default", NAME)]["metadata"]["ownerReferences"]
+    assert [o["uid"] for o in owners] == ["uid-1", "uid-2"]  # GC deletes the job only once both pods are gone
+
+
 def test_no_owner_outside_a_pod_or_across_namespaces(k8s_api, api, ckpt, monkeypatch, capsys):
     for key in ("MASKDIT_POD_NAME", "MASKDIT_POD_UID", "MASKDIT_POD_NAMESPACE"):
         monkeypatch.delenv(key, raising=False)
