@@ -432,7 +432,7 @@ def _wait(calls: Calls, name: str, namespace: str, deadline: float, poll_s: floa
             if http_status(error) == 404:
                 raise JobFailed(f"PyTorchJob {namespace}/{name} was deleted while this step waited for it (by hand, "
                                 f"by the run's cleanup, or by garbage collection after the step's pod went away)")
-            raise LaunchError(f"lost track of PyTorchJob {namespace}/{name}: {api_message(error)}") from error
+            raise
         conditions = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
         pods = calls.list_pods(JOB_SELECTOR.format(name=name), until=deadline)
         incidents.note(pods)
@@ -523,6 +523,12 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
                 f"{namespace}/{name}, whose pods checkpoint on SIGTERM; a retry of this step starts it again and it "
                 f"resumes from the checkpoints in {job.checkpoint_uri}")
             cause += _delete_job(calls, name, until=time.monotonic() + budget / 2)
+        except LaunchError:
+            raise
+        except Exception as error:
+            if http_status(error) is None:
+                raise  # not the API's answer: a bug, keep its traceback
+            failure, cause = LaunchError, f"lost track of PyTorchJob {namespace}/{name}: {api_message(error)}"
         finally:
             until = time.monotonic() + budget
             follower.finish(timeout=budget / 2)

@@ -257,6 +257,20 @@ def test_a_permanent_error_fails_at_once(k8s_api, api, ckpt):
     assert _posts(k8s_api) == 1
 
 
+def test_a_permanent_error_while_waiting_fails_with_the_servers_words(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
+    k8s_api.inject(Fault(method="GET", path="/pods$", every=3, status=403))  # e.g. the Role lost 'list pods'
+    with pytest.raises(LaunchError, match=r"lost track of PyTorchJob default/.*HTTP 403 Forbidden"):
+        _run(_job(ckpt), api)
+
+
+def test_a_job_deleted_by_someone_else_is_reported(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
+    threading.Timer(0.5, k8s_api.remove_job, (NAME,)).start()
+    with pytest.raises(JobFailed, match="was deleted while this step waited for it"):
+        _run(_job(ckpt), api)
+
+
 def test_an_invalid_manifest_is_rejected_by_the_api(k8s_api, api, ckpt):
     with pytest.raises(LaunchError, match=r"could not create .*HTTP 422 Invalid: .*requests.cpu: 'lots'"):
         _run(_job(ckpt, cpu_request="lots"), api)  # not a Kubernetes quantity
