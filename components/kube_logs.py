@@ -52,10 +52,9 @@ def _container_status(pod: dict) -> dict | None:
 class MasterLog(threading.Thread):
     """Follows the job's current master pod; prints `[pod] line`, spools every line once, keeps the tail."""
 
-    def __init__(self, calls: Calls, job: str, namespace: str, *, poll_s: float, tail_lines: int, until: float,
-                 out):
+    def __init__(self, calls: Calls, job: str, *, poll_s: float, tail_lines: int, until: float, out):
         super().__init__(daemon=True, name=f"log-{job}")
-        self.calls, self.job, self.namespace, self.poll_s, self.out = calls, job, namespace, poll_s, out
+        self.calls, self.job, self.poll_s, self.out = calls, job, poll_s, out
         self.pod_name = ""
         self.lines = 0
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
@@ -230,7 +229,7 @@ def _read_all(calls: Calls, pod: dict, until: float) -> bytes:
     return b"".join(parts)
 
 
-def save_replica_logs(calls: Calls, job, namespace: str, follower: MasterLog, until: float) -> dict[str, str]:
+def save_replica_logs(calls: Calls, job, follower: MasterLog, until: float) -> dict[str, str]:
     """Save every replica's log to `<checkpoint_uri>/logs/<pod>.log` (atomic writes); return pod -> URI.
 
     The master's comes from the follower (every container and pod it followed); a failure to read or save

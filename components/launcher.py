@@ -9,12 +9,13 @@ holds it): every call has its own timeout and retries transient failures (connec
 5xx, timeouts) with exponential backoff and jitter until the step's deadline; permanent ones (400,
 403, 404, 422) fail at once with the API server's message (components/kube_calls.py).
 
-  claim the deadline (a marker beside the checkpoints keeps it across step retries) -> create
-  (HTTP 409 = a retried step: attach) -> follow the master's log across restarts (components/
-  kube_logs.py) -> poll the job and its pods until Succeeded/Failed, a pod Pending too long, or
-  the deadline -> save every replica's log beside the checkpoints -> on the deadline or a stuck
-  pod delete the job -> return a `LaunchResult`, or raise with the cause, the pods' OOM kills /
-  evictions and the master's last log lines.
+  claim the deadline (a marker beside the checkpoints keeps it across step retries) -> create,
+  owned by the step's pod (HTTP 409 = a retried step: attach, and add its pod as an owner) ->
+  follow the master's log across restarts (components/kube_logs.py) -> poll the job and its pods
+  until Succeeded/Failed, a pod Pending too long, the deadline, or SIGTERM to the step -> save
+  every replica's log beside the checkpoints -> on the deadline, a stuck pod or SIGTERM delete the
+  job -> return a `LaunchResult`, or raise with the cause, the pods' OOM kills / evictions, where
+  the logs are and the master's last lines. docs/operating.md says what each event and KFP action does.
 `delete_run_jobs(run_id)` removes every job labelled with a pipeline run id (the ExitHandler step).
 
 Local backend: `torchrun --standalone --nproc-per-node N --no-python maskdit train ...` as a
@@ -486,8 +487,7 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
               f"(Kubernetes would garbage-collect the job at once); the run's cleanup step deletes it", file=out)
     manifest = build_pytorchjob(job, owner=owner, deadline=_iso(deadline_at))
     deadline = time.monotonic() + (deadline_at - time.time())
-    follower = MasterLog(calls, name, namespace, poll_s=poll_s, tail_lines=tail_lines, until=deadline + cleanup_s,
-                         out=out)
+    follower = MasterLog(calls, name, poll_s=poll_s, tail_lines=tail_lines, until=deadline + cleanup_s, out=out)
     incidents = _Incidents(out)
     failure, cause = None, ""
     delete = timed_out = False
@@ -532,7 +532,7 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
         finally:
             until = time.monotonic() + budget
             follower.finish(timeout=budget / 2)
-            log_uris = save_replica_logs(calls, job, namespace, follower, until=until) if follower.started else {}
+            log_uris = save_replica_logs(calls, job, follower, until=until) if follower.started else {}
             follower.close()
         if timed_out:
             _mark_deadline_passed(job)  # before deleting: a retry that starts now already sees it
