@@ -142,10 +142,12 @@ def test_the_job_meets_the_restricted_pod_security_standard():
     pod = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     pod["securityContext"] = {"runAsUser": 0}
     pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
-    pod["containers"][0]["securityContext"] = {"capabilities": {"add": ["SYS_ADMIN"]}}
+    pod["containers"][0]["securityContext"] = {"capabilities": {"add": ["SYS_ADMIN"]},
+                                               "appArmorProfile": {"type": "Unconfined"}}
     found = "\n".join(restricted_violations(pod))
     for rule in ("runAsUser: must not be 0", "hostPath", "allowPrivilegeEscalation", "runAsNonRoot must be true",
-                 "seccompProfile.type must be", "drop: must include ALL", "only NET_BIND_SERVICE"):
+                 "seccompProfile.type must be", "drop: must include ALL", "only NET_BIND_SERVICE",
+                 "appArmorProfile.type: must not be Unconfined"):
         assert rule in found
 
 
