@@ -1,13 +1,21 @@
 """Launch a distributed `maskdit train` run: as a Kubeflow PyTorchJob, or locally with torchrun.
 
 The pretrain and tune pipeline steps are light pods that call `launch(...)`; the training itself
-runs in the PyTorchJob's pods (Training Operator, kubeflow.org/v1), one `torchrun` per node.
+runs in the PyTorchJob's pods (Training Operator, kubeflow.org/v1), one `torchrun` per node
+(through `maskdit.elastic`, which maps the workers' exit codes for `restartPolicy: ExitCode`).
 
-Kubernetes backend, through the Kubeflow Training SDK (`kubeflow-training` 1.9, whose
-`TrainingClient` wraps the kubernetes client's CustomObjectsApi / CoreV1Api):
-  create (HTTP 409 = a retried step: attach to the job already there) -> stream the master's log
-  -> wait for Succeeded/Failed with a timeout (on timeout delete the job) -> on failure raise with
-  the job's reason/message and the master's last log lines.
+Kubernetes backend, through the kubernetes client (the Kubeflow Training SDK's `TrainingClient`
+holds it): every call has its own timeout and retries transient failures (connection errors, 429,
+5xx, timeouts) with exponential backoff and jitter until the step's deadline; permanent ones (400,
+403, 404, 422) fail at once with the API server's message (components/kube_calls.py).
+
+  claim the deadline (a marker beside the checkpoints keeps it across step retries) -> create,
+  owned by the step's pod (HTTP 409 = a retried step: attach, and add its pod as an owner) ->
+  follow the master's log across restarts (components/kube_logs.py) -> poll the job and its pods
+  until Succeeded/Failed, a pod Pending too long, the deadline, or SIGTERM to the step -> save
+  every replica's log beside the checkpoints -> on the deadline, a stuck pod or SIGTERM delete the
+  job -> return a `LaunchResult`, or raise with the cause, the pods' OOM kills / evictions, where
+  the logs are and the master's last lines. docs/operating.md says what each event and KFP action does.
 `delete_run_jobs(run_id)` removes every job labelled with a pipeline run id (the ExitHandler step).
 
 Local backend: `torchrun --standalone --nproc-per-node N --no-python maskdit train ...` as a
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -25,17 +34,37 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
+
+from components.kube_calls import (
+    Calls,
+    OutOfTime,
+    api_message,
+    http_status,
+)
+from components.kube_logs import MasterLog, save_replica_logs
+from maskdit import storage
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
 RUN_ID_LABEL = "pipeline/runid"  # the label KFP itself puts on a run's pods
 STEP_LABEL = "maskdit/step"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CHECKPOINT_ANNOTATION = "maskdit/checkpoint-uri"
-MASTER_SELECTOR = "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master"
+DEADLINE_ANNOTATION = "maskdit/deadline"
+JOB_SELECTOR = "training.kubeflow.org/job-name={name}"
+IMAGE_UID = 10001  # the image's user (docker/Dockerfile ARG UID)
+OWNER_ENV = ("MASKDIT_POD_NAME", "MASKDIT_POD_UID", "MASKDIT_POD_NAMESPACE")  # the step pod (downward API)
+TERMINATED_CLEANUP_S = 20.0  # after SIGTERM, within the step pod's default 30 s grace period
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 Backend = Literal["kubernetes", "local"]
 
@@ -48,8 +77,44 @@ class JobFailed(LaunchError):
     pass
 
 
+class JobPending(JobFailed):
+    """A pod of the job stayed Pending (unschedulable, image not pulled, ...) past `pending_timeout_s`."""
+
+
 class JobTimeout(LaunchError):
     pass
+
+
+class DeadlinePassed(JobTimeout):
+    """An earlier try of this step reached the deadline: the job is not started again."""
+
+
+class StepTerminated(LaunchError):
+    """The step itself got SIGTERM (KFP Terminate, its pod evicted or deleted): the job was deleted."""
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so that no retry loop swallows it."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While inside, the first SIGTERM raises `_Terminated` in the main thread (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:  # a second SIGTERM must not cut the cleanup the first one started
+            fired.append(signum)
+            raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -58,9 +123,15 @@ class TrainJob:
 
     command: what each process runs, e.g. ["maskdit", "train", "--config", "...", "key=value"];
     torchrun (started once per node) runs it `gpus_per_node` times (at least once).
-    checkpoint_uri: where the run writes (and resumes) its checkpoints; recorded on the job.
+    checkpoint_uri: where the run writes (and resumes) its checkpoints; the launcher keeps its deadline marker
+    (`launcher/deadline.json`) and the replicas' logs (`logs/<pod>.log`) there too.
+    Resources per node, sized for a 96-vCPU / 680 GiB 8xA100 node with headroom for the kubelet and daemon
+    sets; `cpu_limit` "" = no CPU limit. The /dev/shm emptyDir counts against `memory_limit`.
     secrets / config_maps: names of Kubernetes Secrets / ConfigMaps whose keys become environment
     variables (S3 credentials, MLflow address and credentials).
+    backoff_limit: restarts of the job (retryable exit codes, evictions) before it fails.
+    queue_name: a Kueue LocalQueue to admit the job through ("" = no Kueue).
+    priority_class_name: the pods' PriorityClass ("" = the cluster's default).
     """
 
     step: str
@@ -70,8 +141,10 @@ class TrainJob:
     checkpoint_uri: str
     nodes: int = 1
     gpus_per_node: int = 8
-    cpu: str = "64"
-    memory: str = "900Gi"
+    cpu_request: str = "80"
+    cpu_limit: str = "92"
+    memory_request: str = "600Gi"
+    memory_limit: str = "640Gi"
     shm_size: str = "64Gi"
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)
@@ -79,12 +152,16 @@ class TrainJob:
     secrets: list[str] = field(default_factory=list)
     config_maps: list[str] = field(default_factory=list)
     backoff_limit: int = 3
+    queue_name: str = ""
+    priority_class_name: str = ""
 
     def __post_init__(self):
         if self.nodes < 1:
             raise ValueError(f"nodes={self.nodes}: a PyTorchJob needs at least one node")
         if self.gpus_per_node < 0:
             raise ValueError(f"gpus_per_node={self.gpus_per_node}: use 0 for CPU-only nodes")
+        if self.backoff_limit < 0:
+            raise ValueError(f"backoff_limit={self.backoff_limit}: use 0 for no restarts")
         if not self.command:
             raise ValueError("command is empty: pass the maskdit command to run, e.g. ['maskdit', 'train', ...]")
 
@@ -95,6 +172,16 @@ class TrainJob:
     @property
     def name(self) -> str:
         return job_name(self.step, self.run_id)
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """What a finished launch leaves: the job, where every replica's log was saved, the master's last lines."""
+
+    job: str
+    namespace: str  # "" for the local backend
+    log_uris: dict[str, str]  # pod (or "local") -> URI of its saved log
+    tail: str
 
 
 def label_value(text: str) -> str:
@@ -109,22 +196,33 @@ def job_name(step: str, run_id: str) -> str:
     return f"maskdit-{label_value(step).lower()[:30]}-{digest}"
 
 
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _epoch(iso: str) -> float:
+    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+
+
 # --------------------------------------------------------------------------------------------
 # The manifest
 # --------------------------------------------------------------------------------------------
 
 def _container(job: TrainJob) -> dict:
-    resources = {"cpu": job.cpu, "memory": job.memory}
+    requests = {"cpu": job.cpu_request, "memory": job.memory_request}
+    limits = {"memory": job.memory_limit, **({"cpu": job.cpu_limit} if job.cpu_limit else {})}
     if job.gpus_per_node:
-        resources["nvidia.com/gpu"] = str(job.gpus_per_node)
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(job.gpus_per_node)
     container = {
         "name": CONTAINER,
         "image": job.image,
         "imagePullPolicy": "IfNotPresent",
-        # nnodes, node rank, nproc per node and the master address come from the operator (PET_* env)
-        "command": ["torchrun", "--no-python", *job.command],
+        # torchrun's wrapper: nnodes, node rank, nproc per node and the master address come from the operator
+        # (PET_* env); worker exit codes become 2 (user error: no restart) or 143 (retryable)
+        "command": ["python", "-m", "maskdit.elastic", "--no-python", *job.command],
         "env": [{"name": k, "value": v} for k, v in sorted(job.env.items())],
-        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "resources": {"requests": requests, "limits": limits},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
     }
     env_from = [{"configMapRef": {"name": c}} for c in job.config_maps]
@@ -136,6 +234,9 @@ def _container(job: TrainJob) -> dict:
 
 def _replica(job: TrainJob, replicas: int) -> dict:
     pod_spec = {
+        "automountServiceAccountToken": False,  # training talks to S3 and MLflow, never to the API server
+        "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID,
+                            "fsGroup": IMAGE_UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [_container(job)],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.shm_size}}],
     }
@@ -143,9 +244,13 @@ def _replica(job: TrainJob, replicas: int) -> dict:
         pod_spec["nodeSelector"] = dict(job.node_selector)
     if job.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in job.tolerations]
+    if job.priority_class_name:
+        pod_spec["priorityClassName"] = job.priority_class_name
     return {
         "replicas": replicas,
-        "restartPolicy": "OnFailure",  # a preempted node resumes from the last checkpoint
+        # exit codes 1-127 (a user error: 2) fail the job at once; 128-255 (143: SIGTERM, preemption) and
+        # evictions restart the pod, which resumes from the last checkpoint (up to backoffLimit times)
+        "restartPolicy": "ExitCode",
         "template": {
             "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}, "labels": _labels(job)},
             "spec": pod_spec,
@@ -158,19 +263,44 @@ def _labels(job: TrainJob) -> dict[str, str]:
             STEP_LABEL: label_value(job.step)}
 
 
-def build_pytorchjob(job: TrainJob) -> dict:
-    """The PyTorchJob (kubeflow.org/v1) for `job`: a Master, plus `nodes - 1` Workers."""
+def step_pod_owner(namespace: str, environ=os.environ) -> dict | None:
+    """An ownerReference to the step's own pod (from MASKDIT_POD_NAME/_UID/_NAMESPACE), or None.
+
+    None outside a pod (local runs), and when the pod runs in another namespace than the job: Kubernetes
+    treats a cross-namespace owner as absent and would garbage-collect the job at once.
+    """
+    name, uid, pod_namespace = (environ.get(k, "") for k in OWNER_ENV)
+    if not (name and uid):
+        return None
+    if not pod_namespace and SERVICE_ACCOUNT_NAMESPACE.is_file():
+        pod_namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    if pod_namespace != namespace:
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid,
+            "controller": False, "blockOwnerDeletion": False}
+
+
+def build_pytorchjob(job: TrainJob, *, owner: dict | None = None, deadline: str = "") -> dict:
+    """The PyTorchJob (kubeflow.org/v1) for `job`: a Master, plus `nodes - 1` Workers.
+
+    owner: an ownerReference (see `step_pod_owner`); deadline: when the launcher deletes the job (UTC, ISO).
+    """
     replica_specs = {"Master": _replica(job, 1)}
     if job.nodes > 1:
         replica_specs["Worker"] = _replica(job, job.nodes - 1)
+    labels = _labels(job)
+    if job.queue_name:
+        labels[QUEUE_LABEL] = job.queue_name
+    annotations = {CHECKPOINT_ANNOTATION: job.checkpoint_uri, "sidecar.istio.io/inject": "false"}
+    if deadline:
+        annotations[DEADLINE_ANNOTATION] = deadline
+    metadata = {"name": job.name, "labels": labels, "annotations": annotations}
+    if owner:
+        metadata["ownerReferences"] = [owner]
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {
-            "name": job.name,
-            "labels": _labels(job),
-            "annotations": {CHECKPOINT_ANNOTATION: job.checkpoint_uri, "sidecar.istio.io/inject": "false"},
-        },
+        "metadata": metadata,
         "spec": {
             "nprocPerNode": str(job.procs_per_node),
             # cleanPodPolicy None keeps the finished pods, so their logs stay readable
@@ -181,6 +311,40 @@ def build_pytorchjob(job: TrainJob) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# The deadline, kept across step retries
+# --------------------------------------------------------------------------------------------
+
+def deadline_marker(job: TrainJob) -> str:
+    return storage.join(job.checkpoint_uri, "launcher", "deadline.json")
+
+
+def _claim_deadline(job: TrainJob, namespace: str, timeout_s: float) -> float:
+    """The step's deadline (epoch seconds): an earlier try's, else now + timeout_s (recorded). Refuses after one."""
+    uri = deadline_marker(job)
+    if storage.exists(uri):
+        marker = json.loads(storage.get_bytes(uri))
+        if marker.get("passed_at"):
+            raise DeadlinePassed(
+                f"PyTorchJob {marker['namespace']}/{marker['job']} reached its deadline ({marker['timeout_s']:.0f}s, "
+                f"at {marker['deadline']}) in an earlier try of this step and was deleted at {marker['passed_at']}; "
+                f"not starting it again. Its checkpoints stay in {job.checkpoint_uri}. To train on, start a new run "
+                f"with a larger timeout, or delete {uri} to give this run a new deadline.")
+        return _epoch(marker["deadline"])
+    deadline = time.time() + timeout_s
+    marker = {"job": job.name, "namespace": namespace, "timeout_s": timeout_s, "deadline": _iso(deadline),
+              "passed_at": None}
+    storage.put_bytes(uri, json.dumps(marker, indent=1).encode())
+    return deadline
+
+
+def _mark_deadline_passed(job: TrainJob) -> None:
+    uri = deadline_marker(job)
+    marker = json.loads(storage.get_bytes(uri))
+    marker["passed_at"] = _iso(time.time())
+    storage.put_bytes(uri, json.dumps(marker, indent=1).encode())
+
+
+# --------------------------------------------------------------------------------------------
 # Kubernetes backend
 # --------------------------------------------------------------------------------------------
 
@@ -188,144 +352,259 @@ def training_client(namespace: str | None = None, configuration=None):
     """A Kubeflow `TrainingClient`: in-cluster credentials in a pod, else ~/.kube/config.
 
     `configuration` (a kubernetes.client.Configuration) overrides both, e.g. for a stand-in server.
+    urllib3's own silent retries are turned off: the launcher retries, with backoff, within its deadline.
     """
+    import copy
+
     from kubeflow.training import TrainingClient
-    from kubernetes import config
+    from kubernetes import client, config
 
     if configuration is None:
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()
+            config.load_incluster_config()  # re-reads the rotated service-account token
         else:
             config.load_kube_config()
-        from kubernetes import client
-
         configuration = client.Configuration.get_default_copy()
+    else:
+        configuration = copy.deepcopy(configuration)
+    configuration.retries = False
     kwargs = {"namespace": namespace} if namespace else {}
     return TrainingClient(client_configuration=configuration, job_kind=KIND, **kwargs)
 
 
-def _http_status(error: BaseException) -> int | None:
-    while error is not None:
-        if getattr(error, "status", None) is not None:
-            return error.status
-        error = error.__cause__
-    return None
+@dataclass
+class _Incidents:
+    """OOM kills, evictions and failed containers of the job's pods, each reported once."""
+
+    out: object
+    seen: dict[tuple, str] = field(default_factory=dict)
+
+    def note(self, pods: list[dict]) -> None:
+        for pod in pods:
+            meta, status = pod["metadata"], pod.get("status") or {}
+            name = meta["name"]
+            if status.get("reason") == "Evicted":
+                self._add((meta["uid"], "evicted"), f"pod {name}: Evicted: {status.get('message', '')}")
+            for c in status.get("containerStatuses") or []:
+                for ended in ((c.get("lastState") or {}).get("terminated"), (c.get("state") or {}).get("terminated")):
+                    if not ended or ended.get("exitCode", 0) == 0:
+                        continue
+                    key = (meta["uid"], ended.get("containerID") or ended.get("finishedAt"))
+                    self._add(key, f"pod {name}: container {c['name']} {ended.get('reason') or 'failed'} "
+                                   f"(exit code {ended['exitCode']}, {c.get('restartCount', 0)} restarts)")
+
+    def _add(self, key: tuple, text: str) -> None:
+        if key not in self.seen:
+            self.seen[key] = text
+            print(f"[launcher] {text}", file=self.out, flush=True)
+
+    def __str__(self) -> str:
+        return "".join(f"\n  {text}" for text in self.seen.values())
 
 
-def _api_message(error: BaseException) -> str:
-    """The API server's own words for a failed request (its Status message), else the error text."""
-    cause = error
-    while cause is not None and getattr(cause, "body", None) is None:
-        cause = cause.__cause__
-    try:
-        status = json.loads(cause.body)
-        return f"HTTP {status['code']} {status['reason']}: {status['message']}"
-    except Exception:
-        return str(error)
+def _pending_reason(pod: dict) -> str:
+    """Why a Pending pod does not run: the scheduler's message, else its container's waiting reason."""
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return f"{cond.get('reason', 'Unschedulable')}: {cond.get('message', '')}"
+    for c in status.get("containerStatuses") or []:
+        waiting = (c.get("state") or {}).get("waiting")
+        if waiting:
+            return f"container {c['name']} waiting: {waiting.get('reason', '')} {waiting.get('message', '')}".strip()
+    return "not scheduled yet"
 
 
-def _master_pod(api, name: str, namespace: str):
-    pods = api.core_api.list_namespaced_pod(namespace, label_selector=MASTER_SELECTOR.format(name=name)).items
-    return pods[0] if pods else None
+class _Stuck(Exception):
+    pass
 
 
-def tail_master_log(api, name: str, namespace: str, lines: int = 50) -> str:
-    """The last `lines` lines of the master pod's training container ('' when there is no pod yet)."""
-    try:
-        pod = _master_pod(api, name, namespace)
-        if pod is None or (pod.status and pod.status.phase == "Pending"):
-            return ""
-        return api.core_api.read_namespaced_pod_log(pod.metadata.name, namespace, container=CONTAINER,
-                                                    tail_lines=lines)
-    except Exception as e:  # the log is diagnostics: never hide the job's own outcome behind it
-        return f"(could not read the master's log of {namespace}/{name}: {e})"
-
-
-def _stream_master_log(api, name: str, namespace: str, stop: threading.Event, out) -> None:
-    """Print the master's log as it is written (follows the pod from Running to its end)."""
-    from kubernetes import watch
-
-    while not stop.is_set():
+def _wait(calls: Calls, name: str, namespace: str, deadline: float, poll_s: float, pending_timeout_s: float,
+          incidents: _Incidents, out) -> dict:
+    """Poll the job until it is Succeeded or Failed; return its True conditions by type."""
+    pending_since: dict[str, float] = {}
+    queued = False
+    while True:
         try:
-            pod = _master_pod(api, name, namespace)
-        except Exception:
-            pod = None
-        if pod is not None and pod.status and pod.status.phase not in (None, "Pending"):
-            break
-        stop.wait(1.0)
-    else:
-        return
+            job = calls.get_job(name, until=deadline)
+        except OutOfTime:
+            raise
+        except Exception as error:
+            if http_status(error) == 404:
+                raise JobFailed(f"PyTorchJob {namespace}/{name} was deleted while this step waited for it (by hand, "
+                                f"by the run's cleanup, or by garbage collection after the step's pod went away)")
+            raise
+        conditions = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+        pods = calls.list_pods(JOB_SELECTOR.format(name=name), until=deadline)
+        incidents.note(pods)
+        if "Succeeded" in conditions or "Failed" in conditions:
+            return conditions
+        if "Suspended" in conditions and not queued:
+            queued = True
+            print(f"[launcher] PyTorchJob {namespace}/{name} is suspended (queued by Kueue): waiting", file=out,
+                  flush=True)
+        now = time.monotonic()
+        pending = {p["metadata"]["uid"]: p for p in pods if (p.get("status") or {}).get("phase") == "Pending"}
+        pending_since = {uid: pending_since.get(uid, now) for uid in pending}
+        for uid, since in pending_since.items():
+            if now - since > pending_timeout_s:
+                pod = pending[uid]
+                raise _Stuck(f"pod {pod['metadata']['name']} has been Pending for more than {pending_timeout_s:.0f}s: "
+                             f"{_pending_reason(pod)}")
+        if now >= deadline:
+            raise OutOfTime("waiting for the job", None)
+        time.sleep(min(poll_s, max(deadline - now, 0.0)))
+
+
+def _delete_job(calls: Calls, name: str, until: float) -> str:
+    """Delete the job (retrying); '' when done or already gone, else why it could not be deleted."""
     try:
-        for line in watch.Watch().stream(api.core_api.read_namespaced_pod_log, name=pod.metadata.name,
-                                         namespace=namespace, container=CONTAINER):
-            print(f"[{pod.metadata.name}] {line}", file=out, flush=True)
-            if stop.is_set():
-                return
-    except Exception as e:
-        print(f"[launcher] log stream of {pod.metadata.name} ended: {e}", file=out, flush=True)
+        calls.delete_job(name, until=until)
+    except Exception as error:
+        if http_status(error) != 404:
+            return (f"; it could NOT be deleted ({api_message(error)}): delete it by hand with "
+                    f"kubectl -n {calls.namespace} delete pytorchjob {name}")
+    return ""
 
 
 def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_s: float = 86400.0,
-                      poll_s: float = 15.0, tail_lines: int = 50, out=None) -> str:
-    """Run `job` as a PyTorchJob through `api` (a TrainingClient) and return the master's log tail."""
-    from kubeflow.training import models
-    from kubeflow.training.api_client import ApiClient
-    from kubeflow.training.utils.utils import FakeResponse
-
+                      poll_s: float = 15.0, *, pending_timeout_s: float = 3600.0, call_timeout_s: float = 30.0,
+                      backoff_s: float = 1.0, cleanup_s: float = 120.0, tail_lines: int = 50,
+                      out=None) -> LaunchResult:
+    """Run `job` as a PyTorchJob through `api` (a TrainingClient); see the module docstring."""
     out = out or sys.stdout
     namespace = namespace or api.namespace
-    manifest = build_pytorchjob(job)
-    body = ApiClient().deserialize(FakeResponse(manifest), models.KubeflowOrgV1PyTorchJob)
+    name = job.name
+    calls = Calls(api, namespace, call_timeout_s=call_timeout_s, backoff_s=backoff_s, out=out)
     try:
-        api.create_job(job=body, namespace=namespace)
-        print(f"[launcher] created PyTorchJob {namespace}/{job.name}", file=out, flush=True)
-    except RuntimeError as e:
-        if _http_status(e) != 409:
-            raise LaunchError(f"could not create PyTorchJob {namespace}/{job.name}: {_api_message(e)}") from e
-        print(f"[launcher] PyTorchJob {namespace}/{job.name} already exists (a retried step): attaching",
-              file=out, flush=True)
+        deadline_at = _claim_deadline(job, namespace, timeout_s)
+    except DeadlinePassed:
+        _delete_job(calls, name, until=time.monotonic() + cleanup_s)  # a leftover of the earlier try
+        raise
+    owner = step_pod_owner(namespace)
+    if owner is None and os.environ.get(OWNER_ENV[0]):
+        print(f"[launcher] not setting an ownerReference: the step's pod is not in namespace {namespace} "
+              f"(Kubernetes would garbage-collect the job at once); the run's cleanup step deletes it", file=out)
+    manifest = build_pytorchjob(job, owner=owner, deadline=_iso(deadline_at))
+    deadline = time.monotonic() + (deadline_at - time.time())
+    follower = MasterLog(calls, name, poll_s=poll_s, tail_lines=tail_lines, until=deadline + cleanup_s, out=out)
+    incidents = _Incidents(out)
+    failure, cause = None, ""
+    delete = timed_out = False
+    budget = cleanup_s
+    with _sigterm_raises():
+        try:
+            if time.monotonic() >= deadline:
+                raise OutOfTime("the deadline had passed before this try started", None)
+            deadline = _create_or_attach(calls, manifest, namespace, deadline, out)
+            follower.until = deadline + cleanup_s
+            follower.start()
+            conditions = _wait(calls, name, namespace, deadline, poll_s, pending_timeout_s, incidents, out)
+            if "Failed" in conditions:
+                cond = conditions["Failed"]
+                failure, cause = JobFailed, (f"PyTorchJob {namespace}/{name} failed: {cond.get('reason')}: "
+                                             f"{cond.get('message')}")
+        except OutOfTime as error:
+            delete = timed_out = True
+            failure, cause = JobTimeout, (
+                f"PyTorchJob {namespace}/{name} did not finish by the step's deadline ({_iso(deadline_at)}, "
+                f"{timeout_s:.0f}s after the step first started it; {error}): deleted it, and a retry of this step "
+                f"will not start it again (marker {deadline_marker(job)}). Raise the step's timeout or check the "
+                f"cluster.")
+        except _Stuck as stuck:
+            delete = True
+            failure, cause = JobPending, (f"PyTorchJob {namespace}/{name} cannot run: {stuck}; deleted it. Free or "
+                                          f"add the resources, fix the pod's spec, or raise pending_timeout_s.")
+        except _Terminated:
+            # the step pod's grace period is short (30 s by default): delete first, then save what logs remain
+            budget = min(cleanup_s, TERMINATED_CLEANUP_S)
+            failure, cause = StepTerminated, (
+                f"the step got SIGTERM (KFP Terminate, or its pod was evicted or deleted): deleted PyTorchJob "
+                f"{namespace}/{name}, whose pods checkpoint on SIGTERM; a retry of this step starts it again and it "
+                f"resumes from the checkpoints in {job.checkpoint_uri}")
+            cause += _delete_job(calls, name, until=time.monotonic() + budget / 2)
+        except LaunchError:
+            raise
+        except Exception as error:
+            if http_status(error) is None:
+                raise  # not the API's answer: a bug, keep its traceback
+            failure, cause = LaunchError, f"lost track of PyTorchJob {namespace}/{name}: {api_message(error)}"
+        finally:
+            until = time.monotonic() + budget
+            follower.finish(timeout=budget / 2)
+            log_uris = save_replica_logs(calls, job, follower, until=until) if follower.started else {}
+            follower.close()
+        if timed_out:
+            _mark_deadline_passed(job)  # before deleting: a retry that starts now already sees it
+        if delete:
+            cause += _delete_job(calls, name, until=until)
+    tail = follower.tail()
+    if failure is not None:
+        pods = f"\npods:{incidents}" if incidents.seen else ""
+        logs = "".join(f"\n  {uri}" for uri in log_uris.values()) or " (none saved)"
+        raise failure(f"{cause}{pods}\nlogs:{logs}\nlast {tail_lines} lines of the master's log:\n{tail}")
+    print(f"[launcher] PyTorchJob {namespace}/{name} succeeded", file=out, flush=True)
+    return LaunchResult(job=name, namespace=namespace, log_uris=log_uris, tail=tail)
 
-    stop = threading.Event()
-    streamer = threading.Thread(target=_stream_master_log, args=(api, job.name, namespace, stop, out), daemon=True)
-    streamer.start()
+
+def _create_or_attach(calls: Calls, manifest: dict, namespace: str, deadline: float, out) -> float:
+    """Create the job, or attach to the one an earlier try created; return the (maybe earlier) deadline."""
+    name = manifest["metadata"]["name"]
     try:
-        result = api.wait_for_job_conditions(job.name, namespace, expected_conditions={"Succeeded", "Failed"},
-                                             wait_timeout=timeout_s, polling_interval=poll_s)
-    except TimeoutError as e:
-        stop.set()
-        tail = tail_master_log(api, job.name, namespace, tail_lines)
-        api.delete_job(job.name, namespace)
-        raise JobTimeout(f"PyTorchJob {namespace}/{job.name} did not finish within {timeout_s:.0f}s and was "
-                         f"deleted; raise the step's timeout or check the cluster. Last log lines:\n{tail}") from e
-    except RuntimeError as e:
-        stop.set()
-        raise LaunchError(f"lost track of PyTorchJob {namespace}/{job.name}: {_api_message(e)}") from e
-    finally:
-        streamer.join(timeout=5.0)
-        stop.set()
-
-    conditions = {c.type: c for c in (result.status.conditions or []) if c.status == "True"}
-    tail = tail_master_log(api, job.name, namespace, tail_lines)
-    if "Failed" in conditions:
-        cond = conditions["Failed"]
-        raise JobFailed(f"PyTorchJob {namespace}/{job.name} failed: {cond.reason}: {cond.message}\n"
-                        f"last {tail_lines} lines of the master's log:\n{tail}")
-    print(f"[launcher] PyTorchJob {namespace}/{job.name} succeeded", file=out, flush=True)
-    return tail
+        calls.create_job(manifest, until=deadline)
+        print(f"[launcher] created PyTorchJob {namespace}/{name}", file=out, flush=True)
+        return deadline
+    except OutOfTime:
+        raise
+    except Exception as error:
+        if http_status(error) != 409:
+            raise LaunchError(f"could not create PyTorchJob {namespace}/{name}: {api_message(error)}") from error
+    print(f"[launcher] PyTorchJob {namespace}/{name} already exists (a retried step): attaching", file=out, flush=True)
+    existing = calls.get_job(name, until=deadline)
+    theirs = (existing["metadata"].get("annotations") or {}).get(DEADLINE_ANNOTATION)
+    if theirs:
+        deadline = min(deadline, time.monotonic() + (_epoch(theirs) - time.time()))
+    for owner in manifest["metadata"].get("ownerReferences") or []:
+        _add_owner(calls, existing, owner, deadline, out)
+    return deadline
 
 
-def delete_run_jobs(run_id: str, api, namespace: str | None = None) -> list[str]:
-    """Delete every PyTorchJob labelled with pipeline run `run_id`; return their names."""
-    namespace = namespace or api.namespace
-    listed = api.custom_api.list_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, label_selector=f"{RUN_ID_LABEL}={label_value(run_id)}")
-    names = [item["metadata"]["name"] for item in listed.get("items", [])]
+def _add_owner(calls: Calls, job: dict, owner: dict, deadline: float, out) -> None:
+    """Make this try's pod an owner of the job too: the job then lives while any try's pod does."""
+    name = job["metadata"]["name"]
+    for _ in range(5):  # a conflicting writer (the operator updating the job) makes the patch stale: read again
+        owners = job["metadata"].get("ownerReferences") or []
+        if any(o.get("uid") == owner["uid"] for o in owners):
+            return
+        patch = {"metadata": {"ownerReferences": [*owners, owner],
+                              "resourceVersion": job["metadata"]["resourceVersion"]}}
+        try:
+            calls.patch_job(name, patch, until=deadline)
+            return
+        except OutOfTime:
+            raise
+        except Exception as error:
+            if http_status(error) != 409:
+                print(f"[launcher] could not add this step's pod as an owner of {name} ({api_message(error)}; "
+                      f"the Role needs 'patch' on pytorchjobs): it stays owned by the earlier try's pod",
+                      file=out, flush=True)
+                return
+        job = calls.get_job(name, until=deadline)
+
+
+def delete_run_jobs(run_id: str, api, namespace: str | None = None, *, call_timeout_s: float = 30.0,
+                    budget_s: float = 300.0) -> list[str]:
+    """Delete every PyTorchJob labelled with pipeline run `run_id` (retrying for `budget_s`); return their names."""
+    calls = Calls(api, namespace or api.namespace, call_timeout_s=call_timeout_s)
+    until = time.monotonic() + budget_s
+    names = [item["metadata"]["name"] for item in calls.list_jobs(f"{RUN_ID_LABEL}={label_value(run_id)}", until=until)]
     for name in names:
         try:
-            api.delete_job(name, namespace)
-        except RuntimeError as e:
-            if _http_status(e) != 404:  # already gone is what we wanted
-                raise
+            calls.delete_job(name, until=until)
+        except Exception as error:
+            if http_status(error) != 404:  # already gone is what we wanted
+                raise LaunchError(f"could not delete PyTorchJob {calls.namespace}/{name}: {api_message(error)}") \
+                    from error
     return names
 
 
@@ -340,14 +619,15 @@ def _executable(name: str) -> str:
 
 
 def local_command(job: TrainJob, nproc: int) -> list[str]:
-    """The torchrun command that runs `job` on this machine with `nproc` processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    """The torchrun command that runs `job` on this machine with `nproc` processes (via maskdit.elastic if there)."""
+    runner = "maskdit.elastic" if importlib.util.find_spec("maskdit.elastic") else "torch.distributed.run"
+    return [sys.executable, "-m", runner, "--standalone", f"--nproc-per-node={nproc}",
             "--no-python", _executable(job.command[0]), *job.command[1:]]
 
 
 def launch_local(job: TrainJob, nproc: int = 1, timeout_s: float = 86400.0, tail_lines: int = 50,
-                 out=None) -> str:
-    """Run `job` with torchrun here, streaming its output; return the last `tail_lines` lines."""
+                 out=None) -> LaunchResult:
+    """Run `job` with torchrun here, streaming its output; save it as `<checkpoint_uri>/logs/local.log`."""
     out = out or sys.stdout
     cmd = local_command(job, nproc)
     print(f"[launcher] {' '.join(cmd)}", file=out, flush=True)
@@ -363,35 +643,42 @@ def launch_local(job: TrainJob, nproc: int = 1, timeout_s: float = 86400.0, tail
 
     timer = threading.Timer(timeout_s, kill)
     timer.start()
-    try:
-        for line in proc.stdout:
-            print(line, end="", file=out, flush=True)
-            tail.append(line.rstrip("\n"))
-        code = proc.wait()
-    finally:
-        timer.cancel()
+    with tempfile.TemporaryDirectory() as tmp:
+        spool = Path(tmp, "local.log")
+        try:
+            with open(spool, "w") as saved:
+                for line in proc.stdout:
+                    print(line, end="", file=out, flush=True)
+                    saved.write(line)
+                    tail.append(line.rstrip("\n"))
+            code = proc.wait()
+        finally:
+            timer.cancel()
+        log_uris = {}
+        uri = storage.join(job.checkpoint_uri, "logs", "local.log")
+        try:
+            storage.put_file(spool, uri)
+            log_uris["local"] = uri
+        except Exception as error:  # the log is diagnostics: never hide the job's own outcome behind it
+            print(f"[launcher] could not save the log to {uri}: {error}", file=out, flush=True)
     text = "\n".join(tail)
     if timed_out.is_set():
         raise JobTimeout(f"local training job {job.name} did not finish within {timeout_s:.0f}s and was killed. "
                          f"Last log lines:\n{text}")
     if code != 0:
         raise JobFailed(f"local training job {job.name} failed (exit code {code}). Last log lines:\n{text}")
-    return text
+    return LaunchResult(job=job.name, namespace="", log_uris=log_uris, tail=text)
 
 
 def launch(job: TrainJob, backend: Backend = "kubernetes", *, namespace: str | None = None,
-           timeout_s: float = 86400.0, local_nproc: int = 1, api=None, poll_s: float = 15.0) -> str:
-    """Run `job` on `backend` and return the tail of its (master's) log."""
+           timeout_s: float = 86400.0, local_nproc: int = 1, api=None, poll_s: float = 15.0,
+           pending_timeout_s: float = 3600.0, call_timeout_s: float = 30.0, backoff_s: float = 1.0,
+           cleanup_s: float = 120.0, tail_lines: int = 50, out=None) -> LaunchResult:
+    """Run `job` on `backend`; return where its logs are and the master's last lines (raise on failure)."""
     if backend == "kubernetes":
-        return launch_kubernetes(job, api or training_client(namespace), namespace, timeout_s, poll_s)
+        return launch_kubernetes(job, api or training_client(namespace), namespace, timeout_s, poll_s,
+                                 pending_timeout_s=pending_timeout_s, call_timeout_s=call_timeout_s,
+                                 backoff_s=backoff_s, cleanup_s=cleanup_s, tail_lines=tail_lines, out=out)
     if backend == "local":
-        return launch_local(job, local_nproc, timeout_s)
+        return launch_local(job, local_nproc, timeout_s, tail_lines, out)
     raise ValueError(f"backend={backend!r}: use 'kubernetes' (a PyTorchJob) or 'local' (torchrun here)")
-
-
-def last_line(log: str) -> str:
-    """The last non-empty line of a log (the `maskdit train` result: the final checkpoint URI)."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    if not lines:
-        raise LaunchError("the training job printed nothing: expected the final checkpoint URI as its last line")
-    return lines[-1]

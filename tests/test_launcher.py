@@ -1,34 +1,51 @@
-"""The PyTorchJob launcher against a stand-in API server (tests/fixtures/k8s_api.py) and locally."""
+"""The PyTorchJob launcher against a stand-in API server (tests/fixtures/k8s_api.py) on a bad day, and locally."""
 
+import json
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
 
 import pytest
+import yaml
 
+from components.kube_calls import is_transient
+from components.kube_logs import stamp_ns
 from components.launcher import (
     CONTAINER,
+    DEADLINE_ANNOTATION,
+    QUEUE_LABEL,
     RUN_ID_LABEL,
+    DeadlinePassed,
     JobFailed,
+    JobPending,
     JobTimeout,
     LaunchError,
+    LaunchResult,
+    StepTerminated,
     TrainJob,
     build_pytorchjob,
+    deadline_marker,
     delete_run_jobs,
     job_name,
     label_value,
-    last_line,
     launch,
     launch_local,
     training_client,
 )
-from fixtures.k8s_api import JobScript, crd_validator, manifest_errors
+from fixtures.k8s_api import UNSCHEDULABLE, Fault, JobScript, crd_validator, manifest_errors, restricted_violations
 
 RUN_ID = "3f2c9a1e-7b4d-4c55-9d0e-1a2b3c4d5e6f"
+NAME = job_name("pretrain", RUN_ID)
+JOB_PATH = f"/apis/kubeflow.org/v1/namespaces/default/pytorchjobs/{NAME}"
+FAST = dict(timeout_s=20.0, poll_s=0.01, call_timeout_s=0.5, backoff_s=0.01, cleanup_s=10.0)
 
 
-def _job(**overrides) -> TrainJob:
+def _job(checkpoint_uri="s3://b/ckpt", **overrides) -> TrainJob:
     fields = dict(step="pretrain", run_id=RUN_ID, image="registry.example/maskdit:0.1.0",
                   command=["maskdit", "train", "--config", "imagenet256_pretrain.yaml", "run.out=s3://b/ckpt"],
-                  checkpoint_uri="s3://b/ckpt", node_selector={"nvidia.com/gpu.present": "true"},
+                  checkpoint_uri=str(checkpoint_uri), node_selector={"nvidia.com/gpu.present": "true"},
                   tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                   secrets=["maskdit-s3", "maskdit-mlflow"], config_maps=["maskdit-config"], env={"MASKDIT_PARENT_RUN_ID": "abc"})
     fields.update(overrides)
@@ -40,9 +57,25 @@ def api(k8s_api):
     return training_client(namespace="default", configuration=k8s_api.configuration())
 
 
-def _run(job, api, **kwargs):
-    kwargs = {"timeout_s": 5.0, "poll_s": 0.05, **kwargs}
-    return launch(job, "kubernetes", namespace="default", api=api, **kwargs)
+@pytest.fixture
+def ckpt(tmp_path):
+    return tmp_path / "ckpt"
+
+
+def _run(job, api, **kwargs) -> LaunchResult:
+    return launch(job, "kubernetes", namespace="default", api=api, **{**FAST, **kwargs})
+
+
+def _saved(ckpt: Path, pod: str) -> list[str]:
+    return (ckpt / "logs" / f"{pod}.log").read_text().splitlines()
+
+
+def _printed(text: str, pod: str) -> list[str]:
+    return [line.split("] ", 1)[1] for line in text.splitlines() if line.startswith(f"[{pod}] ")]
+
+
+def _posts(k8s_api) -> int:
+    return sum(1 for m, p in k8s_api.requests if m == "POST")
 
 
 # --- the manifest ---
@@ -53,24 +86,69 @@ def test_manifest_is_valid_against_the_crd(nodes, gpus):
     assert manifest_errors(manifest, crd_validator()) == []
     spec = manifest["spec"]
     assert spec["nprocPerNode"] == str(max(gpus, 1))
+    assert spec["runPolicy"]["backoffLimit"] == 3
     assert spec["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
     assert spec["pytorchReplicaSpecs"].get("Worker", {}).get("replicas", 0) == nodes - 1
+    for replica in spec["pytorchReplicaSpecs"].values():
+        assert replica["restartPolicy"] == "ExitCode"
     pod = spec["pytorchReplicaSpecs"]["Master"]["template"]
     assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
     (container,) = pod["spec"]["containers"]
     assert container["name"] == CONTAINER
-    assert container["command"][:2] == ["torchrun", "--no-python"]
-    assert container["command"][2:4] == ["maskdit", "train"]
-    assert (container["resources"]["limits"].get("nvidia.com/gpu") == str(gpus)) if gpus else \
-        "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert container["command"][:5] == ["python", "-m", "maskdit.elastic", "--no-python", "maskdit"]
+    resources = container["resources"]
+    assert resources["requests"]["cpu"] == "80" and resources["limits"]["cpu"] == "92"
+    assert resources["requests"]["memory"] == "600Gi" and resources["limits"]["memory"] == "640Gi"
+    assert (resources["limits"].get("nvidia.com/gpu") == resources["requests"].get("nvidia.com/gpu") == str(gpus)) \
+        if gpus else "nvidia.com/gpu" not in resources["limits"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["spec"]["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert container["envFrom"] == [{"configMapRef": {"name": "maskdit-config"}},
                                     {"secretRef": {"name": "maskdit-s3"}}, {"secretRef": {"name": "maskdit-mlflow"}}]
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "priorityClassName" not in pod["spec"] and QUEUE_LABEL not in manifest["metadata"]["labels"]
     assert manifest["metadata"]["labels"][RUN_ID_LABEL] == RUN_ID
     assert manifest["metadata"]["annotations"]["maskdit/checkpoint-uri"] == "s3://b/ckpt"
+    assert "ownerReferences" not in manifest["metadata"]
+
+
+def test_manifest_options_for_shared_clusters():
+    manifest = build_pytorchjob(_job(nodes=2, queue_name="team-a", priority_class_name="training-low", backoff_limit=7,
+                                     cpu_limit="", cpu_request="8", memory_request="64Gi", memory_limit="80Gi"),
+                                deadline="2030-01-01T00:00:00Z")
+    assert manifest_errors(manifest, crd_validator()) == []
+    assert manifest["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+    assert manifest["metadata"]["annotations"][DEADLINE_ANNOTATION] == "2030-01-01T00:00:00Z"
+    assert manifest["spec"]["runPolicy"]["backoffLimit"] == 7
+    for replica in manifest["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["priorityClassName"] == "training-low"
+        resources = pod["containers"][0]["resources"]
+        assert resources["requests"]["cpu"] == "8" and "cpu" not in resources["limits"]
+        assert resources["requests"]["memory"] == "64Gi" and resources["limits"]["memory"] == "80Gi"
+
+
+def test_the_job_meets_the_restricted_pod_security_standard():
+    manifest = build_pytorchjob(_job(nodes=3))
+    for replica in manifest["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert restricted_violations(pod) == []
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == 10001
+    static = yaml.safe_load((Path(__file__).parents[1] / "k8s/steps/pytorchjob.yaml").read_text())
+    assert restricted_violations(static["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]) == []
+    # the checker itself catches what the profile forbids
+    pod = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    pod["securityContext"] = {"runAsUser": 0}
+    pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    pod["containers"][0]["securityContext"] = {"capabilities": {"add": ["SYS_ADMIN"]},
+                                               "appArmorProfile": {"type": "Unconfined"}}
+    found = "\n".join(restricted_violations(pod))
+    for rule in ("runAsUser: must not be 0", "hostPath", "allowPrivilegeEscalation", "runAsNonRoot must be true",
+                 "seccompProfile.type must be", "drop: must include ALL", "only NET_BIND_SERVICE",
+                 "appArmorProfile.type: must not be Unconfined"):
+        assert rule in found
 
 
 def test_a_wrong_manifest_fails_validation():
@@ -91,63 +169,274 @@ def test_names_and_labels_are_valid_and_stable():
 def test_invalid_parameters_are_named():
     with pytest.raises(ValueError, match="nodes=0"):
         _job(nodes=0)
+    with pytest.raises(ValueError, match="backoff_limit=-1"):
+        _job(backoff_limit=-1)
     with pytest.raises(ValueError, match="backend='slurm'"):
         launch(_job(), "slurm")
 
 
-# --- the Kubernetes path, through the real kubernetes client and Training SDK ---
+def test_transient_and_permanent_errors():
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
 
-def test_success_returns_the_master_log_and_streams_it(k8s_api, api, capsys):
-    k8s_api.script(job_name("pretrain", RUN_ID),
-                   JobScript(["Created", "Running", "Running", "Succeeded"], ["step 1", "step 2", "s3://b/ckpt/final.pt"]))
-    log = _run(_job(), api)
-    assert last_line(log) == "s3://b/ckpt/final.pt"
+    def wrapped(error):  # as the Training SDK wraps an ApiException: `raise RuntimeError(...)` in `except`
+        try:
+            try:
+                raise error
+            except Exception as e:
+                raise RuntimeError(f"Failed: {e}")  # noqa: B904 - the SDK's way
+        except RuntimeError as outer:
+            return outer
+
+    assert is_transient(TimeoutError("Timeout to get PyTorchJob: default/x"))  # the SDK's slow get_job
+    assert is_transient(urllib3.exceptions.ReadTimeoutError(None, "/x", "Read timed out."))
+    assert is_transient(urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset")))
+    assert is_transient(wrapped(ApiException(status=503))) and is_transient(ApiException(status=429))
+    for status in (400, 403, 404, 409, 422):
+        assert not is_transient(wrapped(ApiException(status=status)))
+    assert stamp_ns("2026-01-02T03:04:05.5Z") == stamp_ns("2026-01-02T04:04:05.500000000+01:00") \
+        == stamp_ns("2026-01-02T03:04:05Z") + 500_000_000
+
+
+# --- the Kubernetes path, through the real kubernetes client ---
+
+def test_success_saves_every_replicas_log_and_returns_where(k8s_api, api, ckpt, capsys):
+    lines = [f"step {i}" for i in range(20)]
+    k8s_api.script(NAME, JobScript(["Created", "Running", "Running", "Succeeded"], lines,
+                                   worker_lines=["worker says hi"]))
+    result = _run(_job(ckpt, nodes=2), api)
+    master, worker = f"{NAME}-master-0", f"{NAME}-worker-0"
+    assert result.job == NAME and result.namespace == "default"
+    assert result.tail.splitlines() == lines
+    assert set(result.log_uris) == {master, worker}
+    assert Path(result.log_uris[master]) == ckpt / "logs" / f"{master}.log"
+    assert _saved(ckpt, master) == lines and _saved(ckpt, worker) == ["worker says hi"]
     printed = capsys.readouterr().out
     assert "created PyTorchJob default/" in printed and "succeeded" in printed
-    assert "step 1" in printed  # streamed from the master pod
-    posted = [p for m, p in k8s_api.requests if m == "POST"]
-    assert posted == ["/apis/kubeflow.org/v1/namespaces/default/pytorchjobs"]
+    assert _printed(printed, master) == lines  # streamed from the master pod as it ran
+    assert _posts(k8s_api) == 1
 
 
-def test_failure_surfaces_reason_and_last_log_lines(k8s_api, api):
-    k8s_api.script(job_name("pretrain", RUN_ID), JobScript(
+def test_failure_surfaces_reason_and_last_log_lines(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(
         ["Created", "Running", "Failed"], [f"line {i}" for i in range(100)] + ["RuntimeError: CUDA out of memory"],
         reason="PyTorchJobFailed", message="PyTorchJob maskdit-pretrain is failed because 1 Master replica(s) failed."))
     with pytest.raises(JobFailed) as info:
-        _run(_job(), api)
+        _run(_job(ckpt), api)
     text = str(info.value)
     assert "PyTorchJobFailed" in text and "1 Master replica(s) failed" in text
     assert "CUDA out of memory" in text and "line 99" in text and "line 10\n" not in text  # only the tail
+    assert f"logs/{NAME}-master-0.log" in text and len(_saved(ckpt, f"{NAME}-master-0")) == 101
+    assert k8s_api.jobs  # a failed job is kept for inspection (the run's cleanup removes it)
 
 
-def test_timeout_deletes_the_job(k8s_api, api):
-    k8s_api.script(job_name("pretrain", RUN_ID), JobScript(["Created", "Running"], ["step 1"]))
-    with pytest.raises(JobTimeout, match="did not finish within"):
-        _run(_job(), api, timeout_s=0.5)
+def test_a_flapping_api_is_ridden_out(k8s_api, api, ckpt, capsys):
+    lines = [f"step {i}" for i in range(30)]
+    k8s_api.script(NAME, JobScript(["Created", "Running", "Running", "Running", "Succeeded"], lines))
+    k8s_api.inject(Fault(every=3, status=500),  # every third request: etcd leader change
+                   Fault(every=4, status=429, times=1),  # Retry-After: 1
+                   Fault(method="GET", path="/pods$", every=5, drop="before"),  # connection reset
+                   Fault(method="POST", drop="after", times=1))  # created, but the answer is lost
+    result = _run(_job(ckpt), api)
+    assert result.tail.splitlines() == lines and _saved(ckpt, f"{NAME}-master-0") == lines
+    printed = capsys.readouterr().out
+    assert "HTTP 500 InternalError" in printed and "HTTP 429 TooManyRequests" in printed and "retrying in" in printed
+    assert "already exists (a retried step): attaching" in printed  # the lost answer: 409 on the retry
+    assert list(k8s_api.jobs) == [("default", NAME)]
+
+
+def test_a_call_slower_than_its_timeout_is_retried(k8s_api, api, ckpt, capsys):
+    k8s_api.inject(Fault(method="GET", path="pytorchjobs/", delay_s=1.5, times=2))
+    result = _run(_job(ckpt), api, call_timeout_s=0.3)
+    assert result.tail.splitlines() == ["step 1 loss 1.0", "step 2 loss 0.5"]
+    assert "ReadTimeoutError" in capsys.readouterr().out
+
+
+def test_a_permanent_error_fails_at_once(k8s_api, api, ckpt):
+    k8s_api.inject(Fault(method="POST", status=403))
+    with pytest.raises(LaunchError, match=r"could not create .*HTTP 403 Forbidden: .*cannot do this"):
+        _run(_job(ckpt), api)
+    assert _posts(k8s_api) == 1
+
+
+def test_a_permanent_error_while_waiting_fails_with_the_servers_words(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
+    k8s_api.inject(Fault(method="GET", path="/pods$", every=3, status=403))  # e.g. the Role lost 'list pods'
+    with pytest.raises(LaunchError, match=r"lost track of PyTorchJob default/.*HTTP 403 Forbidden"):
+        _run(_job(ckpt), api)
+
+
+def test_a_job_deleted_by_someone_else_is_reported(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
+    threading.Timer(0.5, k8s_api.remove_job, (NAME,)).start()
+    with pytest.raises(JobFailed, match="was deleted while this step waited for it"):
+        _run(_job(ckpt), api)
+
+
+def test_an_invalid_manifest_is_rejected_by_the_api(k8s_api, api, ckpt):
+    with pytest.raises(LaunchError, match=r"could not create .*HTTP 422 Invalid: .*requests.cpu: 'lots'"):
+        _run(_job(ckpt, cpu_request="lots"), api)  # not a Kubernetes quantity
+    assert k8s_api.jobs == {} and _posts(k8s_api) == 1
+
+
+def test_a_log_stream_that_disconnects_loses_and_repeats_nothing(k8s_api, api, ckpt, capsys):
+    lines = [f"step {i} loss {i / 10}" for i in range(12)] + ["step 11 loss 1.1", "step 11 loss 1.1"]  # repeats are real
+    k8s_api.script(NAME, JobScript(["Created", "Running", "Running", "Succeeded"], lines, lines_at={2: ["done"]}))
+    k8s_api.inject(Fault(path="/log$", cut_after=3, times=3))  # each cut mid-line, in the same second
+    _run(_job(ckpt), api)
+    assert _saved(ckpt, f"{NAME}-master-0") == lines + ["done"]
+    assert _printed(capsys.readouterr().out, f"{NAME}-master-0") == lines + ["done"]
+    assert sum(1 for m, p in k8s_api.requests if p.endswith("/log")) >= 4
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["mid-stream", "while-away"])
+def test_the_master_restarted_keeps_its_whole_log(k8s_api, api, ckpt, capsys, gate):
+    first, second, third = [f"a{i}" for i in range(5)], [f"b{i}" for i in range(5)], ["c0", "c1"]
+    k8s_api.script(NAME, JobScript(["Created", "Running", "Restart", "Running", "Succeeded"], first,
+                                   lines_at={2: second, 3: third}, follow_gate=gate))
+    result = _run(_job(ckpt), api)
+    assert _saved(ckpt, f"{NAME}-master-0") == first + second + third
+    printed = capsys.readouterr().out
+    assert _printed(printed, f"{NAME}-master-0") == first + second + third
+    assert k8s_api.pods[("default", f"{NAME}-master-0")]["status"]["containerStatuses"][0]["restartCount"] == 1
+    assert result.tail.splitlines()[-2:] == third
+
+
+def test_a_recreated_master_pod_is_followed(k8s_api, api, ckpt, capsys):
+    k8s_api.script(NAME, JobScript(["Created", "Running", "Recreate", "Running", "Succeeded"], ["old 0", "old 1"],
+                                   lines_at={2: ["new 0"], 3: ["new 1"]}))
+    _run(_job(ckpt), api)
+    assert _saved(ckpt, f"{NAME}-master-0") == ["old 0", "old 1", "new 0", "new 1"]
+    assert "was re-created: following the new one" in capsys.readouterr().out
+
+
+def test_an_unschedulable_job_fails_with_the_schedulers_reason(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(["Created", "Unschedulable"]))
+    with pytest.raises(JobPending) as info:
+        _run(_job(ckpt, nodes=2), api, pending_timeout_s=0.3)
+    text = str(info.value)
+    assert f"pod {NAME}-" in text and "Pending for more than 0s" in text and UNSCHEDULABLE in text
+    assert "Insufficient nvidia.com/gpu" in text and "deleted it" in text
+    assert k8s_api.jobs == {}
+
+
+@pytest.mark.parametrize("incident,reason", [("OOMKilled", "OOMKilled"), ("Evicted", "Evicted")])
+def test_an_oom_killed_or_evicted_worker_is_named(k8s_api, api, ckpt, incident, reason):
+    k8s_api.script(NAME, JobScript(["Created", "Running", incident, "Failed"], ["step 1"], reason="PyTorchJobFailed",
+                                   message="1 Worker replica(s) failed", follow_gate=False))
+    with pytest.raises(JobFailed) as info:
+        _run(_job(ckpt, nodes=2), api)
+    text = str(info.value)
+    assert f"pod {NAME}-worker-0: " in text and reason in text and "1 Worker replica(s) failed" in text
+    assert (ckpt / "logs" / f"{NAME}-worker-0.log").read_text() == "worker ready\n"
+
+
+def test_the_deadline_deletes_the_job_and_says_so(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
+    with pytest.raises(JobTimeout, match="did not finish by the step's deadline") as info:
+        _run(_job(ckpt), api, timeout_s=0.5)
+    assert "deleted it" in str(info.value) and "could NOT" not in str(info.value)
     assert k8s_api.jobs == {} and k8s_api.pods == {}
-    assert ("DELETE", f"/apis/kubeflow.org/v1/namespaces/default/pytorchjobs/{job_name('pretrain', RUN_ID)}") \
-        in k8s_api.requests
+    assert ("DELETE", JOB_PATH) in k8s_api.requests
+    assert _saved(ckpt, f"{NAME}-master-0") == ["step 1"]  # saved before the pods went away
+    marker = json.loads(Path(deadline_marker(_job(ckpt))).read_text())
+    assert marker["job"] == NAME and marker["passed_at"]
 
 
-def test_a_retried_step_attaches_to_the_existing_job(k8s_api, api, capsys):
-    k8s_api.add_job(build_pytorchjob(_job()))
-    k8s_api.script(job_name("pretrain", RUN_ID), JobScript(["Created", "Running", "Succeeded"], ["resumed", "s3://b/ok"]))
-    log = _run(_job(), api)
-    assert last_line(log) == "s3://b/ok"
+def test_a_retry_after_the_deadline_does_not_start_the_job_again(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
+    with pytest.raises(JobTimeout):
+        _run(_job(ckpt), api, timeout_s=0.5)
+    posts = _posts(k8s_api)
+    with pytest.raises(DeadlinePassed, match=r"reached its deadline .* not starting it again") as info:
+        _run(_job(ckpt), api, timeout_s=3600)  # the step's retry, with its full timeout again
+    assert str(deadline_marker(_job(ckpt))) in str(info.value)
+    assert _posts(k8s_api) == posts and k8s_api.jobs == {}
+
+
+def test_a_retry_keeps_the_first_tries_deadline(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
+    job = _job(ckpt)
+    Path(deadline_marker(job)).parent.mkdir(parents=True)
+    Path(deadline_marker(job)).write_text(json.dumps({"job": NAME, "namespace": "default", "timeout_s": 60.0,
+                                                      "deadline": "2020-01-01T00:00:00Z", "passed_at": None}))
+    k8s_api.add_job(build_pytorchjob(job))  # the first try's job, still running
+    with pytest.raises(JobTimeout, match="2020-01-01T00:00:00Z"):
+        _run(job, api, timeout_s=3600)
+    assert k8s_api.jobs == {} and _posts(k8s_api) == 0
+
+
+def test_sigterm_to_the_step_deletes_the_job(k8s_api, api, ckpt):
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
+
+    def ignore(signum, frame):  # without the launcher's own handler SIGTERM changes nothing: the test times out
+        pass
+
+    previous = signal.signal(signal.SIGTERM, ignore)
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # KFP Terminate: Argo stops the step
+        with pytest.raises(StepTerminated, match="got SIGTERM .* deleted PyTorchJob") as info:
+            _run(_job(ckpt), api, timeout_s=5.0)
+        assert signal.getsignal(signal.SIGTERM) is ignore  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "could NOT" not in str(info.value)
+    assert k8s_api.jobs == {} and ("DELETE", JOB_PATH) in k8s_api.requests
+    assert _saved(ckpt, f"{NAME}-master-0") == ["step 1"]
+    assert json.loads(Path(deadline_marker(_job(ckpt))).read_text())["passed_at"] is None  # a retry may start it
+
+
+def test_a_retried_step_attaches_to_the_existing_job(k8s_api, api, ckpt, capsys):
+    k8s_api.add_job(build_pytorchjob(_job(ckpt)))
+    k8s_api.script(NAME, JobScript(["Created", "Running", "Succeeded"], ["resumed", "s3://b/ok"]))
+    result = _run(_job(ckpt), api)
+    assert result.tail.splitlines() == ["resumed", "s3://b/ok"]
     assert "already exists (a retried step): attaching" in capsys.readouterr().out
     assert len(k8s_api.jobs) == 1
 
 
-def test_an_invalid_manifest_is_rejected_by_the_api(k8s_api, api):
-    with pytest.raises(LaunchError, match=r"could not create .*HTTP 422 Invalid: .*limits.cpu: 'lots'"):
-        _run(_job(cpu="lots"), api)  # not a Kubernetes quantity
-    assert k8s_api.jobs == {}
+def test_the_job_is_owned_by_the_step_pod(k8s_api, api, ckpt, monkeypatch):
+    monkeypatch.setenv("MASKDIT_POD_NAME", "run-abc-pretrain-launcher")
+    monkeypatch.setenv("MASKDIT_POD_UID", "0b5e6a1c-1111-2222-3333-444455556666")
+    monkeypatch.setenv("MASKDIT_POD_NAMESPACE", "default")
+    _run(_job(ckpt), api)
+    assert k8s_api.jobs[("default", NAME)]["metadata"]["ownerReferences"] == [{
+        "apiVersion": "v1", "kind": "Pod", "name": "run-abc-pretrain-launcher",
+        "uid": "0b5e6a1c-1111-2222-3333-444455556666", "controller": False, "blockOwnerDeletion": False}]
+
+
+def test_a_retried_step_adds_its_pod_as_an_owner(k8s_api, api, ckpt, monkeypatch):
+    first = {"apiVersion": "v1", "kind": "Pod", "name": "try-1", "uid": "uid-1", "controller": False,
+             "blockOwnerDeletion": False}
+    k8s_api.add_job(build_pytorchjob(_job(ckpt), owner=first))
+    monkeypatch.setenv("MASKDIT_POD_NAME", "try-2")
+    monkeypatch.setenv("MASKDIT_POD_UID", "uid-2")
+    monkeypatch.setenv("MASKDIT_POD_NAMESPACE", "default")
+    k8s_api.inject(Fault(method="PATCH", status=409, times=1))  # someone else wrote the job meanwhile
+    _run(_job(ckpt), api)
+    owners = k8s_api.jobs[("default", NAME)]["metadata"]["ownerReferences"]
+    assert [o["uid"] for o in owners] == ["uid-1", "uid-2"]  # GC deletes the job only once both pods are gone
+
+
+def test_no_owner_outside_a_pod_or_across_namespaces(k8s_api, api, ckpt, monkeypatch, capsys):
+    for key in ("MASKDIT_POD_NAME", "MASKDIT_POD_UID", "MASKDIT_POD_NAMESPACE"):
+        monkeypatch.delenv(key, raising=False)
+    _run(_job(ckpt), api)
+    assert "ownerReferences" not in k8s_api.jobs[("default", NAME)]["metadata"]
+    k8s_api.jobs.clear()
+    monkeypatch.setenv("MASKDIT_POD_NAME", "p")
+    monkeypatch.setenv("MASKDIT_POD_UID", "u")
+    monkeypatch.setenv("MASKDIT_POD_NAMESPACE", "kubeflow")  # GC would treat it as absent and delete the job
+    _run(_job(ckpt), api)
+    assert "ownerReferences" not in k8s_api.jobs[("default", NAME)]["metadata"]
+    assert "not setting an ownerReference" in capsys.readouterr().out
 
 
 def test_cleanup_deletes_only_the_runs_jobs(k8s_api, api):
     for step in ("pretrain", "tune"):
         k8s_api.add_job(build_pytorchjob(_job(step=step)))
     k8s_api.add_job(build_pytorchjob(_job(run_id="another-run")))
+    k8s_api.inject(Fault(method="DELETE", every=2, status=503))
     deleted = delete_run_jobs(RUN_ID, api, "default")
     assert sorted(deleted) == sorted([job_name("pretrain", RUN_ID), job_name("tune", RUN_ID)])
     assert [name for _, name in k8s_api.jobs] == [job_name("pretrain", "another-run")]
@@ -156,16 +445,17 @@ def test_cleanup_deletes_only_the_runs_jobs(k8s_api, api):
 
 # --- the local backend ---
 
-def test_local_backend_runs_torchrun_and_returns_the_last_line(capsys):
+def test_local_backend_runs_torchrun_and_saves_its_log(ckpt, capsys):
     script = "import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE']); print('/tmp/final.pt')"
-    job = _job(command=[sys.executable, "-c", script])
-    log = launch_local(job, nproc=1, timeout_s=120)
-    assert last_line(log) == "/tmp/final.pt"
+    result = launch_local(_job(ckpt, command=[sys.executable, "-c", script]), nproc=1, timeout_s=120)
+    assert result.tail.splitlines()[-1] == "/tmp/final.pt" and result.namespace == ""
     assert "rank 0 of 1" in capsys.readouterr().out
+    assert "/tmp/final.pt" in Path(result.log_uris["local"]).read_text()
 
 
-def test_local_backend_failure_and_timeout():
+def test_local_backend_failure_and_timeout(ckpt):
     with pytest.raises(JobFailed, match=r"(?s)exit code 1\).*boom"):
-        launch_local(_job(command=[sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]), timeout_s=120)
+        launch_local(_job(ckpt, command=[sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]),
+                     timeout_s=120)
     with pytest.raises(JobTimeout):
-        launch_local(_job(command=[sys.executable, "-c", "import time; time.sleep(60)"]), timeout_s=3)
+        launch_local(_job(ckpt, command=[sys.executable, "-c", "import time; time.sleep(60)"]), timeout_s=3)
