@@ -142,9 +142,9 @@ class TrainJob:
     nodes: int = 1
     gpus_per_node: int = 8
     cpu_request: str = "80"
-    cpu_limit: str = "92"
-    memory_request: str = "600Gi"
-    memory_limit: str = "640Gi"
+    cpu_limit: str = "90"
+    memory_request: str = "480Gi"
+    memory_limit: str = "580Gi"
     shm_size: str = "64Gi"
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)

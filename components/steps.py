@@ -124,7 +124,7 @@ def environment(env: dict[str, str]):
 # --- the steps ---
 
 def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_space: bool, grayscale: bool,
-                dataset):
+                device: str, dataset):
     """`maskdit encode` into `<store>/datasets/<name>-<resolution>[-pixel]`; 'mnist' = the bundled digits."""
     from maskdit.encode import EncodeConfig, run
 
@@ -138,7 +138,7 @@ def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_sp
             source = str(Path(tmp) / "mnist")
             write_mnist(source)
         result = run(EncodeConfig(input=source, out=out, resolution=resolution, vae=vae, pixel_space=pixel_space,
-                                  grayscale=grayscale))
+                                  grayscale=grayscale, device=device))
     point(dataset, result.dataset, manifest=result.manifest, source=images, resolution=resolution,
           count=result.count, num_classes=result.num_classes)
     return result
@@ -161,12 +161,18 @@ class TrainStep(StrictModel):
     namespace: str = ""
     nodes: int
     gpus_per_node: int
-    cpu: str
-    memory: str
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
     shm_size: str
     node_selector: dict[str, str] = {}
     tolerations: list[dict] = []
+    backoff_limit: int
+    queue_name: str = ""
+    priority_class_name: str = ""
     timeout_hours: float
+    pending_timeout_hours: float
     local_nproc: int = 1
 
     @property
@@ -175,7 +181,7 @@ class TrainStep(StrictModel):
 
 
 def train_step(step: TrainStep):
-    """`maskdit train` as a PyTorchJob (or torchrun here); its result.json, and the MLflow parent run id."""
+    """`maskdit train` as a PyTorchJob (or torchrun here): (its result.json, the MLflow parent run id, log URIs)."""
     from components.launcher import TrainJob, launch
     from maskdit.result import read_result, result_uri
     from maskdit.train import TrainResult
@@ -187,15 +193,17 @@ def train_step(step: TrainStep):
     env = step_env(step.kfp_run_id, step.kfp_run_name, step.experiment)
     job = TrainJob(step=step.stage, run_id=step.kfp_run_id, image=step.image, command=command,
                    checkpoint_uri=step.checkpoint_dir, nodes=step.nodes, gpus_per_node=step.gpus_per_node,
-                   cpu=step.cpu, memory=step.memory, shm_size=step.shm_size, node_selector=dict(step.node_selector),
+                   cpu_request=step.cpu_request, cpu_limit=step.cpu_limit, memory_request=step.memory_request,
+                   memory_limit=step.memory_limit, shm_size=step.shm_size, node_selector=dict(step.node_selector),
                    tolerations=list(step.tolerations), env=env, secrets=[S3_SECRET, MLFLOW_SECRET],
-                   config_maps=[CONFIG_MAP])
-    launch(job, step.backend, namespace=step.namespace or None, timeout_s=step.timeout_hours * 3600,
-           local_nproc=step.local_nproc)
+                   config_maps=[CONFIG_MAP], backoff_limit=step.backoff_limit, queue_name=step.queue_name,
+                   priority_class_name=step.priority_class_name)
+    launched = launch(job, step.backend, namespace=step.namespace or None, timeout_s=step.timeout_hours * 3600,
+                      pending_timeout_s=step.pending_timeout_hours * 3600, local_nproc=step.local_nproc)
     result = read_result(TrainResult, result_uri(step.checkpoint_dir))
     if result.checkpoint is None:
         raise StepError(f"the {step.stage} job finished without a checkpoint (steps={result.step}): set steps > 0")
-    return result, env.get("MASKDIT_PARENT_RUN_ID", "")
+    return result, env.get("MASKDIT_PARENT_RUN_ID", ""), launched.log_uris
 
 
 def show_training(result, metrics) -> None:
@@ -229,7 +237,7 @@ def cleanup_step(kfp_run_id: str, backend: str, namespace: str) -> list[str]:
 
 
 def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_samples: int, sampler: dict,
-                  store_uri: str, kfp_run_id: str, kfp_run_name: str, experiment: str, metrics, samples,
+                  device: str, store_uri: str, kfp_run_id: str, kfp_run_name: str, experiment: str, metrics, samples,
                   evaluation):
     """`maskdit evaluate` into `<run dir>/evaluate` (FID + grid); shown in KFP. Empty ref_stats = the dataset's own."""
     from maskdit import fid, storage
@@ -239,9 +247,10 @@ def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_sam
     out = f"{run_dir(store_uri, kfp_run_id)}/evaluate"
     with environment(step_env(kfp_run_id, kfp_run_name, experiment)):
         if not ref_stats:
-            ref_stats = fid.run(fid.FIDStatsConfig(source=dataset_uri, out=f"{out}/ref_stats.npz")).stats
+            ref_stats = fid.run(fid.FIDStatsConfig(source=dataset_uri, out=f"{out}/ref_stats.npz",
+                                                   device=device)).stats
         result = run(EvaluateConfig(checkpoint=checkpoint_uri, dataset=dataset_uri, ref_stats=ref_stats, out=out,
-                                    num_samples=num_samples, sampler=SamplerConfig(**sampler)))
+                                    num_samples=num_samples, sampler=SamplerConfig(**sampler), device=device))
     for key, value in (("fid", result.fid), ("cfg_scale", result.sampler.cfg_scale),
                        ("num_steps", result.sampler.num_steps), ("num_samples", result.num_samples),
                        ("precision", result.precision), ("recall", result.recall)):

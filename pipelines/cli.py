@@ -76,12 +76,15 @@ def compile_cmd(
 
 
 def run_local(arguments: dict[str, Any], pipeline_root: str | Path) -> None:
-    """Run the whole DAG with KFP's local runner (subprocesses in this environment, backend local)."""
+    """Run the whole DAG with KFP's local runner (subprocesses in this environment, backend local).
+
+    Encode and evaluate run on this machine's CPU unless `step_gpus` says otherwise.
+    """
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=True)
-    maskdit_pipeline(**{"backend": "local", **arguments})
+    maskdit_pipeline(**{"backend": "local", "step_gpus": 0, **arguments})
 
 
 @pipeline_app.command("run-local")

@@ -23,6 +23,7 @@ from kfp import compiler, dsl, kubernetes
 
 from components import IMAGE
 from components.cleanup import cleanup
+from components.launcher import TrainJob
 from components.encode import encode
 from components.evaluate import evaluate
 from components.pretrain import pretrain
@@ -48,21 +49,31 @@ def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def _on_gpu(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
-    """One GPU in the step's own pod, on a GPU node."""
-    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+def _sized(task: dsl.PipelineTask, cpu: str, memory: str, gpus, node_selector) -> dsl.PipelineTask:
+    """The step's own pod: GPUs (0 in pixel space) and node labels from pipeline parameters.
+
+    (CPU and memory stay constants: KFP's local runner cannot resolve a resource placeholder whose
+    parameter is not also an input of the task; `gpus` is one, as the step picks its device from it.)
+    """
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
     task.set_cpu_limit(cpu).set_memory_limit(memory)
-    for key, value in GPU_NODE_SELECTOR.items():
-        kubernetes.add_node_selector(task, key, value)
-    for toleration in GPU_TOLERATIONS:
+    kubernetes.add_node_selector_json(task, node_selector)
+    for toleration in GPU_TOLERATIONS:  # allows GPU nodes, requires none
         kubernetes.add_toleration(task, **toleration)
     return task
 
 
 def _launcher(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
-    """A pretrain/tune pod: it only creates and watches the PyTorchJob (retries re-attach to it)."""
+    """A pretrain/tune pod: it only creates and watches the PyTorchJob (retries re-attach to it).
+
+    It knows its own pod (downward API) so that the PyTorchJob can be owned by it: deleting the run
+    deletes the job (components/launcher.py, docs/operating.md).
+    """
     task.set_display_name(name).set_caching_options(False).set_retry(num_retries=2, backoff_duration="60s")
     task.set_cpu_limit("1").set_memory_limit("2Gi")
+    for env, field in (("MASKDIT_POD_NAME", "metadata.name"), ("MASKDIT_POD_UID", "metadata.uid"),
+                       ("MASKDIT_POD_NAMESPACE", "metadata.namespace")):
+        kubernetes.use_field_path_as_env(task, env, field)
     return _with_credentials(task)
 
 
@@ -86,14 +97,22 @@ def maskdit_pipeline(
     namespace: str = "",
     nodes: int = 1,
     gpus_per_node: int = 8,
-    cpu_per_node: str = "64",
-    memory_per_node: str = "900Gi",
-    shm_size: str = "64Gi",
+    cpu_request: str = TrainJob.cpu_request,
+    cpu_limit: str = TrainJob.cpu_limit,
+    memory_request: str = TrainJob.memory_request,
+    memory_limit: str = TrainJob.memory_limit,
+    shm_size: str = TrainJob.shm_size,
     node_selector: dict = GPU_NODE_SELECTOR,
     tolerations: list = GPU_TOLERATIONS,
+    backoff_limit: int = TrainJob.backoff_limit,
+    queue_name: str = "",
+    priority_class_name: str = "",
     pretrain_timeout_hours: float = 336.0,
     tune_timeout_hours: float = 48.0,
+    pending_timeout_hours: float = 1.0,
     local_nproc: int = 1,
+    step_gpus: int = 1,
+    step_node_selector: dict = GPU_NODE_SELECTOR,
     ref_stats: str = "s3://maskdit/fid/VIRTUAL_imagenet256_labeled.npz",
     num_samples: int = 50000,
     sampler: dict = {},
@@ -119,14 +138,22 @@ def maskdit_pipeline(
         namespace: Namespace for the PyTorchJobs; empty = the pipeline's own.
         nodes: Nodes per PyTorchJob (one torchrun each).
         gpus_per_node: GPUs per node (= processes per node); 0 = one CPU process per node.
-        cpu_per_node: CPU request/limit of each training pod.
-        memory_per_node: Memory request/limit of each training pod.
+        cpu_request: CPU request of each training pod (defaults fit a 96-vCPU / 680 GB 8xA100 node).
+        cpu_limit: CPU limit of each training pod ("" = none).
+        memory_request: Memory request of each training pod.
+        memory_limit: Memory limit of each training pod (the memory-backed /dev/shm counts against it).
         shm_size: Size of /dev/shm (a memory-backed emptyDir) for data-loader workers and NCCL.
         node_selector: Node labels the training pods must match.
         tolerations: Tolerations of the training pods (for tainted GPU nodes).
+        backoff_limit: Restarts of a PyTorchJob (preemption, retryable exit codes) before it fails; user errors never restart.
+        queue_name: Kueue LocalQueue that admits the PyTorchJobs ("" = no Kueue).
+        priority_class_name: PriorityClass of the training pods ("" = the cluster's default).
         pretrain_timeout_hours: Delete the pretraining job and fail after this long (2M steps: about 257 h on 8 A100).
         tune_timeout_hours: Delete the tuning job and fail after this long.
+        pending_timeout_hours: Fail (with the scheduler's reason) when a training pod stays Pending this long.
         local_nproc: Processes for the local backend's torchrun.
+        step_gpus: GPUs of the encode and evaluate pods (1 for VAE latents; 0 in pixel space).
+        step_node_selector: Node labels of the encode and evaluate pods ({} with step_gpus=0, for CPU nodes).
         ref_stats: FID reference statistics (.npz with mu and sigma, ADM's VIRTUAL_imagenet256_labeled.npz); empty = the dataset's own.
         num_samples: Samples for FID (50k in the paper).
         sampler: Sampler settings for FID (SamplerConfig fields), e.g. {"cfg_scale": 1.5, "num_steps": 40}; empty = the paper's (CFG 1.5, 40 EDM Heun steps).
@@ -141,14 +168,16 @@ def maskdit_pipeline(
 
     with dsl.ExitHandler(exit_task, name="train and register"):
         encoded = encode(images=images, store_uri=store_uri, resolution=resolution, vae=vae,
-                         pixel_space=pixel_space, grayscale=grayscale)
+                         pixel_space=pixel_space, grayscale=grayscale, gpus=step_gpus)
         encoded.set_display_name("encode images").set_caching_options(True).set_retry(2, backoff_duration="60s")
-        _on_gpu(_with_credentials(encoded), cpu="16", memory="64Gi")
+        _sized(_with_credentials(encoded), "16", "64Gi", step_gpus, step_node_selector)
 
         cluster = dict(store_uri=store_uri, kfp_run_id=run_id, kfp_run_name=run_name, experiment=experiment,
-                       image=image, backend=backend, nodes=nodes, gpus_per_node=gpus_per_node, cpu=cpu_per_node,
-                       memory=memory_per_node, shm_size=shm_size, node_selector=node_selector,
-                       tolerations=tolerations, namespace=namespace, local_nproc=local_nproc)
+                       image=image, backend=backend, nodes=nodes, gpus_per_node=gpus_per_node, cpu_request=cpu_request,
+                       cpu_limit=cpu_limit, memory_request=memory_request, memory_limit=memory_limit,
+                       shm_size=shm_size, node_selector=node_selector, tolerations=tolerations, namespace=namespace,
+                       backoff_limit=backoff_limit, queue_name=queue_name, priority_class_name=priority_class_name,
+                       pending_timeout_hours=pending_timeout_hours, local_nproc=local_nproc)
         pretrained = pretrain(dataset=encoded.outputs["dataset"], config=pretrain_config,
                               overrides=pretrain_overrides, timeout_hours=pretrain_timeout_hours, **cluster)
         _launcher(pretrained, "masked pretraining (PyTorchJob)")
@@ -158,10 +187,10 @@ def maskdit_pipeline(
         _launcher(tuned, "unmasking tuning (PyTorchJob)")
 
         evaluated = evaluate(model=tuned.outputs["model"], dataset=encoded.outputs["dataset"], ref_stats=ref_stats,
-                             num_samples=num_samples, sampler=sampler, store_uri=store_uri, kfp_run_id=run_id,
-                             kfp_run_name=run_name, experiment=experiment)
+                             num_samples=num_samples, sampler=sampler, gpus=step_gpus, store_uri=store_uri,
+                             kfp_run_id=run_id, kfp_run_name=run_name, experiment=experiment)
         evaluated.set_display_name("samples and FID").set_caching_options(False).set_retry(1)
-        _on_gpu(_with_credentials(evaluated), cpu="8", memory="64Gi")
+        _sized(_with_credentials(evaluated), "8", "64Gi", step_gpus, step_node_selector)
 
         # FID (float) against the threshold (float): like types, or dsl.If silently skips both branches
         fid = evaluated.outputs["Output"]

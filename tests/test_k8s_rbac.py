@@ -14,6 +14,8 @@ import json
 import urllib.error
 import urllib.request
 
+from pathlib import Path
+
 import pytest
 
 from components.launcher import LaunchError, TrainJob, delete_run_jobs, launch_kubernetes, training_client
@@ -233,13 +235,14 @@ def test_the_step_account_runs_pytorchjobs_only_where_it_runs(installed) -> None
     assert not can_i(server, token, "create", "pytorchjobs", "", "kubeflow.org"), "nothing cluster-wide"
 
 
-def _job(run_id: str) -> TrainJob:
+def _job(run_id: str, checkpoints: Path) -> TrainJob:
     return TrainJob(step="pretrain", run_id=run_id, image="registry.example.com/ml/maskdit:0.1.0",
-                    command=["maskdit", "train", "--config", "imagenet256_pretrain"], checkpoint_uri="s3://b/ckpt",
+                    command=["maskdit", "train", "--config", "imagenet256_pretrain"],
+                    checkpoint_uri=str(checkpoints / run_id),
                     secrets=["maskdit-s3", "maskdit-mlflow"], config_maps=["maskdit-config"])
 
 
-def test_the_launcher_runs_a_job_as_the_step_account(installed) -> None:
+def test_the_launcher_runs_a_job_as_the_step_account(installed, tmp_path) -> None:
     """The launcher's real calls (create, watch the job, find the master pod, stream and tail its
     log, delete the run's jobs) succeed with the step pods' token where they run, and the first
     of them is refused with the API server's 403 anywhere else."""
@@ -247,17 +250,17 @@ def test_the_launcher_runs_a_job_as_the_step_account(installed) -> None:
     namespace, account = K8S_INSTALLS[name]
     token = access.token_for(service_account(namespace, account))
     api = training_client(namespace=namespace, configuration=server.configuration(token))
-    tail = launch_kubernetes(_job("run-a"), api, namespace, timeout_s=10.0, poll_s=0.05)
-    assert "step 2 loss 0.5" in tail
+    launched = launch_kubernetes(_job("run-a", tmp_path), api, namespace, timeout_s=10.0, poll_s=0.05)
+    assert "step 2 loss 0.5" in launched.tail
     decisions = [(r.verb, r.resource, r.subresource) for user, r, ok in access.decisions
                  if ok and user == service_account(namespace, account).name]
     assert {("create", "pytorchjobs", ""), ("get", "pytorchjobs", ""), ("list", "pods", ""),
             ("get", "pods", "log")} <= set(decisions), decisions
-    assert delete_run_jobs("run-a", api, namespace) == [_job("run-a").name]
+    assert delete_run_jobs("run-a", api, namespace) == [_job("run-a", tmp_path).name]
 
     elsewhere = training_client(namespace="maskdit", configuration=server.configuration(token))
     with pytest.raises(LaunchError, match=r"HTTP 403 Forbidden: pytorchjobs.kubeflow.org is forbidden"):
-        launch_kubernetes(_job("run-b"), elsewhere, "maskdit", timeout_s=5.0, poll_s=0.05)
+        launch_kubernetes(_job("run-b", tmp_path), elsewhere, "maskdit", timeout_s=5.0, poll_s=0.05)
     assert not [key for key in server.jobs if key[0] == "maskdit"]
 
 

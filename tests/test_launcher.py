@@ -97,8 +97,8 @@ def test_manifest_is_valid_against_the_crd(nodes, gpus):
     assert container["name"] == CONTAINER
     assert container["command"][:5] == ["python", "-m", "maskdit.elastic", "--no-python", "maskdit"]
     resources = container["resources"]
-    assert resources["requests"]["cpu"] == "80" and resources["limits"]["cpu"] == "92"
-    assert resources["requests"]["memory"] == "600Gi" and resources["limits"]["memory"] == "640Gi"
+    assert resources["requests"]["cpu"] == "80" and resources["limits"]["cpu"] == "90"
+    assert resources["requests"]["memory"] == "480Gi" and resources["limits"]["memory"] == "580Gi"
     assert (resources["limits"].get("nvidia.com/gpu") == resources["requests"].get("nvidia.com/gpu") == str(gpus)) \
         if gpus else "nvidia.com/gpu" not in resources["limits"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["spec"]["volumes"]

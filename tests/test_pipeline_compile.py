@@ -1,5 +1,6 @@
 """The compiled pipeline: up to date, valid KFP IR, and the cluster settings where they belong."""
 
+import json
 import yaml
 from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
@@ -74,9 +75,11 @@ def test_gpus_tolerations_node_selectors_and_secrets(tmp_path, monkeypatch):
     containers = {name: e.container for name, e in deployment.executors.items()}
     for gpu_step in ("exec-encode", "exec-evaluate"):
         accelerator = containers[gpu_step].resources.accelerator
-        assert (accelerator.resource_type, accelerator.resource_count) == ("nvidia.com/gpu", "1")
+        # sized by pipeline parameters: 1 GPU on a GPU node by default, 0 and any node in pixel space
+        assert accelerator.resource_type == "nvidia.com/gpu" and "step_gpus" in accelerator.resource_count
         assert [t.key for t in executors[gpu_step].tolerations] == ["nvidia.com/gpu"]
-        assert dict(executors[gpu_step].node_selector.labels) == {"nvidia.com/gpu.present": "true"}
+        selector = json_format.MessageToDict(executors[gpu_step].node_selector)
+        assert "step_node_selector" in json.dumps(selector)
     for light_step in ("exec-pretrain", "exec-tune", "exec-register", "exec-cleanup"):
         assert not containers[light_step].resources.accelerator.resource_type
         assert not executors.get(light_step, k8s_pb2.KubernetesExecutorConfig()).tolerations
@@ -87,6 +90,13 @@ def test_gpus_tolerations_node_selectors_and_secrets(tmp_path, monkeypatch):
     # the PyTorchJobs get their GPUs, node selector and tolerations as (documented) parameters
     params = spec.root.input_definitions.parameters
     assert json_format.MessageToDict(params["node_selector"].default_value) == {"nvidia.com/gpu.present": "true"}
+    assert json_format.MessageToDict(params["step_node_selector"].default_value) == {"nvidia.com/gpu.present": "true"}
+    assert params["step_gpus"].default_value.number_value == 1
+    # the launcher pods know themselves (downward API), so the PyTorchJob can be owned by them
+    for step in ("exec-pretrain", "exec-tune"):
+        fields = {f.name: f.field_path for f in executors[step].field_path_as_env}
+        assert fields == {"MASKDIT_POD_NAME": "metadata.name", "MASKDIT_POD_UID": "metadata.uid",
+                          "MASKDIT_POD_NAMESPACE": "metadata.namespace"}
     assert json_format.MessageToDict(params["tolerations"].default_value)[0]["key"] == "nvidia.com/gpu"
 
 
