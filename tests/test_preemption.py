@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +23,8 @@ import yaml
 
 from maskdit import checkpoint
 from maskdit.config import build_config
-from maskdit.errors import EXIT_RETRYABLE, EXIT_USER_ERROR
-from maskdit.train import train
+from maskdit.errors import EXIT_RETRYABLE, EXIT_USER_ERROR, UserError
+from maskdit.train import CheckpointWriteError, train
 from maskdit.trainconfig import TrainConfig
 from test_train import CLI, ENV1, make_data, states_equal, tiny_config
 
@@ -117,7 +118,26 @@ def test_sigterm_one_process_checkpoints_exits_143_and_resumes_bitwise(data, tmp
     assert final["tracking_run_id"] == run.info.run_id and run.info.status == "FINISHED"
 
 
-# ------------------------------------------------------------------------------ a write in flight
+# ------------------------------------------------------------------------------ writes
+
+
+def test_a_checkpoint_write_failing_mid_run_is_retryable(data, tmp_path, monkeypatch):
+    """The store was fine at the start (the resume check read it) and fails later: worth a restart, not a
+    UserError (exit 143, not 2)."""
+    ck = tmp_path / "ck"
+    real = checkpoint.save_checkpoint
+
+    def store_gone_at_step_4(dir_uri, state, keep_last=None):
+        if state["step"] == 4:
+            shutil.rmtree(ck)
+            ck.write_text("the checkpoint folder is now a file")
+        return real(dir_uri, state, keep_last)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", store_gone_at_step_4)
+    with pytest.raises(CheckpointWriteError, match="writing the checkpoint of step 4 failed: cannot write") as error:
+        train(build_config(TrainConfig, tiny_config(data, ck, steps=8, **{"checkpoint.every": 2})))
+    assert not isinstance(error.value, UserError)
+
 
 WIDE = {"preset": "tiny", "hidden_size": 512, "num_heads": 4}  # ~25 MB a state copy: a write takes a while
 
