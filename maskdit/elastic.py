@@ -7,12 +7,16 @@ later. The contract, from the outside in:
   process. SIGTERM/SIGINT reach it, torchrun sends the same signal to every worker and waits for
   them (up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which this module raises from torchrun's 30 s to
   600 s unless set: the workers bound themselves, see below), then this process exits with
-      2   (EXIT_USER_ERROR) when any worker exited 2: a config or data error, never retried;
-      143 (EXIT_RETRYABLE)  when a worker exited 143 or was killed by a signal (OOM killer,
-          SIGKILL), or this process got SIGTERM/SIGINT: the pod is restarted and resumes;
-          A rendezvous that fails (a peer node not up in time, the store unreachable) is 143 too;
-      0 on success, else torchrun's own code (1: a worker failed some other way; 2: bad torchrun arguments).
-  torchrun alone exits 1 in all of these cases, which `restartPolicy: ExitCode` reads as permanent.
+      2   (EXIT_USER_ERROR) when a worker exited 2 (a config or data error: never retried), and for
+          bad torchrun arguments;
+      1   when a worker exited with another code below 128 (outside `maskdit train`'s handling);
+      143 (EXIT_RETRYABLE) when every failed worker exited 143 or was killed by a signal (OOM killer,
+          SIGKILL), when this process got SIGTERM/SIGINT, or when the rendezvous failed (a peer node
+          not up in time): the pod is restarted and resumes;
+      0   on success.
+  When one worker fails, torchrun stops the others with SIGTERM; their exits never hide the code of
+  the one that failed first. torchrun alone exits 1 in all of these cases, which
+  `restartPolicy: ExitCode` reads as permanent.
 - Each worker (`maskdit train`) holds a `StopOnSignal`: the signal only sets a flag; every rank
   adds its flag to the step's one all-reduce, so all ranks stop after the same step; rank 0
   writes that step's checkpoint (atomically), MLflow closes the run as KILLED, and the command
@@ -114,15 +118,20 @@ class StopOnSignal:
 
 
 def exit_code(worker_codes: Iterable[int]) -> int:
-    """The exit code for the pod from the failed workers' codes (negative: killed by that signal)."""
+    """The exit code for the pod from the failed workers' codes (negative: killed by that signal).
+
+    When one worker fails, torchrun stops the others with SIGTERM: their -15 (or 143, from a worker that
+    stops cleanly) come with the code of the one that failed first. Those are always retryable codes,
+    so a permanent code (1-127) among them is the cause and wins; 2 (a user error) before any other.
+    """
     codes = list(worker_codes)
     if not codes:
         return 0
     if EXIT_USER_ERROR in codes:
         return EXIT_USER_ERROR
-    if any(code < 0 or code >= 128 for code in codes):
-        return EXIT_RETRYABLE
-    return 1  # torchrun's own code for a failed worker
+    if any(0 < code < 128 for code in codes):
+        return 1  # torchrun's own code for a failed worker
+    return EXIT_RETRYABLE  # every failure was a signal (OOM killer, SIGKILL, SIGTERM) or a retryable exit
 
 
 def _raise_signal(signum: int, frame: FrameType | None) -> None:

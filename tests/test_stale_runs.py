@@ -11,7 +11,7 @@ import textwrap
 import mlflow
 import pytest
 
-from maskdit.tracking import close_stale_runs
+from maskdit.tracking import close_stale_runs, tracking_run
 
 STEP = textwrap.dedent("""
     import sys, time
@@ -62,6 +62,12 @@ def test_close_stale_runs_marks_sigkilled_children_and_tags_the_parent(tracking)
     assert client.get_run(done.info.run_id).info.status == "FINISHED"
     assert client.get_run(elsewhere).info.status == "RUNNING"  # another pipeline's run
     assert close_stale_runs(parent, "again") == []
+
+    # a training resumed from its checkpoint continues its run, closed or still RUNNING
+    for run_id in (train_run, elsewhere):
+        with tracking_run("resumed", run_id=run_id) as resumed:
+            assert resumed == run_id and client.get_run(run_id).info.status == "RUNNING"
+        assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_close_stale_runs_without_tracking_or_with_a_bad_status(monkeypatch):
