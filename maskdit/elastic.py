@@ -93,7 +93,7 @@ class StopOnSignal:
         self._signalled.set()  # lets an idle watchdog end
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received_at is None:  # the handler runs in the main thread: no lock, no logging here
+        if self.received_at is None:  # kept minimal (it interrupts the main thread anywhere): no logging
             self.received_at = time.monotonic()
             self.signal_name = signal.Signals(signum).name
             self._signalled.set()

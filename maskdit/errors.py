@@ -30,8 +30,8 @@ class UsageError(UserError, ValueError):
 class Interrupted(KeyboardInterrupt):
     """Stopped cleanly on SIGTERM or SIGINT (a checkpoint was written); starting again resumes.
 
-    A KeyboardInterrupt, as Python's own SIGINT is: no `except Exception` swallows it, a partial
-    write is rolled back, and `tracking.tracking_run` closes the MLflow run as KILLED.
+    A KeyboardInterrupt, as Python's own SIGINT is: no `except Exception` swallows it, and
+    `tracking.tracking_run` closes the MLflow run as KILLED.
     """
 
 
