@@ -4,6 +4,8 @@ Each area's error class (ConfigError, StorageError, ShardError, CheckpointError,
 `UserError` as well as from ValueError or RuntimeError. A command wraps its work in
 `exit_on_user_error()`: such an error prints its message (which names the value and what to do)
 and exits with code 2 (EXIT_USER_ERROR), without a traceback; anything else is a bug and keeps its traceback.
+Training, which Kubernetes restarts by exit code, wraps its body in `exit_for_restart_policy()` instead:
+there a clean stop on SIGTERM and any failure that is not a UserError exit 143 (EXIT_RETRYABLE).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ class UsageError(UserError, ValueError):
     """A command-line value out of range where the option parser cannot check it."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Stopped cleanly on SIGTERM or SIGINT (a checkpoint was written); starting again resumes.
+
+    A KeyboardInterrupt, as Python's own SIGINT is: no `except Exception` swallows it, and
+    `tracking.tracking_run` closes the MLflow run as KILLED.
+    """
+
+
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """Run a command body: a `UserError` becomes its message on stderr and exit code 2."""
@@ -35,3 +45,34 @@ def exit_on_user_error() -> Iterator[None]:
     except UserError as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+@contextmanager
+def exit_for_restart_policy() -> Iterator[None]:
+    """Run a training command body, whose pod Kubernetes restarts by exit code (`restartPolicy: ExitCode`).
+
+    - `UserError` (bad config, missing data, model mismatch, non-finite loss): its message, exit 2
+      (permanent: the same input fails the same way again);
+    - a stop on a signal (`Interrupted`, KeyboardInterrupt): exit 143 (retryable: the restart resumes);
+    - any other exception (an NCCL or CUDA error, a lost peer, a network failure, also a bug): its
+      traceback, exit 143; a bug then fails `backoffLimit` times before the job gives up.
+    """
+    import traceback
+
+    import typer
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except UserError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt as stop:
+        typer.echo(str(stop) or "interrupted", err=True)
+        raise typer.Exit(EXIT_RETRYABLE) from None
+    except Exception:  # noqa: BLE001 - every other failure is worth a restart
+        traceback.print_exc()
+        typer.echo(f"exiting with {EXIT_RETRYABLE} (retryable): the restarted pod resumes from the newest "
+                   "checkpoint", err=True)
+        raise typer.Exit(EXIT_RETRYABLE) from None

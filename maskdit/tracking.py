@@ -131,3 +131,43 @@ def log_image(path: str | os.PathLike, artifact_path: str = "images") -> None:
 def set_tags(tags: dict[str, Any]) -> None:
     if active_run_id() is not None:
         sys.modules["mlflow"].set_tags({k: str(v) for k, v in tags.items()})
+
+
+def close_stale_runs(parent_run_id: str, reason: str, status: str = "KILLED", *, step: str | None = None,
+                     uri: str | None = None) -> list[str]:
+    """Mark every child run of `parent_run_id` still RUNNING as `status` (KILLED or FAILED); say why.
+
+    A child is still RUNNING after its process ended when nothing could close it (SIGKILL, the OOM
+    killer, a lost node). Each closed child gets the tag `maskdit.closed_reason` = `reason`; the parent
+    gets `maskdit.closed_run.<child id>` = "<status>: <reason>". `step` limits this to children tagged
+    `maskdit.step=<step>` (a retried step closing its own earlier attempt). Call it when no step of the
+    pipeline run is running: a live child would be closed too. A training resumed later reopens its run.
+    Returns the closed run ids; [] when not tracking.
+    """
+    if status not in ("KILLED", "FAILED"):
+        raise ValueError(f"status {status!r}: use 'KILLED' or 'FAILED'")
+    uri = tracking_uri(uri)
+    if uri is None:
+        return []
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    if step is not None:
+        query += f" and tags.`maskdit.step` = '{step}'"
+    stale, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        stale.extend(run.info.run_id for run in page)
+        token = page.token
+        if not token:
+            break
+    note = reason[:5000]  # MLflow limits tag values
+    for run_id in stale:
+        client.set_tag(run_id, "maskdit.closed_reason", note)
+        client.set_terminated(run_id, status=status)
+        client.set_tag(parent_run_id, f"maskdit.closed_run.{run_id}", f"{status}: {note}")
+        log.warning("closed MLflow run %s (child of %s, still RUNNING) as %s: %s", run_id, parent_run_id, status,
+                    reason)
+    return stale

@@ -12,6 +12,10 @@ gradient accumulation computes the same samples as N ranks (up to float summatio
 
 The gradient is the mean over the global batch: each micro loss is sum / per-rank batch, and
 DDP averages over ranks.
+
+Preemption (see maskdit/elastic.py): SIGTERM or SIGINT sets a flag that every rank adds to the
+step's all-reduce, so all ranks stop after the same step; rank 0 writes that step's checkpoint and
+`train` raises `Interrupted` (exit 143), within checkpoint.grace_period_s of the signal.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from typing import Any, Literal
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from maskdit import checkpoint, distributed, tracking
+from maskdit import checkpoint, distributed, storage, tracking
 from maskdit.config import ConfigError
 from maskdit.diffusion import EDMPrecond, drop_labels, maskdit_loss
 from maskdit.distributed import DistInfo
-from maskdit.errors import UserError
+from maskdit.elastic import StopOnSignal
+from maskdit.errors import Interrupted, UserError
 from maskdit.model import MaskDiT
 from maskdit.result import StepResult, result_uri
 from maskdit.shards import LatentSet, load_dataset
@@ -43,6 +48,11 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(UserError, RuntimeError):
     """Too many non-finite steps in a row; the message names the step and what to try."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed after training began (the store went away): retryable, not a UserError.
+    A store that is wrong from the start (no such bucket, bad credentials) fails the resume check first."""
 
 
 class TrainResult(StepResult):
@@ -148,6 +158,7 @@ class Trainer:
         self.skipped = 0
         self.run_id: str | None = None
         self._pending: tuple[tuple[int, int], Future] | None = None  # the micro batch being drawn ahead
+        self.stop = StopOnSignal(cfg.checkpoint.grace_period_s)  # installed while run() runs
         self._restore()
 
         self.model: torch.nn.Module = self.precond
@@ -258,9 +269,11 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or math.inf, foreach=True)
-        stats = torch.cat([sums, (~torch.isfinite(sums[:1])).float(), (~torch.isfinite(grad_norm)).float()[None]])
-        distributed.all_reduce_sum(stats)  # every rank takes the same skip decision
-        loss_bad, grad_bad = stats[3:].tolist()  # the step's one host sync
+        stop = torch.full((1,), float(self.stop.requested), device=dev)  # SIGTERM/SIGINT seen on this rank
+        stats = torch.cat([sums, (~torch.isfinite(sums[:1])).float(), (~torch.isfinite(grad_norm)).float()[None],
+                           stop])
+        distributed.all_reduce_sum(stats)  # every rank takes the same skip and stop decisions
+        loss_bad, grad_bad, stop_asked = stats[3:].tolist()  # the step's one host sync
         finite = loss_bad == 0 and grad_bad == 0
         if finite:
             if self.scaler is not None:
@@ -273,7 +286,7 @@ class Trainer:
             self.scaler.update()  # lowers the scale after an overflow
         self.optimizer.zero_grad(set_to_none=True)
         return {"finite": finite, "sums": stats[:3], "grad_norm": grad_norm.detach(), "lr": lr,
-                "mask_ratio": mask_ratio, "loss_nonfinite": loss_bad > 0}
+                "mask_ratio": mask_ratio, "loss_nonfinite": loss_bad > 0, "stop": stop_asked > 0}
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -297,7 +310,12 @@ class Trainer:
         """Rank 0 writes ckpt-<step>.pt (atomic) and prunes old ones; returns its URI on every rank."""
         uri = checkpoint.checkpoint_uri(self.cfg.checkpoint.dir, self.step)
         if self.dist.is_main:
-            checkpoint.save_checkpoint(self.cfg.checkpoint.dir, self.state(), self.cfg.checkpoint.keep_last)
+            start = time.perf_counter()
+            try:
+                checkpoint.save_checkpoint(self.cfg.checkpoint.dir, self.state(), self.cfg.checkpoint.keep_last)
+            except storage.StorageError as error:
+                raise CheckpointWriteError(f"writing the checkpoint of step {self.step} failed: {error}") from None
+            log.info("wrote %s in %.1f s", uri, time.perf_counter() - start)
         return uri
 
     # ----------------------------------------------------------------- the loop
@@ -310,9 +328,9 @@ class Trainer:
             return self._result(final, {})
         params = cfg.model_dump(mode="json")
         tags = {"maskdit.step": "train", "world_size": str(self.dist.world_size)}
-        with tracking.tracking_run(cfg.tracking.run_name, params, tags=tags,
-                                   uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-                                   run_id=self.run_id, enabled=main) as run_id:
+        with self.stop, tracking.tracking_run(cfg.tracking.run_name, params, tags=tags,
+                                              uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                                              run_id=self.run_id, enabled=main) as run_id:
             self.run_id = run_id
             return self._loop()
 
@@ -325,6 +343,7 @@ class Trainer:
         acc = torch.zeros(3, device=self.device)  # loss, dsm, mae over finite steps since the last log
         norm_sum = torch.zeros((), device=self.device)
         acc_steps, t0, steps_timed = 0, time.perf_counter(), 0
+        log.info("training steps %d to %d on %d rank(s)", self.step, cfg.steps, self.dist.world_size)
         with ThreadPoolExecutor(max_workers=1) as executor, tqdm(
             total=cfg.steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True,
             mininterval=1.0 if tty else 30.0, desc="train",
@@ -368,9 +387,19 @@ class Trainer:
                     norm_sum.zero_()
                     acc_steps, t0, steps_timed = 0, time.perf_counter(), 0
                 bar.update(1)
-                if self.step % cfg.checkpoint.every == 0 or last:
+                if self.step % cfg.checkpoint.every == 0 or last or out["stop"]:
                     final = self.save()
+                if out["stop"] and not last:
+                    self._stopped(final)
         return self._result(final, metrics)
+
+    def _stopped(self, uri: str) -> None:
+        """All ranks agreed to stop after a signal and rank 0 wrote `uri`: wait for it, then raise Interrupted."""
+        distributed.barrier()  # the other ranks exit only when rank 0's checkpoint is complete
+        since = f" ({self.stop.grace_period_s - self.stop.remaining():.1f} s after it)" if self.stop.requested else ""
+        message = (f"stopped on {self.stop.signal_name or 'a signal to another rank'} after step {self.step} of "
+                   f"{self.cfg.steps}{since}; checkpoint {uri}; starting again resumes from it")
+        raise Interrupted(message)
 
     def _result(self, final: str | None, metrics: dict[str, float]) -> TrainResult:
         """The run's result, written to `checkpoint.dir/result.json` by rank 0 (what pipeline steps read)."""

@@ -98,6 +98,7 @@ class CheckpointConfig(StrictModel):
     dir: str = Field(description="folder URI (local or s3://) for ckpt-<step>.pt; resume looks here")
     every: int = Field(10_000, ge=1)  # steps between checkpoints (one is always written at the end)
     keep_last: int = Field(3, ge=1)  # older checkpoints are deleted
+    grace_period_s: float = Field(25.0, gt=0)  # seconds from SIGTERM to exit 143 with that step's checkpoint (operating.md)
 
 
 class TrackingConfig(StrictModel):

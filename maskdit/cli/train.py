@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from maskdit.cli.common import Overrides
-from maskdit.errors import exit_on_user_error
+from maskdit.errors import exit_for_restart_policy
 
 
 def preset_path(config: str) -> Path:
@@ -38,7 +38,7 @@ def train(
     main = int(os.environ.get("RANK", 0)) == 0
     logging.basicConfig(level=logging.INFO if main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with exit_on_user_error():
+    with exit_for_restart_policy():
         cfg = load_config(TrainConfig, preset_path(config), overrides or [])
         result = run(cfg)
     if main:
