@@ -236,6 +236,22 @@ def cleanup_step(kfp_run_id: str, backend: str, namespace: str) -> list[str]:
     return deleted
 
 
+def close_stale_runs(kfp_run_id: str, experiment: str, reason: str, step: str | None = None) -> list[str]:
+    """Mark the pipeline run's MLflow child runs that a killed process left RUNNING as KILLED (and say why).
+
+    Called where no such process can still be alive: by the evaluate step for the training runs
+    (training is over), and by the exit step for every run (the jobs are deleted).
+    """
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return []
+    from maskdit import tracking
+
+    closed = tracking.close_stale_runs(parent_run(kfp_run_id, "", experiment), reason, step=step)
+    if closed:
+        print(f"MLflow runs left RUNNING by killed processes, now KILLED: {', '.join(closed)}")
+    return closed
+
+
 def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_samples: int, sampler: dict,
                   device: str, store_uri: str, kfp_run_id: str, kfp_run_name: str, experiment: str, metrics, samples,
                   evaluation):
@@ -245,6 +261,8 @@ def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_sam
     from maskdit.evaluate import EvaluateConfig, run
 
     out = f"{run_dir(store_uri, kfp_run_id)}/evaluate"
+    close_stale_runs(kfp_run_id, experiment, "training finished; this attempt's process ended without closing it "
+                     "(SIGKILL, OOM or a lost node)", step="train")
     with environment(step_env(kfp_run_id, kfp_run_name, experiment)):
         if not ref_stats:
             ref_stats = fid.run(fid.FIDStatsConfig(source=dataset_uri, out=f"{out}/ref_stats.npz",
