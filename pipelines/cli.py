@@ -182,7 +182,10 @@ def demo(
     mlflow.set_tracking_uri(tracking)
     if mlflow.get_experiment_by_name(DEMO_EXPERIMENT) is None:
         mlflow.create_experiment(DEMO_EXPERIMENT, artifact_location=artifacts.as_uri())
-    ref_stats = _reference_stats(out)
+    from maskdit.errors import exit_on_user_error
+
+    with exit_on_user_error():  # e.g. the demo extra missing: one line, not a traceback
+        ref_stats = _reference_stats(out)
     run_local(dict(images="mnist", store_uri=str(store), resolution=32, pixel_space=True, grayscale=True,
                    pretrain_config="mnist_pretrain", tune_config="mnist_tune", local_nproc=1,
                    ref_stats=str(ref_stats), num_samples=DEMO_SAMPLES,

@@ -23,22 +23,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 # ------------------------------------------------------------------------------------------
-# The steps as today's commands spell them (adapt here when the CLI changes)
+# The steps as their commands spell them: `maskdit <step> key=value ...`, results in result.json
 # ------------------------------------------------------------------------------------------
 
 def step_commands(d: Path) -> list[tuple[str, list[str]]]:
     """(name, maskdit arguments) of each step, in order, on tiny data under `d`: 2 classes of 8x8 gray
     images -> pixel shards -> FID reference -> 4 training steps -> FID of 4 samples -> registry."""
     return [
-        ("encode", ["encode", "--input", str(d / "images"), "--out", str(d / "dataset"), "--pixel-space",
-                    "--grayscale", "--resolution", "8", "--device", "cpu", "--workers", "1"]),
-        ("fid-stats", ["fid-stats", "--source", str(d / "dataset"), "--out", str(d / "ref.npz"),
-                       "--device", "cpu", "--batch-size", "8"]),
+        ("encode", ["encode", f"input={d / 'images'}", f"out={d / 'dataset'}", "pixel_space=true", "grayscale=true",
+                    "resolution=8", "device=cpu", "workers=1"]),
+        ("fid-stats", ["fid-stats", f"source={d / 'dataset'}", f"out={d / 'ref.npz'}", "device=cpu", "batch_size=8"]),
         ("train", ["train", "--config", str(d / "train.yaml")]),
         ("evaluate", ["evaluate", f"checkpoint={d / 'runs'}", f"ref_stats={d / 'ref.npz'}", f"out={d / 'eval'}",
-                      "num_samples=4", "num_steps=2", "batch_size=4", "grid_classes=[0,1]", "grid_columns=2",
-                      "device=cpu"]),
-        ("register", ["register", "--checkpoint", str(d / "runs"), "--fid", "{fid}", "--name", MODEL_NAME]),
+                      "num_samples=4", "sampler.num_steps=2", "batch_size=4", "grid_classes=[0,1]",
+                      "grid_columns=2", "device=cpu"]),
+        ("register", ["register", f"evaluation={d / 'eval'}", f"name={MODEL_NAME}"]),
     ]
 
 
@@ -53,7 +52,7 @@ COMPONENTS = {  # module of the image's `components` package: the KFP components
     "components.evaluate": ["evaluate"], "components.register": ["register"], "components.cleanup": ["cleanup"],
 }
 ALSO_IMPORTED = ["components.launcher", "components.steps", "pipelines.maskdit_pipeline", "pipelines.cli",
-                 "kfp.dsl.executor_main"]  # the last one: what a KFP component pod runs first
+                 "maskdit.elastic", "kfp.dsl.executor_main"]  # the last one: what a KFP component pod runs first
 
 
 # ------------------------------------------------------------------------------------------
@@ -84,14 +83,16 @@ def test_every_step_runs_in_the_image_venv(image_venv, mlflow_server, tmp_path):
               "checkpoint": {**TRAIN_CONFIG["checkpoint"], "dir": str(tmp_path / "runs")}}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     env = image_env(image_venv, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS="2")
-    fid = None
     for name, args in step_commands(tmp_path):
-        args = [a.format(fid=fid) for a in args]
         proc = run(image_venv, tmp_path, "maskdit", *args, env=env)
         assert proc.returncode == 0, f"maskdit {name} failed in the image venv:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-        if name == "evaluate":
-            fid = json.loads((tmp_path / "eval" / "summary.json").read_text())["fid"]
-            assert np.isfinite(fid)
+    results = {name: json.loads(path.read_text()) for name, path in (
+        ("encode", tmp_path / "dataset" / "result.json"), ("fid-stats", tmp_path / "ref.npz.result.json"),
+        ("train", tmp_path / "runs" / "result.json"), ("evaluate", tmp_path / "eval" / "result.json"),
+        ("register", tmp_path / "eval" / "register" / "result.json"))}
+    assert {name: r["kind"] for name, r in results.items()} == {name: name for name in results}
+    fid = results["evaluate"]["fid"]
+    assert np.isfinite(fid) and results["register"]["fid"] == fid and results["train"]["step"] == 4
 
     assert json.loads((tmp_path / "dataset" / "manifest.json").read_text())["count"] == 12
     assert np.load(tmp_path / "ref.npz")["mu"].shape == (2048,)
@@ -121,6 +122,7 @@ def test_components_and_the_version_in_the_image_venv(image_venv, tmp_path):
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert out["image"].endswith(f":{version}")
     assert run(image_venv, tmp_path, "maskdit", "version").stdout.strip() == version
+    assert "compile" in run(image_venv, tmp_path, str(image_venv / "bin" / "maskdit-pipeline"), "--help").stdout
 
 
 def test_the_image_holds_the_runtime_set_only(image_venv, tmp_path):
