@@ -26,7 +26,7 @@ class DataConfig(StrictModel):
 
     uri: str = Field(description="shard folder written by `maskdit encode` (local path or s3://)")
     verify: bool = True  # check every shard's sha256 against the manifest when loading
-    cache_dir: str | None = None  # node-local shard cache; None: MASKDIT_DATA_CACHE, else /dev/shm
+    cache_dir: str | None = None  # node-local shard cache; None: MASKDIT_DATA_CACHE, else /dev/shm/maskdit-data-<uid>
 
 
 class OptimConfig(StrictModel):
