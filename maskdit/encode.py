@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from maskdit import storage
+from maskdit.distributed import resolve_device
 from maskdit.errors import UserError
 from maskdit.images import IMAGE_EXTENSIONS, BadImage, load_image, to_tensor
 from maskdit.shards import Manifest, ShardInfo, Skipped, shard_name, shard_uri, write_manifest, write_shard
@@ -175,12 +176,6 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 # ------------------------------------------------------------------------------------------
 # Encoding
 # ------------------------------------------------------------------------------------------
@@ -260,6 +255,7 @@ def encode(input_uri: str, out_uri: str, vae: str = DEFAULT_VAE, resolution: int
         raise EncodeError(f"--dtype {dtype!r}: use auto, float32, float16 or bfloat16")
     if grayscale and not pixel_space:
         raise EncodeError("--grayscale needs --pixel-space (a VAE expects RGB)")
+    torch_device = resolve_device(device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
     options = EncodeOptions(vae=None if pixel_space else vae, resolution=resolution, shard_size=shard_size,
                             flip=flip, pixel_space=pixel_space, grayscale=grayscale)
     out = str(out_uri).rstrip("/")
@@ -274,7 +270,6 @@ def encode(input_uri: str, out_uri: str, vae: str = DEFAULT_VAE, resolution: int
         if rank == 0:
             _claim_output(out, job)
         _barrier(world)
-        torch_device = torch.device(device) if device else _default_device()
         model = None if pixel_space else load_vae(vae, torch_device)
         autocast = None if pixel_space else _autocast_dtype(dtype, torch_device)
         mine = list(range(rank, len(shards), world))
