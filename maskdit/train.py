@@ -171,8 +171,15 @@ class Trainer:
     def _restore(self) -> None:
         """Resume from the newest valid checkpoint in checkpoint.dir, else start from init_from, else fresh."""
         cfg = self.cfg
-        found = checkpoint.load_latest(cfg.checkpoint.dir) if self.dist.is_main else None
-        uri = distributed.broadcast_object(found[0] if found else None)
+        found, refused = None, None
+        if self.dist.is_main:
+            try:
+                found = checkpoint.load_latest(cfg.checkpoint.dir)
+            except checkpoint.CheckpointError as error:  # checkpoints there, none loads: every rank stops
+                refused = str(error)
+        uri, refused = distributed.broadcast_object((found[0] if found else None, refused))
+        if refused:
+            raise checkpoint.CheckpointError(refused)
         if uri is not None:
             state = found[1] if found else checkpoint.load_checkpoint(uri)
             checkpoint.check_model_config(cfg.model, state, uri)
