@@ -155,12 +155,13 @@ def register(checkpoint_uri: str, fid: float, name: str, *, cfg_scale: float = 1
              experiment: str = "maskdit", tags: dict[str, str] | None = None) -> Registration:
     """Register the checkpoint as a new version of `name`; see the module docstring."""
     from maskdit import __version__
-    from maskdit.tracking import tracking_run
+    from maskdit.tracking import check_reachable, connect, tracking_run
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri  # the environment wins, as in tracking.py
     if not tracking_uri:
         raise RegistryError("no MLflow tracking URI: set MLFLOW_TRACKING_URI or pass --tracking-uri")
-    mlflow.set_tracking_uri(tracking_uri)
+    tracking_uri = connect(tracking_uri)  # credentials in the URI go to MLflow's env, not into logs
+    check_reachable(tracking_uri)  # one line in seconds, not minutes of retries and a traceback
     client = mlflow.MlflowClient()
     version_tags = {FID_TAG: f"{float(fid):.6g}", "cfg_scale": str(cfg_scale), "num_steps": str(num_steps),
                     **({"kfp_run_id": kfp_run_id} if kfp_run_id else {}), **(tags or {})}

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from maskdit import checkpoint, distributed, tracking
+from maskdit import checkpoint, distributed, storage, tracking
 from maskdit.config import ConfigError
 from maskdit.diffusion import EDMPrecond, drop_labels, maskdit_loss
 from maskdit.distributed import DistInfo
@@ -293,7 +293,7 @@ class Trainer:
             "data_position": self.plan.position(self.step),
             "skipped_steps": self.skipped,
             "tracking_run_id": self.run_id,
-            "train_config": self.cfg.model_dump(mode="json"),
+            "train_config": storage.redact(self.cfg.model_dump(mode="json")),  # no credentials in URIs
         }
 
     def save(self) -> str:
@@ -315,7 +315,8 @@ class Trainer:
         tags = {"maskdit.step": "train", "world_size": str(self.dist.world_size)}
         with tracking.tracking_run(cfg.tracking.run_name, params, tags=tags,
                                    uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-                                   run_id=self.run_id, enabled=main) as run_id:
+                                   run_id=self.run_id, enabled=main, retry_s=cfg.tracking.retry_s,
+                                   flush_s=cfg.tracking.flush_s) as run_id:
             self.run_id = run_id
             return self._loop()
 
