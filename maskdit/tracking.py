@@ -96,7 +96,7 @@ def tracking_run(
         run = mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags or None,
                                nested=nested and mlflow.active_run() is not None)
     global _metric_logger
-    status, logger = "FAILED", None
+    status, logger, outer = "FAILED", None, _metric_logger
     try:
         if params:
             _log_params(run.info.run_id, redact(flatten(params)))
@@ -107,7 +107,7 @@ def tracking_run(
         status = "KILLED"
         raise
     finally:
-        _metric_logger = None
+        _metric_logger = outer  # a nested run hands the queue back to its parent
         down = logger is not None and not logger.close(flush_s)
         _end_run(status, uri, quick=down)
 
