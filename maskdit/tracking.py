@@ -321,7 +321,7 @@ def active_run_id() -> str | None:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Log metrics to the active run (queued inside `tracking_run`); a no-op without one (not tracking, or not rank 0)."""
+    """Log metrics to the active run (queued inside `tracking_run`); a no-op without one (not tracking, not rank 0)."""
     run_id = active_run_id()
     if run_id is None:
         return

@@ -15,12 +15,13 @@ from maskdit.registry import RegistryError
 from maskdit.sample import SampleError
 from maskdit.shards import ShardError
 from maskdit.storage import StorageError
+from maskdit.tracking import TrackingError
 from maskdit.train import NonFiniteError
 
 
-@pytest.mark.parametrize("cls", [CheckpointError, ModelMismatchError, ConfigError, DeviceError, EncodeError, EvalError, FIDError,
-                                 ReferenceCheckpointError, RegistryError, SampleError, ShardError, StorageError,
-                                 NonFiniteError, UsageError])
+@pytest.mark.parametrize("cls", [CheckpointError, ModelMismatchError, ConfigError, DeviceError, EncodeError, EvalError,
+                                 FIDError, ReferenceCheckpointError, RegistryError, SampleError, ShardError,
+                                 StorageError, NonFiniteError, TrackingError, UsageError])
 def test_user_errors_exit_2_with_their_message(cls, capsys):
     assert issubclass(cls, UserError)
     with pytest.raises(typer.Exit) as exit_info:
