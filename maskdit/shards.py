@@ -43,6 +43,7 @@ from maskdit.errors import UserError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+SHM = Path("/dev/shm")  # the node's RAM disk: home of the default shard cache
 
 
 class ShardError(UserError, RuntimeError):
@@ -158,8 +159,7 @@ def default_cache_dir() -> Path:
     """MASKDIT_DATA_CACHE, else /dev/shm/maskdit-data-<uid> (RAM, shared by the node), else the temp dir."""
     if env := os.environ.get("MASKDIT_DATA_CACHE"):
         return Path(env)
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    base = SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else Path(tempfile.gettempdir())
     return base / f"maskdit-data-{os.getuid()}"
 
 

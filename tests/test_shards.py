@@ -6,7 +6,6 @@ import os
 import shutil
 import stat
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -151,7 +150,7 @@ def test_cache_is_private_and_ignores_planted_links(tmp_path, monkeypatch):
     """Issue 16.4: a world-readable shared cache; a symlink planted at .lock got truncated."""
     monkeypatch.delenv("MASKDIT_DATA_CACHE", raising=False)
     monkeypatch.setattr(shards.tempfile, "gettempdir", lambda: str(tmp_path / "shared"))
-    monkeypatch.setattr(shards, "Path", lambda p: tmp_path / "no-shm" if p == "/dev/shm" else Path(p))
+    monkeypatch.setattr(shards, "SHM", tmp_path / "no-shm")
     uri = str(tmp_path / "ds")
     write_latent_dataset(uri)
     base = shards.default_cache_dir()
