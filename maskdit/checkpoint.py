@@ -15,7 +15,10 @@ Layout of `<dir>/ckpt-<step:09d>.pt` (everything loads with `torch.load(weights_
     train_config    dict (TrainConfig, JSON-able)
 
 A writer killed mid-write leaves only a hidden `.partial` file (storage's atomic put); the
-previous checkpoint stays valid. Readers take the newest checkpoint that loads and skip corrupt ones.
+previous checkpoint stays valid. Readers take the newest checkpoint that loads and skip corrupt ones;
+a folder whose checkpoints all fail to load is an error, never an empty folder (training would
+otherwise start over at step 0 next to them). Pruning only deletes checkpoints older than the
+one just written, so a newer, unreadable file is left for a person to look at.
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def save_checkpoint(dir_uri: str, state: dict[str, Any], keep_last: int | None =
     buffer.seek(0)
     storage.put_fileobj(buffer, uri)
     if keep_last is not None:
-        for _, old in list_checkpoints(dir_uri)[:-keep_last]:
+        older = [old for step, old in list_checkpoints(dir_uri) if step < state["step"]]
+        for old in older[: max(len(older) - (keep_last - 1), 0)]:
             storage.delete(old)
     return uri
 
@@ -113,12 +117,26 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[
 
 
 def load_latest(dir_uri: str, map_location: str | torch.device = "cpu") -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint under `dir_uri` that loads, as (uri, state); corrupt ones are reported and skipped."""
-    for _, uri in reversed(list_checkpoints(dir_uri)):
+    """The newest checkpoint under `dir_uri` that loads, as (uri, state); corrupt ones are reported and skipped.
+
+    None when the folder holds no checkpoint; `CheckpointError` naming every file when it holds
+    checkpoints and none of them loads.
+    """
+    found = list_checkpoints(dir_uri)
+    failures = []
+    for _, uri in reversed(found):
         try:
             return uri, load_checkpoint(uri, map_location)
         except CheckpointError as error:
             log.warning("skipping unreadable checkpoint: %s", error)
+            reason = " ".join(str(error).replace(uri, "it").split())  # one line
+            failures.append(f"{uri.rsplit('/', 1)[-1]} ({reason[:160]})")
+    if found:
+        raise CheckpointError(
+            f"{dir_uri} holds {len(found)} checkpoint(s) and none loads: {'; '.join(failures)}. Refusing to "
+            "start over at step 0 next to them: move them away (e.g. into a subfolder) to start fresh, or "
+            "point checkpoint.dir at another folder"
+        )
     return None
 
 

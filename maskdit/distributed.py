@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from maskdit.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -30,15 +32,31 @@ class DistInfo:
         return self.world_size > 1
 
 
+class DeviceError(UserError, RuntimeError):
+    """The asked-for device is unknown or not on this machine; the message says what to set."""
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> the local rank's GPU when CUDA is there, else the CPU."""
+    """"auto" -> the local rank's GPU when CUDA is there, else the CPU; "cuda" -> the local rank's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but CUDA is not available; set device=cpu or auto")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"device {name!r} was asked for but {why}; set device=cpu, or auto to use a GPU "
+                              "only where there is one")
+        index = device.index if device.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r} (local rank {local_rank}) asks for GPU {index} but "
+                              f"{torch.cuda.device_count()} are visible; run at most that many ranks a node")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise DeviceError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:<index>")
+    return device
 
 
 def setup(device: str = "auto") -> DistInfo:

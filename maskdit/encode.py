@@ -21,19 +21,18 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
+from typing import Literal
 
 import numpy as np
 import torch
-
-from typing import Literal
-
 from pydantic import Field
 
 from maskdit import storage
 from maskdit.config import StrictModel
+from maskdit.distributed import resolve_device
 from maskdit.errors import UserError
-from maskdit.result import StepResult, result_uri
 from maskdit.images import IMAGE_EXTENSIONS, BadImage, load_image, to_tensor
+from maskdit.result import StepResult, result_uri
 from maskdit.shards import Manifest, ShardInfo, Skipped, shard_name, shard_uri, write_manifest, write_shard
 from maskdit.vae import DEFAULT_VAE, load_vae
 
@@ -154,12 +153,6 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 # ------------------------------------------------------------------------------------------
 # Encoding
 # ------------------------------------------------------------------------------------------
@@ -278,6 +271,7 @@ def encode(cfg: EncodeConfig) -> Manifest | None:
         raise EncodeError(f"resolution={resolution}: use a multiple of 8, the VAE's factor (256 for ImageNet)")
     if grayscale and not pixel_space:
         raise EncodeError("grayscale=true needs pixel_space=true (a VAE expects RGB)")
+    torch_device = resolve_device(device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
     options = EncodeOptions(vae=None if pixel_space else vae, resolution=resolution, shard_size=shard_size,
                             flip=cfg.flip, pixel_space=pixel_space, grayscale=grayscale)
     out = str(out_uri).rstrip("/")
@@ -292,7 +286,6 @@ def encode(cfg: EncodeConfig) -> Manifest | None:
         if rank == 0:
             _claim_output(out, job)
         _barrier(world)
-        torch_device = torch.device(device) if device else _default_device()
         model = None if pixel_space else load_vae(vae, torch_device)
         autocast = None if pixel_space else _autocast_dtype(cfg.dtype, torch_device)
         mine = list(range(rank, len(shards), world))

@@ -177,13 +177,14 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
     `sampler`: the settings the FID was measured with (the evaluation's when given, else the defaults).
     """
     from maskdit import __version__
-    from maskdit.tracking import tracking_run
+    from maskdit.tracking import check_reachable, connect, tracking_run
 
     sampler = sampler or (evaluation.sampler if evaluation else SamplerConfig())
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri  # the environment wins, as in tracking.py
     if not tracking_uri:
         raise RegistryError("no MLflow tracking URI: set MLFLOW_TRACKING_URI or pass tracking_uri")
-    mlflow.set_tracking_uri(tracking_uri)
+    tracking_uri = connect(tracking_uri)  # credentials in the URI go to MLflow's env, not into logs
+    check_reachable(tracking_uri)  # one line in seconds, not minutes of retries and a traceback
     client = mlflow.MlflowClient()
     version_tags = {FID_TAG: f"{float(fid):.6g}", **{k: str(v) for k, v in sampler.model_dump().items()},
                     **({"kfp_run_id": kfp_run_id} if kfp_run_id else {}), **(tags or {})}

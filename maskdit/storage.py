@@ -19,6 +19,7 @@ Writes are atomic: a reader never sees half an object.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -91,6 +92,28 @@ def join(uri: str | os.PathLike, *parts: str) -> str:
         pieces = [text.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
         return "/".join(pieces)
     return str(Path(text, *parts))
+
+
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<name>[?&;][^=&#\s]*(?:pass|pwd|secret|token|key|signature|credential|auth|sig)"
+                           r"[^=&#\s]*=)[^&#\s]+")
+REDACTED = "***"
+
+
+def redact(value: Any) -> Any:
+    """`value` with URI credentials masked, for logs, prints and stored configs.
+
+    In every string: userinfo (`http://user:pass@host` -> `http://***@host`) and query values
+    whose name says secret (`?token=`, `&X-Amz-Signature=`, `password`, `key`, ...). Dicts, lists
+    and tuples are redacted value by value; anything else is returned as is.
+    """
+    if isinstance(value, str):
+        return _SECRET_QUERY.sub(rf"\g<name>{REDACTED}", _USERINFO.sub(rf"\g<scheme>{REDACTED}@", value))
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
 
 
 # ------------------------------------------------------------------------------------------

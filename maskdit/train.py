@@ -186,8 +186,15 @@ class Trainer:
     def _restore(self) -> None:
         """Resume from the newest valid checkpoint in checkpoint.dir, else start from init_from, else fresh."""
         cfg = self.cfg
-        found = checkpoint.load_latest(cfg.checkpoint.dir) if self.dist.is_main else None
-        uri = distributed.broadcast_object(found[0] if found else None)
+        found, refused = None, None
+        if self.dist.is_main:
+            try:
+                found = checkpoint.load_latest(cfg.checkpoint.dir)
+            except checkpoint.CheckpointError as error:  # checkpoints there, none loads: every rank stops
+                refused = str(error)
+        uri, refused = distributed.broadcast_object((found[0] if found else None, refused))
+        if refused:
+            raise checkpoint.CheckpointError(refused)
         if uri is not None:
             state = found[1] if found else checkpoint.load_checkpoint(uri)
             checkpoint.check_model_config(cfg.model, state, uri)
@@ -303,7 +310,7 @@ class Trainer:
             "data_position": self.plan.position(self.step),
             "skipped_steps": self.skipped,
             "tracking_run_id": self.run_id,
-            "train_config": self.cfg.model_dump(mode="json"),
+            "train_config": storage.redact(self.cfg.model_dump(mode="json")),  # no credentials in URIs
         }
 
     def save(self) -> str:
@@ -330,7 +337,8 @@ class Trainer:
         tags = {"maskdit.step": "train", "world_size": str(self.dist.world_size)}
         with self.stop, tracking.tracking_run(cfg.tracking.run_name, params, tags=tags,
                                               uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-                                              run_id=self.run_id, enabled=main) as run_id:
+                                              run_id=self.run_id, enabled=main, retry_s=cfg.tracking.retry_s,
+                                              flush_s=cfg.tracking.flush_s) as run_id:
             self.run_id = run_id
             return self._loop()
 

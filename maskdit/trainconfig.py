@@ -26,7 +26,7 @@ class DataConfig(StrictModel):
 
     uri: str = Field(description="shard folder written by `maskdit encode` (local path or s3://)")
     verify: bool = True  # check every shard's sha256 against the manifest when loading
-    cache_dir: str | None = None  # node-local shard cache; None: MASKDIT_DATA_CACHE, else /dev/shm
+    cache_dir: str | None = None  # node-local shard cache; None: MASKDIT_DATA_CACHE, else /dev/shm/maskdit-data-<uid>
 
 
 class OptimConfig(StrictModel):
@@ -107,6 +107,8 @@ class TrackingConfig(StrictModel):
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else no tracking
     experiment: str = "maskdit"  # MLflow experiment name
     run_name: str | None = None  # MLflow run name; None: MLflow picks one
+    retry_s: float = Field(10.0, gt=0)  # while MLflow is down, metrics are buffered and resent this often
+    flush_s: float = Field(20.0, ge=0)  # at the end, wait at most this long for buffered metrics
 
 
 class TrainConfig(StrictModel):

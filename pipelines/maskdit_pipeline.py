@@ -43,9 +43,9 @@ def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
                                                    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
     kubernetes.use_secret_as_env(task, S3_SECRET, {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"}, optional=True)
     kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-                                                       "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
-                                 optional=True)
+                                                       "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"})
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
+    kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "maskdit")  # MLflow's NetworkPolicy admits these
     return task
 
 

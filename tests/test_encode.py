@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from maskdit import encode as encode_mod
-from maskdit import shards, storage
+from maskdit import images, shards, storage
 from maskdit.cli import app
 from maskdit.encode import EncodeConfig, EncodeError, EncodeResult, encode
 from maskdit.images import center_crop_arr, load_image, to_tensor
@@ -79,6 +79,36 @@ def test_center_crop_matches_adm():
     step = np.array(step.resize((round(175 * 64 / 75), 64), Image.BICUBIC))
     left = (step.shape[1] - 64) // 2
     assert np.array_equal(center_crop_arr(image, 64), step[:, left : left + 64])
+
+
+def test_long_strip_is_cropped_before_resizing(monkeypatch):
+    """Issue 16.8: a 31 KB PNG of 1,000,000 x 32 px was resized whole to 8,000,000 x 256 px (6.3 GB)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1_000_000, 32), 7).save(buffer, format="PNG", optimize=True)
+    assert len(buffer.getvalue()) < 64 * 1024
+    real_resize = Image.Image.resize
+
+    def bounded_resize(self, size, *args, **kwargs):
+        assert size[0] * size[1] <= 4 * 256 * 256, f"resize to {size} px"  # MAX_ASPECT = 4
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+    arr = load_image(buffer.getvalue(), 256)
+    assert arr.shape == (256, 256, 3) and (arr == 7).all()
+
+
+def test_too_many_pixels_are_skipped_with_a_reason(tmp_path, monkeypatch):
+    """Issue 16.8: decoded pixels are bounded per image; the encoder lists such images as skipped."""
+    monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100, raising=False)
+    with pytest.raises(images.BadImage, match="too many pixels: 101x100 px"):
+        load_image(_png((101, 100)), RES)
+    assert load_image(_png((100, 100)), RES).shape == (RES, RES, 3)
+
+
+def _png(size) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # --- latents ---------------------------------------------------------------------------------

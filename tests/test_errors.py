@@ -5,6 +5,7 @@ import typer
 
 from maskdit.checkpoint import CheckpointError, ModelMismatchError
 from maskdit.config import ConfigError
+from maskdit.distributed import DeviceError
 from maskdit.encode import EncodeError
 from maskdit.errors import UsageError, UserError, exit_on_user_error
 from maskdit.evaluate import EvalError
@@ -14,12 +15,13 @@ from maskdit.registry import RegistryError
 from maskdit.sample import SampleError
 from maskdit.shards import ShardError
 from maskdit.storage import StorageError
+from maskdit.tracking import TrackingError
 from maskdit.train import NonFiniteError
 
 
-@pytest.mark.parametrize("cls", [CheckpointError, ModelMismatchError, ConfigError, EncodeError, EvalError, FIDError,
-                                 ReferenceCheckpointError, RegistryError, SampleError, ShardError, StorageError,
-                                 NonFiniteError, UsageError])
+@pytest.mark.parametrize("cls", [CheckpointError, ModelMismatchError, ConfigError, DeviceError, EncodeError, EvalError,
+                                 FIDError, ReferenceCheckpointError, RegistryError, SampleError, ShardError,
+                                 StorageError, NonFiniteError, TrackingError, UsageError])
 def test_user_errors_exit_2_with_their_message(cls, capsys):
     assert issubclass(cls, UserError)
     with pytest.raises(typer.Exit) as exit_info:
@@ -42,3 +44,33 @@ def test_mnist_limit_below_one_a_class_is_a_usage_error():
 
     result = CliRunner().invoke(app, ["data", "mnist", "--out", "unused", "--limit", "3"])
     assert result.exit_code == 2 and "--limit 3: keep at least 10 digits" in result.output
+
+
+@pytest.mark.parametrize(("name", "message"), [("cuda", "'cuda' was asked for but"), ("cuda:0", "'cuda:0' was asked"),
+                                               ("tpu", "unknown device 'tpu'"), ("meta", "'meta' is not supported")])
+def test_device_errors_are_one_line(name, message, monkeypatch):
+    """Issue 16.10: device=cuda without CUDA, or an unknown device, gave a RuntimeError traceback."""
+    import torch
+
+    from maskdit.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=message) as error:
+        resolve_device(name)
+    assert "\n" not in str(error.value)
+
+
+def test_train_on_missing_cuda_exits_2(tmp_path, monkeypatch):
+    import torch
+    from typer.testing import CliRunner
+
+    from maskdit.cli import app
+    from test_train import make_data
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("MASKDIT_DATA_CACHE", str(tmp_path / "cache"))
+    data = make_data(tmp_path / "data")
+    result = CliRunner().invoke(app, ["train", "-c", "mnist_pretrain", f"data.uri={data}", "model=tiny",
+                                      f"checkpoint.dir={tmp_path / 'ck'}", "device=cuda"])
+    assert result.exit_code == 2, result.output
+    assert "'cuda' was asked for but" in result.output and "Traceback" not in result.output

@@ -11,6 +11,7 @@ stand-in API server and evaluates their RBAC.
 from __future__ import annotations
 
 import base64
+import configparser
 import copy
 import re
 import subprocess
@@ -452,6 +453,90 @@ def test_mlflow_allows_its_service_dns_names(overlay) -> None:
     assert arg_value(args, "--artifacts-destination") == "$(MLFLOW_ARTIFACTS_DESTINATION)"
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/mlflow" in mounts, "the sqlite store must live on the PVC"
+
+
+def test_mlflow_requires_authentication(overlay, secrets) -> None:
+    """Issue 16.2: the in-cluster MLflow ran with no authentication."""
+    docs = overlay[1]
+    spec = by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert arg_value(container["command"] + container.get("args", []), "--app-name") == "basic-auth"
+    env = {e["name"]: e for e in container["env"]}
+    for name, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+                      ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
+                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY")):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("maskdit-mlflow", key) and not ref.get("optional"), name
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY" in by_kind_name(secrets, "Secret", "maskdit-mlflow")["data"]
+    # the auth config comes from a ConfigMap, and the user store lives on the PVC with the runs
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(config_path.parent))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    ini = by_kind_name(docs, "ConfigMap", volume["configMap"]["name"])["data"][config_path.name]
+    parser = configparser.ConfigParser()
+    parser.read_string(ini)
+    assert parser["mlflow"]["database_uri"].startswith("sqlite:////mlflow/")
+    assert "admin_password" not in parser["mlflow"], "the admin password belongs in the Secret"
+    # the clients sign in with the same Secret
+    job = pytorchjobs(docs)[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    refs = [s["secretRef"] for s in job["envFrom"] if "secretRef" in s]
+    assert {"name": "maskdit-mlflow"} in refs, "training pods need MLflow's credentials (not optional)"
+
+
+def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]:
+            return False
+    return True
+
+
+def admitted(policies: list[dict[str, Any]], target: dict[str, str], port: int, labels: dict[str, str],
+             namespace: str, namespace_labels: dict[str, str] | None = None) -> bool:
+    """Whether NetworkPolicies in `maskdit` let a pod (`labels`, in `namespace`) connect to `target`:`port`."""
+    namespace_labels = {"kubernetes.io/metadata.name": namespace, **(namespace_labels or {})}
+    selecting = [p for p in policies if "Ingress" in p["spec"]["policyTypes"]
+                 and matches(p["spec"]["podSelector"], target)]
+    if not selecting:
+        return True  # a pod no policy selects is open to all
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            if rule.get("ports") and not any(p.get("port") == port for p in rule["ports"]):
+                continue
+            for peer in rule.get("from", []):
+                in_namespace = (matches(peer["namespaceSelector"], namespace_labels) if "namespaceSelector" in peer
+                                else namespace == policy["metadata"]["namespace"])
+                if in_namespace and matches(peer.get("podSelector", {}), labels):
+                    return True
+    return False
+
+
+def test_only_the_pipeline_and_the_ui_reach_mlflow(overlay) -> None:
+    """Issue 16.2: nothing limited who reaches MLflow."""
+    docs = overlay[1]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    mlflow = by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]
+    target = mlflow["metadata"]["labels"]
+    port = mlflow["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert not admitted(policies, target, port, {}, "maskdit"), "MLflow is open to every pod"
+    job = pytorchjobs(docs)[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    pipeline = {"app.kubernetes.io/part-of": "maskdit"}  # the launcher's training pods; the pipeline's steps
+    assert admitted(policies, target, port, job, "maskdit"), "the training pods cannot reach MLflow"
+    assert admitted(policies, target, port, pipeline, "maskdit")
+    assert admitted(policies, target, port, pipeline, "kubeflow"), "standalone KFP's steps cannot reach MLflow"
+    assert admitted(policies, target, port, {}, "ingress-nginx", {"maskdit.io/mlflow-ui": "allowed"})
+    assert not admitted(policies, target, port, {}, "ingress-nginx")
+    assert not admitted(policies, target, port, pipeline, "default"), "any namespace's pods may reach MLflow"
+    assert not admitted(policies, target, port, {"app": "x"}, "kubeflow")
+    assert not admitted(policies, target, port + 1, pipeline, "maskdit"), "a rule without ports"
+    for name, template in pod_templates(docs):  # e.g. the quickstart's SeaweedFS: no business with MLflow
+        if name.startswith(("Deployment/mlflow", "PyTorchJob/")):
+            continue
+        assert not admitted(policies, target, port, template["metadata"].get("labels", {}), "maskdit"), name
 
 
 def test_pytorchjob_follows_the_training_operator_rules(overlay) -> None:

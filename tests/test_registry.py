@@ -99,3 +99,23 @@ def test_register_command_registers_what_an_evaluation_scored(trained, tracking,
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     result = CliRunner().invoke(app, ["register", f"evaluation={tmp_path / 'eval'}", "name=x"])
     assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output
+
+
+def test_register_fails_fast_when_mlflow_is_unreachable(trained, monkeypatch):
+    """Issue 16.7/16.10: with the server down, register retried for 250 s, then printed a 472-line traceback."""
+    import socket
+    import time
+
+    ckpt, dataset = trained
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:hunter2@127.0.0.1:{port}")
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["register", "--checkpoint", ckpt, "--fid", "4.5", "--name", "down",
+                                      "--dataset", dataset])
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"MLflow at http://127.0.0.1:{port} is unreachable" in lines[0]
+    assert "hunter2" not in result.output

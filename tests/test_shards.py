@@ -1,5 +1,10 @@
 """Shard format, manifest and LatentSet, with hand-written shards (no VAE needed)."""
 
+import hashlib
+import json
+import os
+import shutil
+import stat
 import threading
 
 import pytest
@@ -66,14 +71,104 @@ def test_checksum_mismatch_names_the_shard(tmp_path):
         load_dataset(uri, cache_dir=tmp_path / "cache")
 
 
-def test_verified_local_shards_are_not_rehashed(tmp_path, monkeypatch):
+def test_ranks_of_one_launch_share_the_check(tmp_path, monkeypatch):
+    uri = str(tmp_path / "ds")
+    write_latent_dataset(uri)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")  # as under torchrun: this process is one local rank
+    load_dataset(uri, cache_dir=tmp_path / "cache")
+    calls = []
+    real = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda *a: (calls.append(a[0]), real(*a))[1])
+    load_dataset(uri, cache_dir=tmp_path / "cache")  # another rank of the same launch
+    assert calls == []
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")  # a restart: a new launch hashes again
+    load_dataset(uri, cache_dir=tmp_path / "cache")
+    assert len(calls) == 3
+
+
+def test_verify_rehashes_a_shard_changed_in_place(tmp_path):
+    """Issue 16.9: bytes changed with size and mtime kept were trusted after a first verified load."""
     uri = str(tmp_path / "ds")
     write_latent_dataset(uri)
     load_dataset(uri, cache_dir=tmp_path / "cache")
-    calls = []
-    monkeypatch.setattr(shards, "file_sha256", lambda p: calls.append(p))
-    load_dataset(uri, cache_dir=tmp_path / "cache")
-    assert calls == []
+    bad = tmp_path / "ds" / "shards" / shards.shard_name(0)
+    before = bad.stat()
+    raw = bytearray(bad.read_bytes())
+    raw[-1] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    os.utime(bad, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(ShardError, match=r"shard-000000\.safetensors is corrupt"):
+        load_dataset(uri, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", ["/tmp/evil.safetensors", "../../evil.safetensors", "sub/x.safetensors",
+                                  "..safetensors", ".hidden.safetensors", "x.py"])
+def test_shard_names_must_be_plain(tmp_path, name):
+    """Issue 16.1: a manifest naming an absolute path or `..` made load_dataset write (and delete) there."""
+    uri = str(tmp_path / "ds")
+    write_latent_dataset(uri)
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = name
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="not a plain file name"):
+        load_dataset(uri, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # refused before any I/O
+
+
+@pytest.mark.parametrize(("content", "message"), [(b"", "is empty"), (b"{}", "is not a valid manifest"),
+                                                  (b"not json", "is not a valid manifest")])
+def test_broken_manifest_is_one_line(tmp_path, content, message):
+    """Issue 16.10: a manifest that is not JSON, `{}` or empty gave a pydantic traceback."""
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(ShardError, match=message) as error:
+        read_manifest(str(tmp_path))
+    assert "\n" not in str(error.value) and "manifest.json" in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["length", "json", "offsets"])
+def test_damaged_header_with_verify_off_is_one_line(tmp_path, damage):
+    """Issue 16.10: a damaged safetensors header (verify off) raised from json / torch.frombuffer."""
+    uri = str(tmp_path / "ds")
+    write_latent_dataset(uri)
+    path = tmp_path / "ds" / "shards" / shards.shard_name(1)
+    raw = bytearray(path.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    if damage == "length":
+        raw[:8] = (10**12).to_bytes(8, "little")
+    elif damage == "json":
+        raw[8:12] = b"\xff\xfe{["
+    else:
+        header = raw[8 : 8 + header_len].decode().replace('"data_offsets":[0,', '"data_offsets":[9,')
+        raw[8 : 8 + header_len] = header.encode().ljust(header_len)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match=r"shard-000001\.safetensors is damaged") as error:
+        load_dataset(uri, verify=False, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(error.value)
+
+
+def test_cache_is_private_and_ignores_planted_links(tmp_path, monkeypatch):
+    """Issue 16.4: a world-readable shared cache; a symlink planted at .lock got truncated."""
+    monkeypatch.delenv("MASKDIT_DATA_CACHE", raising=False)
+    monkeypatch.setattr(shards.tempfile, "gettempdir", lambda: str(tmp_path / "shared"))
+    monkeypatch.setattr(shards, "SHM", tmp_path / "no-shm")
+    uri = str(tmp_path / "ds")
+    write_latent_dataset(uri)
+    base = shards.default_cache_dir()
+    assert base == tmp_path / "shared" / f"maskdit-data-{os.getuid()}"
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    cache = base / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    cache.mkdir(parents=True, mode=0o777)
+    os.chmod(base, 0o777)
+    os.chmod(cache, 0o777)
+    (cache / ".lock").symlink_to(target)
+    load_dataset(uri)
+    assert target.read_text() == "precious"
+    assert stat.S_IMODE(base.stat().st_mode) == 0o700 and stat.S_IMODE(cache.stat().st_mode) == 0o700
+    shutil.rmtree(base)
+    base.symlink_to(tmp_path / "elsewhere")  # another user's folder or link at our name: refused
+    with pytest.raises(ShardError, match="is a symlink, not a private folder"):
+        load_dataset(uri)
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
@@ -134,3 +229,20 @@ def test_too_small_cache_fails_before_downloading(bucket, tmp_path, monkeypatch)
     with pytest.raises(ShardError, match="needs .* GiB more: enlarge /dev/shm"):
         load_dataset(uri, cache_dir=tmp_path / "c")
     assert not list((tmp_path / "c").rglob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_s3_cache_does_not_follow_planted_shard_links(bucket, tmp_path):
+    """Issue 16.4: a symlink at a cached shard's name was read through (and trusted with verify off)."""
+    uri = f"s3://{bucket}/ds-links"
+    mean, _, _ = write_latent_dataset(uri)
+    cache = tmp_path / "c" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    cache.mkdir(parents=True, mode=0o700)
+    planted = bytearray(storage.get_bytes(storage.join(uri, "shards", shards.shard_name(0))))
+    planted[-64:] = bytes(64)  # same size, other values
+    victim = tmp_path / "victim"
+    victim.write_bytes(bytes(planted))
+    (cache / shards.shard_name(0)).symlink_to(victim)
+    data = load_dataset(uri, verify=False, cache_dir=tmp_path / "c")
+    assert torch.equal(data.moments(torch.arange(13))[0], mean)
+    assert victim.read_bytes() == bytes(planted) and not (cache / shards.shard_name(0)).is_symlink()

@@ -186,3 +186,15 @@ def test_s3_unreachable_endpoint(monkeypatch):
     with pytest.raises(StorageError, match="unreachable") as info:
         storage.get_bytes("s3://bucket/key")
     assert endpoint in str(info.value) and "s3://bucket/key" in str(info.value)
+
+
+def test_redact_masks_userinfo_and_secret_query_values():
+    """Issue 16.5: credentials in URIs must not reach logs, MLflow params or stored configs."""
+    from maskdit.storage import redact
+
+    assert redact("http://alice:pa%40ss@mlflow:5000/x") == "http://***@mlflow:5000/x"
+    presigned = "https://h/o?X-Amz-Signature=ab&X-Amz-Date=1&token=t"
+    assert redact(presigned) == "https://h/o?X-Amz-Signature=***&X-Amz-Date=1&token=***"
+    assert redact({"tracking": {"uri": "http://u:p@h"}, "steps": 5, "tags": ["s3://b/k"]}) == {
+        "tracking": {"uri": "http://***@h"}, "steps": 5, "tags": ["s3://b/k"]}
+    assert redact("bob@example.com wrote s3://bucket/key") == "bob@example.com wrote s3://bucket/key"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import mlflow
 import pytest
@@ -89,3 +91,98 @@ def test_training_logs_to_mlflow_and_resumes_its_run(mlflow_server, tmp_path):
     second = train(build_config(TrainConfig, {**cfg, "steps": 6}))
     assert second.run_id == first.run_id
     assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [2, 4, 6]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_server_is_one_line_and_quick():
+    """Issue 16.10: an unreachable MLflow retried for minutes, then raised a long traceback."""
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingError) as error:
+        with tracking.tracking_run("x", {"a": 1}, uri=f"http://u:pw-123@127.0.0.1:{_free_port()}"):
+            pass
+    assert time.monotonic() - started < 30
+    message = str(error.value)
+    assert "is unreachable" in message and "MLFLOW_TRACKING_URI" in message and "\n" not in message
+    assert "pw-123" not in message
+
+
+@pytest.mark.slow
+def test_credentials_in_the_tracking_uri_are_never_logged_printed_or_stored(mlflow_server, tmp_path, capfd, caplog,
+                                                                           monkeypatch):
+    """Issue 16.5: tracking.uri=http://user:password@host was an MLflow param, printed, and in the checkpoint."""
+    import logging
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, "")  # recorded, so that teardown removes what connect() sets
+        monkeypatch.delenv(key)
+    secret = "pa55-w0rd"
+    uri = mlflow_server.replace("http://", f"http://alice:{secret}@")
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "ck", steps=2, log_every=1, tracking={"uri": uri, "experiment": "secret"})
+    with caplog.at_level(logging.DEBUG):
+        result = train(build_config(TrainConfig, cfg))
+    run = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(result.run_id)
+    assert run.data.params["tracking.uri"] == mlflow_server.replace("http://", "http://***@")
+    assert not any(secret in v for v in [*run.data.params.values(), *run.data.tags.values()])
+    stored = torch.load(result.checkpoint, weights_only=True)["train_config"]
+    assert stored["tracking"]["uri"] == mlflow_server.replace("http://", "http://***@")
+    out, err = capfd.readouterr()
+    assert secret not in out + err + caplog.text
+    assert secret not in os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+@pytest.mark.slow
+def test_mlflow_outage_during_training_is_buffered_and_replayed(mlflow_server_process, tmp_path, caplog,
+                                                                monkeypatch):
+    """Issue 16.7: with the server down, metric logging retried ~4 minutes, then training died with a traceback.
+
+    The session's server is killed after the first logged step and restarted (same port, same
+    store) two logs later: training goes on, exits 0, and every metric reaches the server.
+    """
+    import logging
+
+    from typer.testing import CliRunner
+
+    from maskdit.cli import app
+
+    server = mlflow_server_process
+    data = make_data(tmp_path / "data")
+    logged_steps = []
+    real_log_metrics = tracking.log_metrics
+
+    def log_metrics(metrics, step=None):
+        real_log_metrics(metrics, step)
+        logged_steps.append(step)
+        if step == 1:
+            server.stop()
+        elif step == 3:
+            time.sleep(1.5)  # the metric thread fails at least once while the server is down
+            server.start()
+
+    monkeypatch.setattr(tracking, "log_metrics", log_metrics)
+    args = ["train", "-c", "mnist_pretrain", f"data.uri={data}", "model=tiny", f"checkpoint.dir={tmp_path / 'ck'}",
+            "steps=6", "log_every=1", "batch.global_batch=16", "device=cpu", f"tracking.uri={server.uri}",
+            "tracking.experiment=outage", "tracking.retry_s=0.5", "tracking.flush_s=30"]
+    try:
+        with caplog.at_level(logging.WARNING, logger="maskdit.tracking"):
+            result = CliRunner().invoke(app, args)
+    finally:
+        if not server.running:  # the other tests of the session need it
+            server.start()
+    assert result.exit_code == 0, result.output
+    assert logged_steps == [1, 2, 3, 4, 5, 6]
+    assert f"MLflow at {server.uri} is unreachable" in caplog.text and "training goes on" in caplog.text
+    assert "during the run; all 48 metric values were logged" in caplog.text
+    client = mlflow.MlflowClient(tracking_uri=server.uri)
+    run = client.search_runs([client.get_experiment_by_name("outage").experiment_id])[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert run.info.status == "FINISHED"

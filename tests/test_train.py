@@ -170,6 +170,31 @@ def test_train_writes_checkpoints_and_keeps_last(data, tmp_path):
     assert again.checkpoint == result.checkpoint and again.step == 6
 
 
+def test_all_checkpoints_unreadable_refuses_a_fresh_start(data, tmp_path):
+    """Issue 16.6: with every checkpoint unreadable, training warned and restarted at step 0 (exit 0)."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "ckpt-000000008.pt").write_bytes(b"not a checkpoint")
+    (ck / "ckpt-000000012.pt").write_bytes(b"\x80\x02half a pickle")
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        train(build(tiny_config(data, ck, steps=4)))
+    message = str(error.value)
+    assert "none loads" in message and "ckpt-000000008.pt (" in message and "ckpt-000000012.pt (" in message
+    assert "move them away" in message and "\n" not in message
+    assert sorted(p.name for p in ck.iterdir()) == ["ckpt-000000008.pt", "ckpt-000000012.pt"]  # nothing written
+
+
+def test_pruning_keeps_checkpoints_newer_than_the_resumed_one(data, tmp_path):
+    """Issue 16.6: pruning by step number deleted the checkpoints just written when an unreadable newer one
+    was there, and the final line named a file that did not exist."""
+    ck = tmp_path / "ck"
+    train(build(tiny_config(data, ck, steps=2, **{"checkpoint.every": 2})))
+    (ck / "ckpt-000000099.pt").write_bytes(b"damaged")
+    result = train(build(tiny_config(data, ck, steps=6, **{"checkpoint.every": 2, "checkpoint.keep_last": 1})))
+    assert result.step == 6 and Path(result.checkpoint).is_file()
+    assert sorted(p.name for p in ck.glob("ckpt-*")) == ["ckpt-000000006.pt", "ckpt-000000099.pt"]
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_are_finite(data, tmp_path, precision):
     result = train(build(tiny_config(data, tmp_path, steps=2, precision=precision)))

@@ -23,7 +23,9 @@ def show(
 
     with exit_on_user_error():
         cfg = load_config(TrainConfig, preset_path(config), overrides or [])
-    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    from maskdit.storage import redact
+
+    typer.echo(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip())
 
 
 @config_app.command("reference")
