@@ -4,11 +4,9 @@ The pipeline layer has its own command (a console script of the same package): m
 imports KFP or this package.
 """
 
-import base64
 import inspect
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -191,7 +189,7 @@ def demo(
                    ref_stats=str(ref_stats), num_samples=DEMO_SAMPLES,
                    sampler={"cfg_scale": DEMO_CFG_SCALE, "num_steps": 18},
                    fid_threshold=fid_threshold, model_name=DEMO_MODEL, experiment=DEMO_EXPERIMENT), out / "kfp")
-    grid = _grid_png(out / "kfp", out / "samples.png")
+    grid = _grid_png(store, out / "samples.png")
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias(DEMO_MODEL, "candidate")
     parent = client.get_run(version.run_id).data.tags.get("mlflow.parentRunId", version.run_id)
@@ -206,11 +204,14 @@ demo finished in {(time.time() - started) / 60:.1f} min
   MLflow UI   : .venv/bin/mlflow ui --backend-store-uri {tracking} --port 5000   (then open http://127.0.0.1:5000)""")
 
 
-def _grid_png(pipeline_root: Path, dest: Path) -> Path:
-    """The evaluate step's sample grid (base64 in its HTML artifact) of the newest run, as a PNG file."""
-    pages = sorted(pipeline_root.glob("**/samples"), key=lambda p: p.stat().st_mtime)
-    if not pages:
-        raise RuntimeError(f"no sample grid under {pipeline_root}: did the evaluate step run?")
-    data = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", pages[-1].read_text()).group(1)
-    dest.write_bytes(base64.b64decode(data))
+def _grid_png(store: Path, dest: Path) -> Path:
+    """The sample grid of the newest run's evaluation (its result.json names it), copied to `dest`."""
+    from maskdit import storage
+    from maskdit.evaluate import EvaluateResult
+    from maskdit.result import read_result
+
+    found = sorted(store.glob("runs/*/evaluate/result.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise RuntimeError(f"no evaluation under {store / 'runs'}: did the evaluate step run?")
+    dest.write_bytes(storage.get_bytes(read_result(EvaluateResult, str(found[-1])).grid))
     return dest
