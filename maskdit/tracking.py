@@ -83,7 +83,8 @@ def tracking_run(
         run_id = None
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
     tags = redact(dict(tags or {}))
-    if run_id:
+    if run_id:  # resume it in its own experiment, whatever this process used before
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
         run = mlflow.start_run(run_id=run_id, nested=nested and mlflow.active_run() is not None)
     else:
         parent = os.environ.get("MASKDIT_PARENT_RUN_ID")

@@ -455,7 +455,7 @@ def test_mlflow_allows_its_service_dns_names(overlay) -> None:
     assert "/mlflow" in mounts, "the sqlite store must live on the PVC"
 
 
-def test_mlflow_requires_authentication(overlay, secrets) -> None:
+def test_mlflow_requires_authentication(overlay) -> None:
     """Issue 16.2: the in-cluster MLflow ran with no authentication."""
     docs = overlay[1]
     spec = by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]
@@ -467,7 +467,8 @@ def test_mlflow_requires_authentication(overlay, secrets) -> None:
                       ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY")):
         ref = env[name]["valueFrom"]["secretKeyRef"]
         assert (ref["name"], ref["key"]) == ("maskdit-mlflow", key) and not ref.get("optional"), name
-    assert "MLFLOW_FLASK_SERVER_SECRET_KEY" in by_kind_name(secrets, "Secret", "maskdit-mlflow")["data"]
+    mlflow_secrets = [s for s in secrets_of(docs) if s["metadata"]["name"] == "maskdit-mlflow"]
+    assert mlflow_secrets and all("MLFLOW_FLASK_SERVER_SECRET_KEY" in s["data"] for s in mlflow_secrets)
     # the auth config comes from a ConfigMap, and the user store lives on the PVC with the runs
     config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(config_path.parent))
@@ -546,7 +547,8 @@ def test_pytorchjob_follows_the_training_operator_rules(overlay) -> None:
     assert job["spec"]["runPolicy"]["cleanPodPolicy"] in ("Running", "All")
     assert job["spec"]["runPolicy"]["suspend"] is True, "the example must not start training when applied"
     master = job["spec"]["pytorchReplicaSpecs"]["Master"]
-    assert master["replicas"] == 1 and master["restartPolicy"] == "OnFailure"
+    # user errors (exit 2) never restart; preemption (143) does: maskdit.elastic maps torchrun's codes
+    assert master["replicas"] == 1 and master["restartPolicy"] == "ExitCode"
     template = master["template"]
     assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
     spec = template["spec"]
@@ -557,7 +559,8 @@ def test_pytorchjob_follows_the_training_operator_rules(overlay) -> None:
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
     assert shm[mount["name"]]["emptyDir"]["medium"] == "Memory"
     command = container["command"] + container["args"]
-    assert command[:2] == ["torchrun", "--no-python"] and command[2:4] == ["maskdit", "train"]
+    assert command[:4] == ["python", "-m", "maskdit.elastic", "--no-python"] and command[4:6] == ["maskdit", "train"]
+    assert spec["terminationGracePeriodSeconds"] >= 30
     config = Path(arg_value(command, "--config"))
     assert config.parent == Path("/opt/maskdit/configs"), "the image keeps the presets at /opt/maskdit/configs"
     presets = ROOT / "maskdit" / "configs"

@@ -24,7 +24,8 @@ import yaml
 from maskdit import checkpoint
 from maskdit.config import build_config
 from maskdit.errors import EXIT_RETRYABLE, EXIT_USER_ERROR, UserError
-from maskdit.train import CheckpointWriteError
+from maskdit.result import read_result, result_uri
+from maskdit.train import CheckpointWriteError, TrainResult
 from maskdit.train import run as train
 from maskdit.trainconfig import TrainConfig
 from test_train import CLI, ENV1, make_data, states_equal, tiny_config
@@ -113,7 +114,7 @@ def test_sigterm_one_process_checkpoints_exits_143_and_resumes_bitwise(data, tmp
                              env={**os.environ, **ENV1}, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stopped_at}" in resumed.stderr, context
-    final = checkpoint.load_checkpoint(resumed.stdout.strip().splitlines()[-1])
+    final = checkpoint.load_checkpoint(read_result(TrainResult, result_uri(str(ck))).checkpoint)
     states_equal(checkpoint.load_checkpoint(straight.checkpoint), final)
     run = client.get_run(state["tracking_run_id"])  # the resumed training continued the same MLflow run
     assert final["tracking_run_id"] == run.info.run_id and run.info.status == "FINISHED"
@@ -212,8 +213,8 @@ def test_sigterm_two_ranks_under_elastic_stop_together_and_resume_bitwise(data, 
     resumed = subprocess.run(_elastic(2, config), env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stopped_at}" in resumed.stderr, context
-    states_equal(checkpoint.load_checkpoint(straight.stdout.strip().splitlines()[-1]),
-                 checkpoint.load_checkpoint(resumed.stdout.strip().splitlines()[-1]))
+    states_equal(checkpoint.load_checkpoint(read_result(TrainResult, result_uri(str(tmp_path / "straight"))).checkpoint),
+                 checkpoint.load_checkpoint(read_result(TrainResult, result_uri(str(ck))).checkpoint))
 
 
 @pytest.mark.slow

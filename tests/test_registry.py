@@ -101,7 +101,7 @@ def test_register_command_registers_what_an_evaluation_scored(trained, tracking,
     assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output
 
 
-def test_register_fails_fast_when_mlflow_is_unreachable(trained, monkeypatch):
+def test_register_fails_fast_when_mlflow_is_unreachable(trained, monkeypatch, tmp_path):
     """Issue 16.7/16.10: with the server down, register retried for 250 s, then printed a 472-line traceback."""
     import socket
     import time
@@ -112,8 +112,10 @@ def test_register_fails_fast_when_mlflow_is_unreachable(trained, monkeypatch):
         port = sock.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:hunter2@127.0.0.1:{port}")
     started = time.monotonic()
-    result = CliRunner().invoke(app, ["register", "--checkpoint", ckpt, "--fid", "4.5", "--name", "down",
-                                      "--dataset", dataset])
+    EvaluateResult(fid=4.5, num_samples=10, sampler=SamplerConfig(), seed=0, checkpoint=ckpt, dataset=dataset,
+                   ref_stats="ref.npz", inception="bundled", world_size=1, seconds=1.0,
+                   grid=str(tmp_path / "g.png")).write(str(tmp_path / "eval" / "result.json"))
+    result = CliRunner().invoke(app, ["register", f"evaluation={tmp_path / 'eval'}", "name=down"])
     assert time.monotonic() - started < 30
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
