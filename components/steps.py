@@ -17,12 +17,12 @@ import html
 import json
 import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import Field
 
 from maskdit.config import StrictModel
+from maskdit.tracking import environment
 
 S3_SECRET = "maskdit-s3"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
 MLFLOW_SECRET = "maskdit-mlflow"  # MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD (may be empty)
@@ -104,21 +104,6 @@ def step_env(kfp_run_id: str, kfp_run_name: str, experiment: str) -> dict[str, s
     """Environment for a step's work: nest its MLflow run under the pipeline run's parent run."""
     parent = parent_run(kfp_run_id, kfp_run_name, experiment)
     return {"MASKDIT_PARENT_RUN_ID": parent} if parent else {}
-
-
-@contextmanager
-def environment(env: dict[str, str]):
-    """`env` set in this process while a step runs in-process (restored after)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # --- the steps ---

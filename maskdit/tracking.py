@@ -160,11 +160,10 @@ def check_reachable(uri: str, retries: int = 2) -> None:
 
 
 @contextmanager
-def _quick_requests() -> Iterator[None]:
-    """MLflow calls in this block try once, for at most a few seconds (the server is known to be down)."""
-    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(_REQUEST_TIMEOUT_S)}
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` set in this process for the block (MLflow reads its settings there); restored after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
@@ -173,6 +172,11 @@ def _quick_requests() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _quick_requests():
+    """MLflow calls in this block try once, for at most a few seconds (the server is known to be down)."""
+    return environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(_REQUEST_TIMEOUT_S)})
 
 
 def _end_run(status: str, uri: str, quick: bool) -> None:

@@ -28,28 +28,10 @@ from maskdit.result import read_result, result_uri
 from maskdit.train import CheckpointWriteError, TrainResult
 from maskdit.train import run as train
 from maskdit.trainconfig import TrainConfig
-from test_train import CLI, ENV1, make_data, states_equal, tiny_config
+from test_train import CLI, ENV1, data, one_thread, states_equal, tiny_config  # noqa: F401 (fixtures)
 
 MASKDIT = str(Path(sys.executable).with_name("maskdit"))  # the console script, as the PyTorchJob runs it
 STOPPED = re.compile(r"stopped on SIGTERM after step (\d+) of")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    return make_data(tmp_path_factory.mktemp("latents"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch, tmp_path):
-    """One intra-op thread (bitwise comparable with the subprocesses); no tracking unless a test asks."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for key in ("MLFLOW_TRACKING_URI", "MASKDIT_PARENT_RUN_ID", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.setenv(key, "")  # recorded, so that teardown removes what mlflow itself sets
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("MASKDIT_DATA_CACHE", str(tmp_path / "cache"))
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(tmp_path: Path, name: str, cfg: dict) -> Path:
