@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             "device": str(dist.device.type)})
         trainer = Trainer(cfg, dist)
         per_rank = trainer.per_rank
-        bare = Step(args.config, per_rank, dist.device, BARE_DTYPES[args.precision], compile_=False)
+        bare = Step(args.config, per_rank, dist.device, BARE_DTYPES[args.precision])
         # the same AdamW implementation as the trainer (fused on CUDA, foreach on CPU), so only the
         # trainer's own work differs
         defaults = trainer.optimizer.defaults
