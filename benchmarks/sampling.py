@@ -83,6 +83,18 @@ def sampler_fn(precond: EDMPrecond, batch: int, steps: int, cfg_scale: float, pr
                                   precision=precision, compile=compile_)
 
 
+def baseline_fn(path: str, precond: EDMPrecond, batch: int, steps: int, cfg_scale: float):
+    """`sampler_fn` with the `sample_latents` of the diffusion module at `path` (its defaults)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_diffusion", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    device = next(precond.parameters()).device
+    labels = torch.randint(precond.config.num_classes, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
+    return lambda: module.sample_latents(precond, labels, list(range(batch)), cfg_scale=cfg_scale, num_steps=steps)
+
+
 def network_gflop_per_img(precond: EDMPrecond, steps: int) -> float:
     """FLOPs of one image's sampling: 2 * steps - 1 calls, each a cond + null forward."""
     cfg, device = precond.config, next(precond.parameters()).device
@@ -138,6 +150,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="SamplerConfig.compile: torch.compile the network call")
     parser.add_argument("--compare", action="store_true",
                         help="time eager and compiled sampling alternately in this process (ratio; no VAE/FID)")
+    parser.add_argument("--baseline", default=None, metavar="FILE",
+                        help="with --compare: also time sample_latents of another diffusion.py (e.g. an older "
+                             "commit's, from `git show REV:maskdit/diffusion.py > FILE`)")
     parser.add_argument("--vae", action="store_true", help="also time SD-VAE decoding (latent models)")
     parser.add_argument("--inception-batch", type=int, default=16)
     parser.add_argument("--inception-repeats", type=int, default=3)
@@ -162,15 +177,22 @@ def main() -> None:
     if args.compare:
         eager = sampler_fn(precond, args.batch, args.steps, args.cfg_scale, args.precision)
         compiled = sampler_fn(precond, args.batch, args.steps, args.cfg_scale, args.precision, compile_=True)
+        fns = {"eager": eager, "compiled": compiled}
+        if args.baseline:
+            fns["baseline"] = baseline_fn(args.baseline, precond, args.batch, args.steps, args.cfg_scale)
         for _ in range(args.warmup):
             eager()
         start = time.perf_counter()
         compiled()  # compilation and the first call
         result["compile_and_first_call_s"] = round(time.perf_counter() - start, 1)
-        times = time_interleaved({"eager": eager, "compiled": compiled}, args.repeats, device)
+        times = time_interleaved(fns, args.repeats, device)
         for name, seconds in times.items():
             result[f"{name}_img_s"] = round(args.batch / statistics.median(seconds), 3)
-        result["compiled_vs_eager_speedup"] = round(statistics.median(times["eager"]) / statistics.median(times["compiled"]), 3)
+        medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+        result["compiled_vs_eager_speedup"] = round(medians["eager"] / medians["compiled"], 3)
+        if args.baseline:
+            result["eager_vs_baseline_speedup"] = round(medians["baseline"] / medians["eager"], 3)
+            result["compiled_vs_baseline_speedup"] = round(medians["baseline"] / medians["compiled"], 3)
         print(json.dumps(result))
         return
 
