@@ -57,7 +57,7 @@ class Step:
     """One training step with its own model, optimizer and EMA; `compile_` is the training config's `compile`."""
 
     def __init__(self, name: str, batch: int, device: torch.device, dtype: torch.dtype | None, compile_: str = "off",
-                 seed: int = 0):
+                 seed: int = 0, backend: str = "inductor"):
         cfg = model_config(name)
         self.cfg, self.device, self.dtype = cfg, device, dtype
         torch.manual_seed(seed)
@@ -67,7 +67,7 @@ class Step:
         self.ema_params = [p for p in self.ema.parameters()]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0)
         self.model = self.precond
-        self.loss_fn = training_loss(self.precond.net, compile_)
+        self.loss_fn = training_loss(self.precond.net, compile_, backend)
         self.x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)  # (B, C, H, W)
         self.labels = torch.randint(0, cfg.num_classes, (batch,), device=device)  # (B,)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
