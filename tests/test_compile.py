@@ -47,13 +47,17 @@ def test_compiled_loss_matches_eager_and_compiles_once_for_all_mask_ratios(mode)
     loss_fn = training_loss(compiled.net, mode, backend="aot_eager")
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep their keys
 
-    for ratio in (0.5, 0.0):  # the two graphs: masked (L_keep symbolic) and unmasked
+    # the graphs: "model" one per block width, for every token count with or without a mask; "step" one
+    # masked (L_keep symbolic) and one unmasked (no gather). Without the dynamic marking, torch would
+    # compile again at the second token count (and only then make it dynamic).
+    for ratio in {"model": (0.5,), "step": (0.5, 0.0)}[mode]:
         _loss_and_grads(compiled, ratio, loss_fn)
     warm = graphs()
-    # kept-token counts 9, 12, 14, 15 (one masked: a size-1 dimension) and 16 with a mask (nothing masked),
+    # kept-token counts 9, 12, 14, 15 (one masked: a size-1 dimension), 16 with a mask (nothing masked) and
+    # without one (mask ratio 0: the patch embedding's transposed layout),
     # as a cosine schedule passes through them; the first and last ratios of a cosine schedule close the list
     cosine = MaskConfig(ratio=0.5, schedule="cosine")
-    ratios = [0.45, 0.25, 0.15, 0.1, 0.01, cosine.ratio_at(1, 10), cosine.ratio_at(8, 10)]
+    ratios = [0.45, 0.25, 0.15, 0.1, 0.01, cosine.ratio_at(1, 10), cosine.ratio_at(8, 10), 0.0]
     for ratio in ratios:
         want_loss, want_grads = _loss_and_grads(eager, ratio)
         got_loss, got_grads = _loss_and_grads(compiled, ratio, loss_fn)
