@@ -181,26 +181,28 @@ def bench_fid(s: dict, device: torch.device, vae, sample_img_s: float) -> dict:
 def markdown(result: dict) -> str:
     dev, lines = result["device"], []
     lines += [f"# GPU suite: {dev}", "", f"torch {result['torch']}, {result['mode']}, total {result['total_s']} s", ""]
-    lines += ["## Training step", "", "| model | batch | precision | compile | mask | s/step | img/s | GFLOP/step | TFLOP/s | MFU "
-              "| masked/unmasked time | compile s | state GB | step peak GB |", "|" + "---|" * 14]
+    lines += ["## Training step", "", "| model | batch | precision | compile | mask | s/step | img/s | GFLOP/step "
+              "| TFLOP/s | MFU | masked/unmasked time | compile s | state GB | step peak GB |", "|" + "---|" * 14]
     for r in result["train"]:
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['compile']} | {r['mask_ratio']} | "
                      f"{r['s_per_step']} | {r['img_per_s']} | {r['gflop_per_step']} | {r['tflops']} | {mfu} | "
-                     f"{r.get('masked_vs_unmasked_time', '')} | {r['compile_s']} | {r['state_gb']} | {r['step_peak_gb']} |")
+                     f"{r.get('masked_vs_unmasked_time', '')} | {r['compile_s']} | {r['state_gb']} | "
+                     f"{r['step_peak_gb']} |")
     t = result["trainer"]
     lines += ["", "## Trainer overhead", "", "| model | batch | precision | trainer s/step | bare s/step | overhead |",
               "|---|---|---|---|---|---|",
               f"| {t['model']} | {t['global_batch']} | {t['precision']} | {t['trainer_s_per_step']} | "
               f"{t['bare_s_per_step']} | {t['overhead_pct']} % |"]
-    lines += ["", "## Sampling (40 Heun steps, CFG 1.5)", "", "| variant | batch | s/network call | img/s | first call s |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Sampling (40 Heun steps, CFG 1.5)", "",
+              "| variant | batch | s/network call | img/s | first call s |", "|---|---|---|---|---|"]
     for r in result["sample"]:
         lines.append(f"| {r['variant']} | {r['batch']} | {r['s_per_network_call']} | {r['img_per_s_40_steps']} | "
                      f"{r['first_call_s']} |")
     e, f = result["encode"], result["fid"]
     lines += ["", "## Encoding and FID-50K", "", "| measurement | value |", "|---|---|",
-              f"| SD-VAE encode, {e['resolution']} px, batch {e['batch']}, {e['autocast']} | {e['vae_encode_img_s']} img/s |",
+              f"| SD-VAE encode, {e['resolution']} px, batch {e['batch']}, {e['autocast']} | "
+              f"{e['vae_encode_img_s']} img/s |",
               f"| SD-VAE decode | {f['decode_img_s']} img/s |", f"| Inception pool3 | {f['inception_img_s']} img/s |",
               f"| 2048-d sqrtm | {f['sqrtm_s']} s |", f"| sampler used (best above) | {f['sample_img_s']} img/s |",
               f"| **FID-50K on 8 GPUs (projected)** | **{f['fid50k_8gpu_s']} s = {f['fid50k_8gpu_s'] / 60:.1f} min** |"]

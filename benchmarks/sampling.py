@@ -198,13 +198,15 @@ def main() -> None:
 
     sample_s = timed(sampler_fn(precond, args.batch, args.steps, args.cfg_scale, args.precision, args.compile),
                      args.repeats, args.warmup, device)
-    result.update(compile=args.compile, sample_s_per_batch=round(sample_s, 3), sample_img_s=round(args.batch / sample_s, 3),
-                  s_per_network_call=round(sample_s / calls, 4))  # 40-step rate = batch / (79 * this)
+    # s_per_network_call: the 40-step rate is batch / (79 * this)
+    result.update(compile=args.compile, sample_s_per_batch=round(sample_s, 3),
+                  sample_img_s=round(args.batch / sample_s, 3), s_per_network_call=round(sample_s / calls, 4))
 
     side = cfg.input_size
     if args.vae:
         vae = sd_vae(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
-        result["decode_img_s"] = round(decode_img_s(vae, cfg.input_size, args.batch, args.repeats, args.warmup, device), 3)
+        decode = decode_img_s(vae, cfg.input_size, args.batch, args.repeats, args.warmup, device)
+        result["decode_img_s"] = round(decode, 3)
         z = torch.randn(1, 4, cfg.input_size, cfg.input_size, device=device, dtype=vae.dtype)
         with torch.no_grad():
             result["decode_gflop_per_img"] = round(count_flops(lambda: vae.decode(z).sample) / 1e9, 1)

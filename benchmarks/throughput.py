@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/throughput.py --configs S/4,demo --batch 32 --steps 5   # CPU
     .venv/bin/python benchmarks/throughput.py --configs XL/2 --batch 64 --flops-only    # any machine
-    .venv/bin/python benchmarks/throughput.py --configs demo --batch 32 --compare-compile model,step  # eager vs compiled
+    .venv/bin/python benchmarks/throughput.py --configs demo --batch 32 --compare-compile model,step  # vs eager
     python benchmarks/throughput.py --configs XL/2 --batch 64 --device cuda --dtype bf16 --compile model
 
 A step is what training does: maskdit_loss forward (eq. 6-8), backward, AdamW (lr 1e-4, no weight
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32 = none)")
     parser.add_argument("--compile", choices=["off", "model", "step"], default="off",
-                        help="torch.compile as the training config's `compile` (model: each block; step: forward + loss)")
+                        help="torch.compile as the training config's `compile` (model: blocks; step: forward + loss)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device, time nothing")
     parser.add_argument("--compare-compile", default=None, metavar="MODES",
