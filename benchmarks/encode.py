@@ -23,12 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fixtures.s3 import run_seaweedfs  # noqa: E402
-
-from maskdit import shards, storage  # noqa: E402
-from maskdit.encode import encode  # noqa: E402
+from maskdit import shards, storage
+from maskdit.encode import encode, vae_moments
 
 
 def tiny_vae(path: Path) -> str:
@@ -65,7 +61,29 @@ def bench_encode(work: Path, args) -> dict:
             "device": args.device, "seconds": round(seconds, 2), "images_per_s": round(args.images / seconds, 1)}
 
 
+def encode_img_s(vae, resolution: int, batch: int, device: torch.device, autocast: torch.dtype | None,
+                 repeats: int = 3, warmup: int = 1) -> float:
+    """img/s of the VAE encoder alone (`maskdit.encode.vae_moments`, as `maskdit encode` calls it) on random
+    images in [-1, 1]: the GPU part of encoding, without JPEG decoding and cropping."""
+    x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1  # (B, 3, H, W)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            vae_moments(vae, x, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return batch / sorted(times)[len(times) // 2]
+
+
 def bench_reads(work: Path, args) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fixtures.s3 import run_seaweedfs
+
     with run_seaweedfs(work / "seaweedfs") as server:
         os.environ.update(server.env())
         server.client().create_bucket(Bucket="bench")

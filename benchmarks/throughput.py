@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/throughput.py --configs S/4,demo --batch 32 --steps 5   # CPU
     .venv/bin/python benchmarks/throughput.py --configs XL/2 --batch 64 --flops-only    # any machine
-    python benchmarks/throughput.py --configs XL/2 --batch 64 --device cuda --dtype bf16 --compile
+    .venv/bin/python benchmarks/throughput.py --configs demo --batch 32 --compare-compile model,step  # vs eager
+    python benchmarks/throughput.py --configs XL/2 --batch 64 --device cuda --dtype bf16 --compile model
 
 A step is what training does: maskdit_loss forward (eq. 6-8), backward, AdamW (lr 1e-4, no weight
 decay), EMA update (0.9999). Random data; the first `--warmup` steps (and compilation) are not timed;
@@ -26,8 +27,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from maskdit.compiled import training_loss
 from maskdit.diffusion import EDMPrecond, maskdit_loss
-from maskdit.model import MaskDiT, model_config
+from maskdit.model import MaskDiT, ModelConfig, model_config, num_masked
 
 MASK_RATIOS = (0.0, 0.5)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,24 +54,27 @@ CPU_ATTENTION_FLOPS = {
 
 
 class Step:
-    """One training step with its own model, optimizer and EMA."""
+    """One training step with its own model, optimizer and EMA; `compile_` is the training config's `compile`."""
 
-    def __init__(self, name: str, batch: int, device: torch.device, dtype: torch.dtype | None, compile_: bool):
+    def __init__(self, name: str, batch: int, device: torch.device, dtype: torch.dtype | None, compile_: str = "off",
+                 seed: int = 0, backend: str = "inductor"):
         cfg = model_config(name)
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        torch.manual_seed(seed)
         self.precond = EDMPrecond(MaskDiT(cfg)).to(device)
         self.ema = copy.deepcopy(self.precond).requires_grad_(False)
         self.params = [p for p in self.precond.parameters() if p.requires_grad]
         self.ema_params = [p for p in self.ema.parameters()]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0)
-        self.model = torch.compile(self.precond) if compile_ else self.precond
+        self.model = self.precond
+        self.loss_fn = training_loss(self.precond.net, compile_, backend)
         self.x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)  # (B, C, H, W)
         self.labels = torch.randint(0, cfg.num_classes, (batch,), device=device)  # (B,)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def __call__(self, mask_ratio: float) -> None:
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            loss = maskdit_loss(self.model, self.x0, self.labels, mask_ratio).loss.mean()
+            loss = maskdit_loss(self.model, self.x0, self.labels, mask_ratio, loss_fn=self.loss_fn).loss.mean()
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
@@ -99,6 +104,47 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
         return override
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def analytic_flops(cfg: ModelConfig, batch: int, mask_ratio: float) -> dict[str, int]:
+    """Matmul FLOPs of one training step from the shapes (2 per multiply-add; backward = 2 x forward).
+
+    Per sample and block of width W on T tokens (MLP width M, condition width Dc): qkv + proj
+    2 T 4 W^2, MLP 2 T 2 W M, attention (Q K^T and P V) 4 T^2 W, adaLN 2 Dc 6 W. The encoder runs on
+    L_keep = L - floor(r L) tokens, the decoder (projection, blocks, final layer) on all L; the patch
+    embedding sees all L, the final layer maps to p^2 C. Elementwise work is not counted, as in the
+    MFU convention (PaLM, Megatron); flash attention's recomputation in the backward is not counted.
+    """
+    length = cfg.num_tokens
+    keep = length - num_masked(length, mask_ratio) if mask_ratio > 0 else length
+    d, patch = cfg.hidden_size, cfg.patch_size**2 * cfg.in_channels
+
+    def block(tokens: int, width: int) -> int:
+        mlp = int(width * cfg.mlp_ratio)
+        return 2 * tokens * 4 * width**2 + 2 * tokens * 2 * width * mlp + 4 * tokens**2 * width + 2 * d * 6 * width
+
+    encoder = 2 * length * patch * d + 2 * 256 * d + 2 * d * d + cfg.depth * block(keep, d)  # + time embedding MLP
+    if cfg.decoder_depth > 0:
+        dd = cfg.decoder_hidden_size
+        decoder = 2 * d * 2 * d + 2 * keep * d * dd + cfg.decoder_depth * block(length, dd)
+        decoder += 2 * d * 2 * dd + 2 * length * dd * patch
+    else:
+        decoder = 2 * d * 2 * d + 2 * keep * d * patch  # the final layer on the encoder's tokens
+    return {"encoder": 3 * batch * encoder, "decoder": 3 * batch * decoder, "total": 3 * batch * (encoder + decoder)}
+
+
+def time_interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each `fn()` over `repeats` rounds; each round runs every fn once, in turn, so that all of
+    them see the same machine load (warm-up and compilation are the caller's)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def count_only(args: argparse.Namespace) -> list[dict]:
@@ -194,6 +240,36 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def compare_compile(name: str, batch: int, device: torch.device, dtype: torch.dtype | None, modes: list[str],
+                    mask_ratios: tuple[float, ...], steps: int, warmup: int) -> list[dict]:
+    """Eager against compiled training steps in one process: the same weights and batch, steps alternating
+    over (mode, ratio) so every variant sees the same machine load. compile_s = the first steps (all
+    ratios, where compilation happens) minus as many eager steps."""
+    variants = {mode: Step(name, batch, device, dtype, mode) for mode in ["off", *modes]}
+    first: dict[str, float] = {}
+    for mode, step in variants.items():
+        start = time.perf_counter()
+        for ratio in mask_ratios:
+            step(ratio)
+        sync(device)
+        first[mode] = time.perf_counter() - start
+        for _ in range(warmup):
+            for ratio in mask_ratios:
+                step(ratio)
+    fns = {(mode, ratio): (lambda s=step, r=ratio: s(r)) for mode, step in variants.items() for ratio in mask_ratios}
+    times = time_interleaved(fns, steps, device)
+    rows = []
+    for (mode, ratio), seconds in times.items():
+        median, eager = statistics.median(seconds), statistics.median(times[("off", ratio)])
+        rows.append({"model": name, "batch": batch, "mask_ratio": ratio, "compile": mode,
+                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "threads": torch.get_num_threads(), "s_per_step": round(median, 5),
+                     "img_per_s": round(batch / median, 2), "speedup_vs_eager": round(eager / median, 3),
+                     "compile_s": round(first[mode] - first["off"], 1) if mode != "off" else 0.0})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="XL/2", help="comma-separated presets (maskdit.model.MODEL_PRESETS)")
@@ -202,9 +278,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32 = none)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the preconditioned model")
+    parser.add_argument("--compile", choices=["off", "model", "step"], default="off",
+                        help="torch.compile as the training config's `compile` (model: blocks; step: forward + loss)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device, time nothing")
+    parser.add_argument("--compare-compile", default=None, metavar="MODES",
+                        help="e.g. model,step: time eager and these compile modes alternately (first config only)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU (default: by card)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -212,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.compare_compile:
+        compare_compile(args.configs.split(",")[0], args.batch, torch.device(args.device), DTYPES[args.dtype],
+                        args.compare_compile.split(","), MASK_RATIOS, args.steps, args.warmup)
+        return
     run(args)
 
 

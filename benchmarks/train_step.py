@@ -59,33 +59,24 @@ def synthetic_latents(root: Path, name: str, samples: int) -> str:
     return str(root)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="demo", help="model preset (maskdit.model.MODEL_PRESETS)")
-    parser.add_argument("--batch", type=int, default=64, help="global batch (split over torchrun ranks)")
-    parser.add_argument("--precision", choices=sorted(BARE_DTYPES), default="fp32")
-    parser.add_argument("--mask-ratio", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind (median reported)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=4096, help="synthetic latents on disk")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-
-    dist = distributed.setup(args.device)
+def overhead(config: str, batch: int, precision: str = "fp32", mask_ratio: float = 0.5, steps: int = 10,
+             warmup: int = 3, samples: int = 4096, device: str = "auto") -> dict | None:
+    """Trainer step against bare step, alternating, medians; the result on rank 0 (None on the others)."""
+    dist = distributed.setup(device)
     with tempfile.TemporaryDirectory() as own_tmp:
         tmp = distributed.broadcast_object(own_tmp)  # rank 0's folder for every rank of the node
         data_dir = Path(tmp) / "latents"
         if dist.is_main:
-            synthetic_latents(data_dir, args.config, args.samples)
+            synthetic_latents(data_dir, config, samples)
         distributed.barrier()
         cfg = build_config(TrainConfig, {
-            "model": args.config, "data": {"uri": str(data_dir), "cache_dir": str(Path(tmp) / "cache")},
-            "batch": {"global_batch": args.batch}, "precision": args.precision,
-            "mask": {"ratio": args.mask_ratio}, "steps": 10**9, "checkpoint": {"dir": str(Path(tmp) / "ck")},
+            "model": config, "data": {"uri": str(data_dir), "cache_dir": str(Path(tmp) / "cache")},
+            "batch": {"global_batch": batch}, "precision": precision,
+            "mask": {"ratio": mask_ratio}, "steps": 10**9, "checkpoint": {"dir": str(Path(tmp) / "ck")},
             "device": str(dist.device.type)})
         trainer = Trainer(cfg, dist)
         per_rank = trainer.per_rank
-        bare = Step(args.config, per_rank, dist.device, BARE_DTYPES[args.precision], compile_=False)
+        bare = Step(config, per_rank, dist.device, BARE_DTYPES[precision])
         # the same AdamW implementation as the trainer (fused on CUDA, foreach on CPU), so only the
         # trainer's own work differs
         defaults = trainer.optimizer.defaults
@@ -101,33 +92,51 @@ def main(argv: list[str] | None = None) -> None:
 
         full_times, bare_times = [], []
         with ThreadPoolExecutor(max_workers=1) as executor:
-            for i in range(args.warmup):
+            for i in range(warmup):
                 trainer.train_step(i, executor)
-                bare(args.mask_ratio)
-            for i in range(args.warmup, args.warmup + args.steps):
+                bare(mask_ratio)
+            for i in range(warmup, warmup + steps):
                 # the step plus the rest of its prefetch of the next batch: the data cost counts in full,
                 # and the prefetch does not steal the bare step's cores
                 full_times.append(timed(lambda: (trainer.train_step(i, executor), trainer._pending[1].result())))
-                bare_times.append(timed(lambda: bare(args.mask_ratio)))
+                bare_times.append(timed(lambda: bare(mask_ratio)))
         distributed.barrier()  # rank 0 removes the folder last
     full, base = statistics.median(full_times), statistics.median(bare_times)
-    if dist.is_main:
-        print(json.dumps({
-            "model": args.config,
-            "params_m": round(sum(p.numel() for p in trainer.params) / 1e6, 2),
-            "device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(),
-            "world_size": dist.world_size,
-            "global_batch": args.batch,
-            "per_rank_batch": per_rank,
-            "precision": args.precision,
-            "mask_ratio": args.mask_ratio,
-            "trainer_s_per_step": round(full, 5),
-            "bare_s_per_step": round(base, 5),
-            "trainer_img_per_s": round(args.batch / full, 2),
-            "bare_img_per_s_per_rank": round(per_rank / base, 2),
-            "overhead_pct": round(100 * (full / base - 1), 2),
-        }), flush=True)
+    if not dist.is_main:
+        return None
+    return {
+        "model": config,
+        "params_m": round(sum(p.numel() for p in trainer.params) / 1e6, 2),
+        "device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "world_size": dist.world_size,
+        "global_batch": batch,
+        "per_rank_batch": per_rank,
+        "precision": precision,
+        "mask_ratio": mask_ratio,
+        "trainer_s_per_step": round(full, 5),
+        "bare_s_per_step": round(base, 5),
+        "trainer_img_per_s": round(batch / full, 2),
+        "bare_img_per_s_per_rank": round(per_rank / base, 2),
+        "overhead_pct": round(100 * (full / base - 1), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo", help="model preset (maskdit.model.MODEL_PRESETS)")
+    parser.add_argument("--batch", type=int, default=64, help="global batch (split over torchrun ranks)")
+    parser.add_argument("--precision", choices=sorted(BARE_DTYPES), default="fp32")
+    parser.add_argument("--mask-ratio", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=4096, help="synthetic latents on disk")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    result = overhead(args.config, args.batch, args.precision, args.mask_ratio, args.steps, args.warmup,
+                      args.samples, args.device)
+    if result is not None:
+        print(json.dumps(result), flush=True)
     distributed.teardown()
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,8 @@ from pydantic import Field
 
 from maskdit.config import StrictModel
 from maskdit.model import MaskDiT, MaskIndices, ModelConfig, patchify, random_masking
+
+SamplerPrecision = Literal["fp32", "bf16", "tf32"]
 
 #################################################################################
 #                           EDM preconditioning                                 #
@@ -129,11 +132,13 @@ def maskdit_loss(
     p_std: float = 1.2,
     sigma_data: float = 0.5,
     generator: torch.Generator | None = None,
+    loss_fn: Callable[..., LossOutput] = denoising_loss,
 ) -> LossOutput:
     """Draw sigma = exp(N(p_mean, p_std^2)), n ~ N(0, sigma^2 I), a random mask; return eq. (8) per sample.
 
     Draw order (with `generator`): sigma (N,), then n (N, C, H, W), then the mask noise (N, L).
-    mask_ratio 0 is the plain EDM loss (no mask, MAE term 0).
+    mask_ratio 0 is the plain EDM loss (no mask, MAE term 0). `loss_fn` computes eq. (6)-(8) from the
+    draws: `denoising_loss`, or its compiled form (maskdit.compiled); the draws stay eager.
     """
     n = x0.shape[0]
     sigma = (torch.randn(n, generator=generator, device=x0.device) * p_std + p_mean).exp()  # (N,)
@@ -141,7 +146,7 @@ def maskdit_loss(
     mask = None
     if mask_ratio > 0:
         mask = random_masking(n, precond.config.num_tokens, mask_ratio, generator=generator, device=x0.device)
-    return denoising_loss(precond, x0.float(), noise, sigma, class_labels, mask, mae_weight, sigma_data)
+    return loss_fn(precond, x0.float(), noise, sigma, class_labels, mask, mae_weight, sigma_data)
 
 
 #################################################################################
@@ -168,7 +173,8 @@ class SeededNoise:
 class SamplerConfig(StrictModel):
     """How images are sampled (EDM Heun, Algorithm 2): one model, used by sample, evaluate, register and serving.
 
-    Defaults are the paper's FID settings: 40 steps (79 network calls), rho 7, sigma 0.002..80, CFG 1.5.
+    Defaults are the paper's FID settings: 40 steps (79 network calls), rho 7, sigma 0.002..80, CFG 1.5,
+    and the exact float32 network (precision fp32, not compiled).
     """
 
     cfg_scale: float = Field(1.5, ge=0.0, description="classifier-free guidance w (1 = none); the paper's FID uses 1.5")
@@ -176,10 +182,33 @@ class SamplerConfig(StrictModel):
     sigma_min: float = Field(0.002, gt=0.0, description="smallest noise level")
     sigma_max: float = Field(80.0, gt=0.0, description="largest noise level")
     rho: float = Field(7.0, gt=0.0, description="EDM eq. (5) time-step exponent")
+    precision: SamplerPrecision = Field(
+        "fp32", description="network arithmetic: fp32 (exact), bf16 (autocast), tf32 (CUDA matmuls and convolutions); "
+        "the sampler's own update stays float64. Measure FID before making bf16/tf32 a default"
+    )
+    compile: bool = Field(False, description="torch.compile the network call (compiled once per batch shape)")
 
     def sampler_kwargs(self) -> dict:
         """Keyword arguments of `edm_sampler` / `sample_latents`."""
         return self.model_dump()
+
+
+@contextmanager
+def network_precision(precision: SamplerPrecision, device: torch.device | str):
+    """The arithmetic of the network calls: fp32 as is, bf16 autocast, or TF32 matmuls (restored after)."""
+    device_type = torch.device(device).type
+    if precision == "bf16":
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32":
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    else:
+        yield
 
 
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float, device=None) -> torch.Tensor:
@@ -204,28 +233,36 @@ def edm_sampler(
     s_noise: float = 1.0,
     randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     null_class: int | None = None,
+    precision: SamplerPrecision = "fp32",
+    compile: bool = False,
 ) -> torch.Tensor:
     """Heun's 2nd-order sampler (EDM Algorithm 2) from unit `noise` (N, C, H, W); returns x (N, C, H, W).
 
     `denoise(x, sigma (N,), class_labels (N,)) -> D_x` (an EDMPrecond fits). With cfg_scale w != 1 the
     conditional and null halves run as one batch of 2N and D = D(x, null) + w (D(x, c) - D(x, null)) on
     all channels; `null_class` defaults to `denoise.config.num_classes`. Churn (s_churn > 0) adds fresh
-    noise from `randn_like` (pass SeededNoise.randn_like for per-seed determinism).
+    noise from `randn_like` (pass SeededNoise.randn_like for per-seed determinism). `precision` and
+    `compile` apply to the network calls only (SamplerConfig). The noise levels are Python floats,
+    fetched once before the loop, so the loop never waits for the device (no host syncs).
     """
     if cfg_scale != 1.0 and null_class is None:
         null_class = denoise.config.num_classes
     n = noise.shape[0]
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = t.to(torch.float32).expand(n)  # (N,)
-        if cfg_scale == 1.0:
-            return denoise(x.to(torch.float32), sigma, class_labels).to(torch.float64)  # (N, C, H, W)
+    net = torch.compile(denoise) if compile else denoise
+    labels = class_labels
+    if cfg_scale != 1.0:
         labels = torch.cat([class_labels, torch.full_like(class_labels, null_class)])  # (2N,)
-        both = denoise(torch.cat([x, x]).to(torch.float32), sigma.repeat(2), labels).to(torch.float64)  # (2N, ...)
+
+    def guided(x: torch.Tensor, t: float) -> torch.Tensor:
+        sigma = torch.full((labels.shape[0],), t, dtype=torch.float32, device=x.device)  # (N,) or (2N,)
+        with network_precision(precision, x.device):
+            if cfg_scale == 1.0:
+                return net(x.to(torch.float32), sigma, labels).to(torch.float64)  # (N, C, H, W)
+            both = net(torch.cat([x, x]).to(torch.float32), sigma, labels).to(torch.float64)  # (2N, C, H, W)
         cond, uncond = both.chunk(2)  # 2 x (N, C, H, W)
         return uncond + cfg_scale * (cond - uncond)  # (N, C, H, W)
 
-    t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, device=noise.device)  # (num_steps + 1,)
+    t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, device=noise.device).tolist()  # host floats
     x_next = noise.to(torch.float64) * t_steps[0]  # (N, C, H, W)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
@@ -233,7 +270,7 @@ def edm_sampler(
         t_hat = t_cur + gamma * t_cur
         x_hat = x_cur
         if gamma > 0:
-            x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * s_noise * randn_like(x_cur)  # Alg. 2 line 6
+            x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * s_noise * randn_like(x_cur)  # Alg. 2 line 6
         d_cur = (x_hat - guided(x_hat, t_hat)) / t_hat  # Alg. 2 line 7
         x_next = x_hat + (t_next - t_hat) * d_cur  # Euler step, line 8
         if i < num_steps - 1:  # 2nd-order correction, lines 9-11
@@ -253,7 +290,7 @@ def sample_latents(
 ) -> torch.Tensor:
     """Samples x0 (N, C, H, W) float32 for class_labels (N,); sample i depends only on seeds[i] and its label.
 
-    `sampler_kwargs` go to `edm_sampler` (sigma_min, sigma_max, rho, s_churn, ...).
+    `sampler_kwargs` go to `edm_sampler` (sigma_min, sigma_max, rho, s_churn, precision, compile, ...).
     """
     if len(seeds) != class_labels.shape[0]:
         raise ValueError(f"got {len(seeds)} seeds for {class_labels.shape[0]} labels; pass one seed per sample")

@@ -146,12 +146,15 @@ def keep_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """(N, L_keep, D) -> (N, L, D): kept tokens back in place, `fill` (1, 1, D) at the removed places."""
-    n, len_keep, d = x.shape
-    fill = fill.to(x.dtype).expand(n, ids_restore.shape[1] - len_keep, d)  # (N, L - L_keep, D)
-    x = torch.cat([x, fill], dim=1)  # (N, L, D) in shuffled order
-    return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))  # (N, L, D)
+def restore_tokens(x: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(N, L_keep, D) -> (N, L, D): kept tokens back in place, `fill` (1, 1, D) at the removed places.
+
+    A scatter into the filled (N, L, D) rather than cat + gather: no (N, L - L_keep, D) tensor, whose
+    size 0 or 1 would make torch.compile specialise the graph on the mask ratio.
+    """
+    n, _, d = x.shape
+    full = fill.to(x.dtype).expand(n, num_tokens, d)  # (N, L, D)
+    return torch.scatter(full, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d), x)  # (N, L, D)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -379,7 +382,7 @@ class MaskDiT(nn.Module):
         if self.has_decoder:
             x = self.decoder_layer(x, c)  # (N, L_keep, Dd)
             if mask is not None:
-                x = restore_tokens(x, mask.ids_restore, self.mask_token)  # (N, L, Dd)
+                x = restore_tokens(x, mask.ids_keep, self.mask_token, self.config.num_tokens)  # (N, L, Dd)
             x = x + self.decoder_pos_embed  # (N, L, Dd)
             for block in self.decoder_blocks:
                 x = block(x, c)  # (N, L, Dd)
@@ -387,5 +390,6 @@ class MaskDiT(nn.Module):
         else:
             x = self.final_layer(x, c)  # (N, L_keep, p*p*C)
             if mask is not None:
-                x = restore_tokens(x, mask.ids_restore, x.new_zeros(1, 1, x.shape[-1]))  # (N, L, p*p*C)
+                zeros = x.new_zeros(1, 1, x.shape[-1])
+                x = restore_tokens(x, mask.ids_keep, zeros, self.config.num_tokens)  # (N, L, p*p*C)
         return unpatchify(x, self.config.patch_size)  # (N, C, H, W)

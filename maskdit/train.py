@@ -33,6 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from maskdit import checkpoint, distributed, storage, tracking
+from maskdit.compiled import training_loss
 from maskdit.config import ConfigError
 from maskdit.diffusion import EDMPrecond, drop_labels, maskdit_loss
 from maskdit.distributed import DistInfo
@@ -148,6 +149,7 @@ class Trainer:
         self.ema.load_state_dict(self.precond.state_dict())
         self.params = list(self.precond.parameters())
         self.ema_params = list(self.ema.parameters())
+        self.loss_fn = training_loss(self.precond.net, cfg.compile)  # eq. (6)-(8), compiled per cfg.compile
         fused = cfg.optim.fused if cfg.optim.fused is not None else self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=0.0,
@@ -268,7 +270,8 @@ class Trainer:
             accumulate = self.dist.distributed and m < self.accum - 1  # all-reduce only after the last one
             with self.model.no_sync() if accumulate else nullcontext():
                 with self.autocast():
-                    out = maskdit_loss(self.model, x0, labels, mask_ratio, cfg.mae_weight, generator=gen)
+                    out = maskdit_loss(self.model, x0, labels, mask_ratio, cfg.mae_weight, generator=gen,
+                                       loss_fn=self.loss_fn)
                 loss = out.loss.sum() / self.per_rank  # mean over the global batch after DDP's average
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             sums += torch.stack([out.loss.sum(), out.dsm.sum(), out.mae.sum()]).detach()

@@ -117,6 +117,7 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     precision: Literal["bf16", "fp16", "tf32", "fp32"] = "bf16"  # autocast dtype; fp16 adds a grad scaler
+    compile: Literal["off", "model", "step"] = "off"  # torch.compile: model = each DiT block; step = forward + loss
     mask: MaskConfig = Field(default_factory=MaskConfig)
     mae_weight: float = Field(0.1, ge=0)  # lambda of eq. (8)
     p_uncond: float = Field(0.1, ge=0, le=1)  # label dropping for classifier-free guidance

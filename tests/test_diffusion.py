@@ -282,3 +282,42 @@ def test_sample_i_depends_only_on_seed_i(s_churn):
     torch.testing.assert_close(both.flip(0), again, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="seeds"):
         sample_latents(precond, torch.tensor([1, 2]), [1])
+
+
+def test_sampler_loop_never_reads_device_values(monkeypatch):
+    """No host syncs in the step loop: no tensor becomes a Python bool or number there (churn and CFG on)."""
+    precond = randomized_precond().eval()
+    kwargs = dict(cfg_scale=1.5, num_steps=4, s_churn=10.0, s_tmin=0.05, s_tmax=50.0)
+    want = sample_latents(precond, torch.tensor([3, 7]), [11, 12], **kwargs)
+
+    def host_sync(*args):
+        raise AssertionError("a tensor was read on the host inside the sampler loop")
+
+    for name in ("__bool__", "__float__", "__int__", "item"):
+        monkeypatch.setattr(torch.Tensor, name, host_sync)
+    got = sample_latents(precond, torch.tensor([3, 7]), [11, 12], **kwargs)
+    monkeypatch.undo()
+    assert torch.equal(got, want)
+
+
+def test_sampler_precision_options():
+    """bf16 autocast stays near fp32; tf32 changes nothing on a CPU; fp32 (the default) is the exact path."""
+    precond = randomized_precond().eval()
+    labels, seeds = torch.tensor([3, 7]), [11, 12]
+    fp32 = sample_latents(precond, labels, seeds, cfg_scale=1.5, num_steps=4)
+    assert torch.equal(sample_latents(precond, labels, seeds, cfg_scale=1.5, num_steps=4, precision="fp32"), fp32)
+    assert torch.equal(sample_latents(precond, labels, seeds, cfg_scale=1.5, num_steps=4, precision="tf32"), fp32)
+    bf16 = sample_latents(precond, labels, seeds, cfg_scale=1.5, num_steps=4, precision="bf16")
+    assert not torch.equal(bf16, fp32)  # autocast did apply
+    assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
+    assert not torch.backends.cuda.matmul.allow_tf32  # restored after the tf32 run
+
+
+@pytest.mark.slow
+def test_compiled_sampler_matches_eager():
+    """compile=True: inductor's network call gives the eager samples within float tolerance."""
+    precond = randomized_precond().eval()
+    labels, seeds = torch.tensor([3, 7]), [11, 12]
+    eager = sample_latents(precond, labels, seeds, cfg_scale=1.5, num_steps=4)
+    compiled = sample_latents(precond, labels, seeds, cfg_scale=1.5, num_steps=4, compile=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -111,7 +111,7 @@ def test_masking_removes_floor_r_n_and_restores_order(num_tokens, ratio):
         assert kept == set(torch.nonzero(m.mask[row] == 0).flatten().tolist())
     x = torch.randn(5, num_tokens, 7)
     fill = torch.full((1, 1, 7), 123.0)
-    back = restore_tokens(keep_tokens(x, m.ids_keep), m.ids_restore, fill)
+    back = restore_tokens(keep_tokens(x, m.ids_keep), m.ids_keep, fill, num_tokens)
     keep = (m.mask == 0)[..., None]
     assert torch.equal(torch.where(keep, back, x), x)
     assert torch.all(back[~keep.expand_as(back)] == 123.0)

@@ -1,0 +1,43 @@
+"""benchmarks/gpu_suite.py --dry-run: the whole GPU suite at tiny sizes on the CPU, so that it is known to
+work before a GPU is spent on it (it runs on the CPU with dynamo tracing only, no code generation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_writes_json_and_table(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry-run", "--out",
+                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads((tmp_path / "suite.json").read_text())
+    assert result["mode"].startswith("dry run") and result["device"] == "cpu"
+
+    train = {(r["compile"], r["mask_ratio"]): r for r in result["train"]}
+    assert set(train) == {("off", 0.5), ("off", 0.0), ("model", 0.5), ("model", 0.0)}
+    for row in train.values():
+        assert row["s_per_step"] > 0 and row["gflop_per_step"] > 0 and 0 < row["mfu"] < 1
+    assert train["off", 0.5]["gflop_per_step"] < train["off", 0.0]["gflop_per_step"]  # masking saves FLOPs
+    assert 0 < train["off", 0.5]["masked_vs_unmasked_time"]
+    assert result["trainer"]["trainer_s_per_step"] > 0 and "overhead_pct" in result["trainer"]
+    assert [r["variant"] for r in result["sample"]] == ["fp32", "bf16", "bf16+compile"]
+    assert all(r["img_per_s_40_steps"] > 0 for r in result["sample"])
+    assert result["encode"]["vae_encode_img_s"] > 0
+    fid = result["fid"]
+    assert fid["decode_img_s"] > 0 and fid["inception_img_s"] > 0 and fid["fid50k_8gpu_s"] > 0
+
+    table = (tmp_path / "suite.md").read_text()
+    for heading in ("## Training step", "## Trainer overhead", "## Sampling", "## Encoding and FID-50K"):
+        assert heading in table
+    assert table.count("| tiny | 4 | bf16 |") == 5  # four training rows and the trainer's
+    assert f"{fid['fid50k_8gpu_s']} s" in table
