@@ -100,11 +100,27 @@ def test_champion_only_from_a_champion_evaluated_under_the_same_settings(trained
 
 
 def _race(uri: str, rounds: list[tuple[str, str, float, dict]], barrier, results) -> None:
-    """One of the racing registrations (a spawned process): the champion gate of an existing version, per round."""
+    """One of the racing registrations (a spawned process): the champion gate of an existing version, per round.
+
+    Reading the champion takes 0.05 s for the better version and 0.3 s for the worse one (a slow network), so
+    without the lock both read the same champion and the worse one writes last.
+    """
+    import time
+
     from maskdit.registry import promote
 
     client = mlflow.MlflowClient(uri)
+    read = client.get_model_version_by_alias
     for name, version, fid, tags in rounds:
+        delay = 0.3 if fid > 3.0 else 0.05
+
+        def slow_read(*args, **kwargs):
+            try:
+                return read(*args, **kwargs)
+            finally:  # also when there is no champion yet (MLflow raises)
+                time.sleep(delay)
+
+        client.get_model_version_by_alias = slow_read
         client.get_registered_model(name)  # connected before the start line
         barrier.wait()
         results.put((name, version, promote(client, name, version, fid, tags)[0]))
@@ -112,7 +128,7 @@ def _race(uri: str, rounds: list[tuple[str, str, float, dict]], barrier, results
 
 def test_concurrent_registrations_end_with_one_champion_the_better_one(tracking, mlflow_server):
     """Two processes released together by a barrier each try to move `champion` to their version, in
-    four rounds; without the lock both read "no champion" and the last writer wins, often the worse one."""
+    four rounds (which one is better alternates); without the lock the worse one ends as champion."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # no MLflow connections inherited through fork
