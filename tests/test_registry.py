@@ -160,6 +160,23 @@ def test_concurrent_registrations_end_with_one_champion_the_better_one(tracking,
         assert not tracking.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")
 
 
+def test_a_dead_holders_lock_is_broken_a_live_one_waited_for(tracking, monkeypatch):
+    from maskdit import registry
+
+    name = "maskdit-test-lock"
+    run_id = tracking.create_run(tracking.create_experiment("lock")).info.run_id
+    tracking.create_registered_model(name)
+    version = tracking.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags={"fid": "3"}).version
+    tracking.create_registered_model(name + LOCK_SUFFIX)  # a holder that died before releasing it
+    monkeypatch.setattr(registry, "LOCK_WAIT_S", 1.0)
+    with pytest.raises(registry.RegistryError, match=f"{name}.champion-lock.* was held for 1 s"):
+        registry.promote(tracking, name, version, 3.0, {"fid": "3"})  # not stale yet: wait, then give up
+    monkeypatch.setattr(registry, "LOCK_STALE_S", 0.0)  # now it is
+    assert registry.promote(tracking, name, version, 3.0, {"fid": "3"}) == (True, None, None, None)
+    assert tracking.get_model_version_by_alias(name, CHAMPION).version == version
+    assert not tracking.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")
+
+
 def test_champion_loads_as_pyfunc_and_returns_images(trained, tracking):
     ckpt, dataset = trained
     name = "maskdit-test-pyfunc"
