@@ -282,5 +282,6 @@ def register_step(evaluation_uri: str, dataset_uri: str, model_name: str, kfp_ru
         f"| | |\n|---|---|\n| FID | {result.fid:.3f} |\n| aliases | {', '.join(result.aliases)} |\n"
         f"| champion before | {result.previous_champion or '-'} "
         f"(FID {result.previous_champion_fid if result.previous_champion_fid is not None else '-'}) |\n"
+        f"| not champion because | {result.reason or '-'} |\n"
         f"| model URI | `{result.model_uri}` |\n| MLflow run | `{result.run_id}` |\n")
     return result

@@ -63,8 +63,10 @@ class EvaluateResult(StepResult):
     dataset: str | None = None  # the dataset whose manifest decoded the samples
     samples: str | None = None
     ref_stats: str
+    ref_stats_sha256: str | None = None  # digest of the reference .npz (None: a result from before it was recorded)
     ref_n: int | None = None
     inception: str
+    inception_sha256: str | None = None  # digest of the Inception weights file
     world_size: int
     seconds: float
     grid: str  # the sample grid PNG (URI)
@@ -163,7 +165,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
         sampler=cfg.sampler, seed=cfg.seed,
         checkpoint=(source.meta.get("uri") if source else None) or cfg.samples or cfg.checkpoint,
         step=source.meta.get("step") if source else None, dataset=source.meta.get("dataset") if source else None,
-        samples=cfg.samples, ref_stats=cfg.ref_stats, ref_n=ref.n, inception=cfg.inception,
+        samples=cfg.samples, ref_stats=cfg.ref_stats, ref_stats_sha256=ref.sha256, ref_n=ref.n,
+        inception=cfg.inception, inception_sha256=inception.sha256,
         world_size=info.world_size, seconds=round(time.time() - started, 3), grid=grid_uri)
     result.write(result_uri(cfg.out))
 

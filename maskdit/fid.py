@@ -172,6 +172,8 @@ class InceptionFeatures:
         self.source = source or BUNDLED
         self.device = torch.device(device)
         path = resolve_weights(source)
+        # what the features were computed with: FIDs are comparable only under the same weights
+        self.sha256 = BUNDLED_SHA256 if self.source == BUNDLED else _sha256(path)
         try:
             self.net = torch.jit.load(str(path), map_location=self.device).eval()
         except (RuntimeError, ValueError) as error:
@@ -209,6 +211,7 @@ class FIDStats:
     sigma: np.ndarray
     n: int | None = None  # number of images (saved when known; ADM files lack it)
     features: np.ndarray | None = None  # raw (n, 2048) features, only for precision/recall
+    sha256: str | None = None  # digest of the .npz file they were read from (load_stats)
 
     def check(self, source: str = "statistics") -> FIDStats:
         mu, sigma = np.asarray(self.mu), np.asarray(self.sigma)
@@ -320,7 +323,9 @@ def load_stats(uri: str) -> FIDStats:
                 raise storage.ObjectNotFound(f"cannot read {uri}: no such file")
         except storage.StorageError as error:
             raise FIDError(f"cannot read reference statistics {uri}: {error}") from None
-        return _read_stats_npz(path, uri)
+        stats = _read_stats_npz(path, uri)
+        stats.sha256 = _sha256(path)  # the file's identity: FIDs against different files are not comparable
+        return stats
 
 
 def _read_stats_npz(path: Path, uri: str) -> FIDStats:

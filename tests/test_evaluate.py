@@ -1,5 +1,8 @@
 """`maskdit evaluate`: FID summary + grid (and MLflow logging) from a tiny model; bad input."""
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -44,6 +47,8 @@ def test_evaluate_writes_result_grid_and_logs_to_mlflow(tiny_sampler, ref_stats,
     result = read_result(EvaluateResult, str(out / "result.json"))
     assert result.num_samples == 6 and result.sampler.cfg_scale == 1.5 and result.sampler.num_steps == 2
     assert result.checkpoint == tiny_sampler.checkpoint and result.step == 10 and result.ref_stats == ref_stats
+    assert result.ref_stats_sha256 == hashlib.sha256(Path(ref_stats).read_bytes()).hexdigest()
+    assert result.inception_sha256 == fid.BUNDLED_SHA256  # with the ref digest and settings: what register compares
     assert result.dataset == tiny_sampler.dataset and result.grid == str(out / "grid.png")
     assert np.isfinite(result.fid) and result.fid > 0 and result.seconds > 0
     assert f"FID {result.fid:.4g}" in output

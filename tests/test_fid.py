@@ -1,6 +1,7 @@
 """FID: Frechet distance vs pytorch-fid, Inception features vs the bundled network, MNIST sanity."""
 
 import contextlib
+import hashlib
 import sys
 import types
 
@@ -187,6 +188,7 @@ def test_stats_roundtrip_and_bad_files(tmp_path):
     fid.save_stats(stats, str(tmp_path / "ref.npz"))
     loaded = fid.load_stats(str(tmp_path / "ref.npz"))
     np.testing.assert_array_equal(loaded.mu, stats.mu)
+    assert loaded.sha256 == hashlib.sha256((tmp_path / "ref.npz").read_bytes()).hexdigest()  # the gate's identity
     assert loaded.sigma.dtype == np.float64 and loaded.n == 7 and loaded.features is None
     with np.load(tmp_path / "ref.npz") as npz:  # ADM/EDM layout: plain mu / sigma arrays
         assert set(npz.files) == {"mu", "sigma", "n"}
@@ -211,6 +213,14 @@ def test_bad_images_and_weights(inception, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not torchscript")
     with pytest.raises(fid.FIDError, match="TorchScript"):
         fid.InceptionFeatures(str(tmp_path / "junk.pt"))
+
+
+def test_inception_weights_digest(inception, tmp_path):
+    """What registration compares: the bundled file's pinned digest, another file's own."""
+    assert inception.sha256 == fid.BUNDLED_SHA256
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "other.pt"))
+    other = fid.InceptionFeatures(str(tmp_path / "other.pt"))
+    assert other.sha256 == hashlib.sha256((tmp_path / "other.pt").read_bytes()).hexdigest() != fid.BUNDLED_SHA256
 
 
 def test_fid_stats_command_from_image_folder(tmp_path, mnist):

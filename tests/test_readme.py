@@ -22,8 +22,8 @@ README = ROOT / "README.md"
 OPERATING = ROOT / "docs" / "operating.md"  # the install guide: its shell blocks are checked the same way
 
 
-def readme_commands() -> list[list[str]]:
-    text = README.read_text() + OPERATING.read_text()
+def readme_commands(text: str | None = None) -> list[list[str]]:
+    text = README.read_text() + OPERATING.read_text() if text is None else text
     commands = []
     for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S):
         joined = block.replace("\\\n", " ")
@@ -167,3 +167,116 @@ def test_readme_pipeline_parameters_exist():
     for cell in re.findall(r"^\| (`[^|]+`) \|", section, flags=re.M):
         for name in re.findall(r"`(\w+)`", cell):
             assert name in names, f"README names pipeline parameter {name!r}, which the DAG does not have"
+
+
+# --------------------------------------------------------------------------------------------
+# kfp commands against the compiled pipeline, as the backend checks them
+# --------------------------------------------------------------------------------------------
+
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+# KFP's runtime parameters are protobuf Values: what each declared parameterType accepts
+PARAMETER_TYPES = {"STRING": (str,), "NUMBER_INTEGER": (int, float), "NUMBER_DOUBLE": (int, float),
+                   "BOOLEAN": (bool,), "LIST": (list,), "STRUCT": (dict,)}
+
+
+def kfp_commands() -> list[list[str]]:
+    """Every `kfp ...` command in the README and docs/*.md."""
+    return [words for path in DOCS for words in readme_commands(path.read_text()) if words[0] == "kfp"]
+
+
+class _Submitted(Exception):
+    """What the kfp CLI would send to the API: raised by the recording client instead of a request."""
+
+    def __init__(self, call: dict):
+        super().__init__("submitted")
+        self.call = call
+
+
+class _RecordingClient:
+    """Stands in for `kfp.Client` under the kfp CLI: records the run it would create."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def create_experiment(self, name, *args, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(experiment_id=f"id-of-{name}")
+
+    def run_pipeline(self, **kwargs):
+        raise _Submitted(kwargs)
+
+    def create_recurring_run(self, *args, **kwargs):
+        raise _Submitted(kwargs)
+
+
+def kfp_submission(words: list[str], monkeypatch) -> dict | None:
+    """The kfp CLI's own parsing of a `run create` / `recurring-run create` command: the API call's arguments
+    (params: the runtime parameters as the CLI types them); None for other kfp commands."""
+    import kfp.client
+    from click.testing import CliRunner
+    from kfp.cli.cli import cli
+
+    start = 3 if words[1] == "--endpoint" else 1
+    if words[start + 1:start + 2] != ["create"] or words[start] not in ("run", "recurring-run"):
+        return None
+    monkeypatch.setattr(kfp.client, "Client", _RecordingClient)
+    monkeypatch.chdir(ROOT)  # package paths are relative to the repository
+    result = CliRunner().invoke(cli, words[1:], obj={})
+    assert isinstance(result.exception, _Submitted), f"kfp {' '.join(words[1:])} failed: {result.output}"
+    return result.exception.call
+
+
+def check_parameters(params: dict, package: Path) -> None:
+    """Names and types of runtime parameters against the compiled pipeline's root inputDefinitions."""
+    import yaml
+
+    spec = next(yaml.safe_load_all(package.read_text()))
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    for name, value in params.items():
+        assert name in declared, f"{package.name} has no parameter {name!r} (it has {sorted(declared)})"
+        kind = declared[name]["parameterType"]
+        ok = isinstance(value, PARAMETER_TYPES[kind]) and (kind == "BOOLEAN" or not isinstance(value, bool))
+        if ok and kind == "NUMBER_INTEGER":
+            ok = float(value).is_integer()
+        assert ok, (f"{name}={value!r} ({type(value).__name__}) is not a {kind}, the type {package.name} "
+                    "declares: the backend rejects the run")
+    missing = [n for n, d in declared.items() if not d.get("isOptional") and "defaultValue" not in d
+               and n not in params]
+    assert not missing, f"{package.name} needs parameters {missing}"
+
+
+def _package(call: dict) -> Path:
+    return ROOT / call["pipeline_package_path"]
+
+
+@pytest.mark.parametrize("words", kfp_commands(), ids=lambda w: " ".join(w)[:70])
+def test_kfp_command_parameters_match_the_compiled_pipeline(words, monkeypatch):
+    check(words)  # sub-commands and options
+    call = kfp_submission(words, monkeypatch)
+    if call is not None:
+        check_parameters(call["params"] or {}, _package(call))
+
+
+def test_kfp_check_rejects_what_the_backend_rejects(monkeypatch):
+    """`kfp recurring-run create` sends every key=value as a string; `kfp run create` parses JSON."""
+    base = ["kfp", "--endpoint", "http://localhost:8080"]
+    recurring = base + ["recurring-run", "create", "--experiment-name", "e", "--job-name", "j", "--cron-expression",
+                        "0 0 3 * * 0", "--pipeline-package-path", "pipelines/maskdit_pipeline.yaml"]
+    call = kfp_submission(recurring + ["fid_threshold=3.0"], monkeypatch)
+    assert call["params"] == {"fid_threshold": "3.0"} and call["max_concurrency"] == 1 and call["no_catchup"]
+    with pytest.raises(AssertionError, match="fid_threshold='3.0' .* is not a NUMBER_DOUBLE"):
+        check_parameters(call["params"], _package(call))
+    check_parameters(kfp_submission(recurring + ["model_name=m"], monkeypatch)["params"], _package(call))
+    assert not kfp_submission(recurring + ["--catchup"], monkeypatch)["no_catchup"]
+
+    run = base + ["run", "create", "--experiment-name", "e", "--package-file", "pipelines/maskdit_pipeline.yaml"]
+    call = kfp_submission(run + ["fid_threshold=3", "num_samples=100", "grayscale=true",
+                                 'pretrain_overrides=["steps=1"]'], monkeypatch)
+    assert call["params"] == {"fid_threshold": 3, "num_samples": 100, "grayscale": True,
+                              "pretrain_overrides": ["steps=1"]}
+    check_parameters(call["params"], _package(call))
+    for bad, match in (("num_samples=1.5", "not a NUMBER_INTEGER"), ("grayscale=1", "not a BOOLEAN"),
+                       ("model_name=7", "not a STRING"), ("fid_treshold=3", "no parameter 'fid_treshold'")):
+        with pytest.raises(AssertionError, match=match):
+            check_parameters(kfp_submission(run + [bad], monkeypatch)["params"], _package(call))

@@ -14,7 +14,8 @@ from maskdit.cli import app
 from maskdit.diffusion import SamplerConfig
 from maskdit.evaluate import EvaluateResult
 from maskdit.model import MaskDiT, model_config
-from maskdit.registry import CANDIDATE, CHAMPION, RegisterResult, register
+from maskdit.fid import BUNDLED_SHA256
+from maskdit.registry import CANDIDATE, CHAMPION, LOCK_SUFFIX, RegisterResult, register
 from maskdit.result import read_result
 
 pytestmark = pytest.mark.slow  # a real MLflow server process
@@ -57,9 +58,123 @@ def test_versions_aliases_tags_and_champion(trained, tracking):
     assert tracking.get_model_version_by_alias(name, CHAMPION).version == "1"
     assert tracking.get_model_version_by_alias(name, CANDIDATE).version == "2"
 
-    better = register(ckpt, 5.0, name)  # the dataset from the checkpoint's train_config
-    assert better.champion and tracking.get_model_version_by_alias(name, CHAMPION).version == "3"
-    assert tracking.get_model_version(name, "1").aliases == []
+    # no evaluation, so no recorded settings: a lower FID does not make it comparable with the champion
+    unevaluated = register(ckpt, 5.0, name)  # the dataset from the checkpoint's train_config
+    assert (unevaluated.champion, unevaluated.aliases) == (False, [CANDIDATE])
+    assert "no recorded evaluation settings" in unevaluated.reason and "champion version 1" in unevaluated.reason
+    assert tracking.get_model_version_by_alias(name, CHAMPION).version == "1"
+    assert not tracking.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")  # the lock was released
+
+
+def _evaluation(ckpt, dataset, tmp_path, fid, **changes) -> EvaluateResult:
+    fields = dict(fid=fid, num_samples=100, sampler=SamplerConfig(num_steps=5), seed=0, checkpoint=ckpt, step=7,
+                  dataset=dataset, ref_stats="s3://b/ref.npz", ref_stats_sha256="a" * 64, ref_n=50,
+                  inception="bundled", inception_sha256=BUNDLED_SHA256, world_size=1, seconds=1.0,
+                  grid=str(tmp_path / "grid.png"))
+    return EvaluateResult(**{**fields, **changes})
+
+
+def test_champion_only_from_a_champion_evaluated_under_the_same_settings(trained, tracking, tmp_path):
+    ckpt, dataset = trained
+    name = "maskdit-test-gate"
+    first = register(ckpt, 10.0, name, evaluation=_evaluation(ckpt, dataset, tmp_path, 10.0))
+    assert first.champion and first.reason is None
+    tags = tracking.get_model_version(name, first.version).tags
+    assert (tags["ref_stats_sha256"], tags["inception_sha256"]) == ("a" * 64, BUNDLED_SHA256)
+
+    other_ref = register(ckpt, 2.0, name, evaluation=_evaluation(ckpt, dataset, tmp_path, 2.0,
+                                                                  ref_stats_sha256="b" * 64))
+    assert (other_ref.champion, other_ref.aliases) == (False, [CANDIDATE])
+    assert other_ref.reason == ("champion version 1 was evaluated with ref_stats_sha256=aaaaaaaaaaaa..., "
+                                "this one with ref_stats_sha256=bbbbbbbbbbbb...: not comparable")
+    fewer = register(ckpt, 2.0, name, evaluation=_evaluation(ckpt, dataset, tmp_path, 2.0, num_samples=50,
+                                                              sampler=SamplerConfig(num_steps=5, cfg_scale=4.0)))
+    assert not fewer.champion and fewer.reason == ("champion version 1 was evaluated with num_samples=100, "
+                                                   "cfg_scale=1.5, this one with num_samples=50, cfg_scale=4.0: "
+                                                   "not comparable")
+    worse = register(ckpt, 11.0, name, evaluation=_evaluation(ckpt, dataset, tmp_path, 11.0))
+    assert not worse.champion and worse.reason == "champion version 1 has FID 10, this one 11"
+    better = register(ckpt, 9.0, name, evaluation=_evaluation(ckpt, dataset, tmp_path, 9.0))
+    assert better.champion and better.reason is None and better.previous_champion == "1"
+    assert tracking.get_model_version_by_alias(name, CHAMPION).version == better.version
+
+
+def _race(uri: str, rounds: list[tuple[str, str, float, dict]], barrier, results) -> None:
+    """One of the racing registrations (a spawned process): the champion gate of an existing version, per round.
+
+    Reading the champion takes 0.05 s for the better version and 0.3 s for the worse one (a slow network), so
+    without the lock both read the same champion and the worse one writes last.
+    """
+    import time
+
+    from maskdit.registry import promote
+
+    client = mlflow.MlflowClient(uri)
+    read = client.get_model_version_by_alias
+    for name, version, fid, tags in rounds:
+        delay = 0.3 if fid > 3.0 else 0.05
+
+        def slow_read(*args, **kwargs):
+            try:
+                return read(*args, **kwargs)
+            finally:  # also when there is no champion yet (MLflow raises)
+                time.sleep(delay)
+
+        client.get_model_version_by_alias = slow_read
+        client.get_registered_model(name)  # connected before the start line
+        barrier.wait()
+        results.put((name, version, promote(client, name, version, fid, tags)[0]))
+
+
+def test_concurrent_registrations_end_with_one_champion_the_better_one(tracking, mlflow_server):
+    """Two processes released together by a barrier each try to move `champion` to their version, in
+    four rounds (which one is better alternates); without the lock the worse one ends as champion."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no MLflow connections inherited through fork
+    settings = {**{k: str(v) for k, v in SamplerConfig().model_dump().items()}, "num_samples": "100",
+                "ref_stats_sha256": "a" * 64, "inception_sha256": BUNDLED_SHA256}
+    run_id = tracking.create_run(tracking.create_experiment("race")).info.run_id  # the versions' source
+    rounds: list[list] = [[], []]  # per racer
+    best = {}
+    for round in range(4):
+        name = f"maskdit-test-race-{round}"
+        tracking.create_registered_model(name)
+        fids = [4.0, 3.0] if round % 2 else [3.0, 4.0]
+        for racer, fid in enumerate(fids):
+            version = tracking.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id,
+                                                    tags={**settings, "fid": str(fid)}).version
+            rounds[racer].append((name, version, fid, {**settings, "fid": str(fid)}))
+        best[name] = rounds[fids.index(min(fids))][-1][1]
+    barrier, results = context.Barrier(2), context.Queue()
+    racers = [context.Process(target=_race, args=(mlflow_server, mine, barrier, results)) for mine in rounds]
+    for racer in racers:
+        racer.start()
+    won = {(name, version): champion for name, version, champion in (results.get(timeout=120) for _ in range(8))}
+    for racer in racers:
+        racer.join(30)
+        assert racer.exitcode == 0
+    for name, version in best.items():
+        assert tracking.get_model_version_by_alias(name, CHAMPION).version == version, (name, won)
+        assert won[name, version]  # the better one reports that it won (the worse may have held it first)
+        assert not tracking.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")
+
+
+def test_a_dead_holders_lock_is_broken_a_live_one_waited_for(tracking, monkeypatch):
+    from maskdit import registry
+
+    name = "maskdit-test-lock"
+    run_id = tracking.create_run(tracking.create_experiment("lock")).info.run_id
+    tracking.create_registered_model(name)
+    version = tracking.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags={"fid": "3"}).version
+    tracking.create_registered_model(name + LOCK_SUFFIX)  # a holder that died before releasing it
+    monkeypatch.setattr(registry, "LOCK_WAIT_S", 1.0)
+    with pytest.raises(registry.RegistryError, match=f"{name}.champion-lock.* was held for 1 s"):
+        registry.promote(tracking, name, version, 3.0, {"fid": "3"})  # not stale yet: wait, then give up
+    monkeypatch.setattr(registry, "LOCK_STALE_S", 0.0)  # now it is
+    assert registry.promote(tracking, name, version, 3.0, {"fid": "3"}) == (True, None, None, None)
+    assert tracking.get_model_version_by_alias(name, CHAMPION).version == version
+    assert not tracking.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")
 
 
 def test_champion_loads_as_pyfunc_and_returns_images(trained, tracking):
