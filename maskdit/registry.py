@@ -68,7 +68,8 @@ from maskdit.sources import CHECKPOINT_ARTIFACT, MANIFEST_ARTIFACT, MODEL_FORMAT
 CANDIDATE, CHAMPION = "candidate", "champion"
 FID_TAG = "fid"
 # version tags that must be equal for two FIDs to be compared (the sampler's come from SamplerConfig)
-SETTINGS = ("ref_stats_sha256", "num_samples", "cfg_scale", "num_steps", "sigma_min", "sigma_max", "rho",
+# what makes two FIDs comparable: the sampler's precision changes the samples, its `compile` does not
+SETTINGS = ("ref_stats_sha256", "num_samples", "cfg_scale", "num_steps", "sigma_min", "sigma_max", "rho", "precision",
             "inception_sha256")
 LOCK_SUFFIX = ".champion-lock"  # registered model `<name>.champion-lock`: the champion alias's lock
 LOCK_TOKEN_TAG = "maskdit.lock_token"

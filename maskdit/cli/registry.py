@@ -18,5 +18,4 @@ def register(config: ConfigOption = None, overrides: Overrides = None) -> None:
     result = run_step(RegisterConfig, run, config, overrides)
     typer.echo(f"registered {result.name} version {result.version} (FID {result.fid:.4g}) as "
                f"{', '.join(result.aliases)}" + ("" if result.champion else
-                                                  f"; champion stays version {result.previous_champion} "
-                                                  f"(FID {result.previous_champion_fid})"))
+                                                  f"; champion stays version {result.previous_champion}: {result.reason}"))
