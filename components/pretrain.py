@@ -11,7 +11,8 @@ def pretrain(dataset: Input[Dataset], config: str, overrides: list, store_uri: s
              kfp_run_name: str, experiment: str, image: str, backend: str, nodes: int, gpus_per_node: int,
              cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str, shm_size: str,
              node_selector: dict, tolerations: list, namespace: str, backoff_limit: int, queue_name: str,
-             priority_class_name: str, timeout_hours: float, pending_timeout_hours: float, local_nproc: int, model: Output[Model], metrics: Output[Metrics]):
+             priority_class_name: str, timeout_hours: float, pending_timeout_hours: float, local_nproc: int,
+             model: Output[Model], metrics: Output[Metrics]):
     """Masked pretraining (`maskdit train`) as a PyTorchJob, or with torchrun here (backend "local").
 
     The checkpoints go to <store_uri>/runs/<run id>/pretrain; the Model artifact points at the final one.

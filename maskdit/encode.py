@@ -265,18 +265,17 @@ def encode(cfg: EncodeConfig) -> Manifest | None:
 
     Returns the manifest on rank 0 (None on other ranks).
     """
-    input_uri, out_uri, vae, resolution, pixel_space = cfg.input, cfg.out, cfg.vae, cfg.resolution, cfg.pixel_space
-    batch_size, shard_size, grayscale, device, workers = cfg.batch_size, cfg.shard_size, cfg.grayscale, cfg.device, cfg.workers
-    if resolution < 8 or (resolution % 8 and not pixel_space):
-        raise EncodeError(f"resolution={resolution}: use a multiple of 8, the VAE's factor (256 for ImageNet)")
-    if grayscale and not pixel_space:
+    pixel_space = cfg.pixel_space
+    if cfg.resolution < 8 or (cfg.resolution % 8 and not pixel_space):
+        raise EncodeError(f"resolution={cfg.resolution}: use a multiple of 8, the VAE's factor (256 for ImageNet)")
+    if cfg.grayscale and not pixel_space:
         raise EncodeError("grayscale=true needs pixel_space=true (a VAE expects RGB)")
-    torch_device = resolve_device(device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
-    options = EncodeOptions(vae=None if pixel_space else vae, resolution=resolution, shard_size=shard_size,
-                            flip=cfg.flip, pixel_space=pixel_space, grayscale=grayscale)
-    out = str(out_uri).rstrip("/")
-    class_names, files, skipped = discover(input_uri)
-    shards = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
+    torch_device = resolve_device(cfg.device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
+    options = EncodeOptions(vae=None if pixel_space else cfg.vae, resolution=cfg.resolution, shard_size=cfg.shard_size,
+                            flip=cfg.flip, pixel_space=pixel_space, grayscale=cfg.grayscale)
+    out = cfg.out.rstrip("/")
+    class_names, files, skipped = discover(cfg.input)
+    shards = [files[i : i + cfg.shard_size] for i in range(0, len(files), cfg.shard_size)]
     listing = "\n".join(f"{f.label}\t{f.relative}" for f in files).encode()
     job = {"options": asdict(options), "class_names": class_names, "images": len(files),
            "files_sha256": hashlib.sha256(listing).hexdigest()}
@@ -286,7 +285,7 @@ def encode(cfg: EncodeConfig) -> Manifest | None:
         if rank == 0:
             _claim_output(out, job)
         _barrier(world)
-        model = None if pixel_space else load_vae(vae, torch_device)
+        model = None if pixel_space else load_vae(cfg.vae, torch_device)
         autocast = None if pixel_space else _autocast_dtype(cfg.dtype, torch_device)
         mine = list(range(rank, len(shards), world))
         bar = None
@@ -295,13 +294,13 @@ def encode(cfg: EncodeConfig) -> Manifest | None:
 
             bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img",
                        desc=f"encode (rank 0 of {world})" if world > 1 else "encode")
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
             for k in mine:
                 if _shard_done(out, k):
                     if bar is not None:
                         bar.update(len(shards[k]))
                     continue
-                tensors, bad = _encode_shard(shards[k], options, model, autocast, batch_size, pool, bar)
+                tensors, bad = _encode_shard(shards[k], options, model, autocast, cfg.batch_size, pool, bar)
                 info = write_shard(out, k, tensors)
                 side = {"shard": info.model_dump(), "images": len(shards[k]) - len(bad),
                         "shape": list(tensors["pixels" if pixel_space else "mean"].shape[1:]),

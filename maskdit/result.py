@@ -56,8 +56,8 @@ def read_result(cls: type[R], uri: str) -> R:
     try:
         raw = storage.get_bytes(uri)
     except storage.ObjectNotFound:
-        raise ResultError(f"no step result at {uri}: the {cls.step_name()} step did not finish there (look at its log), "
-                          "or the URI is wrong") from None
+        raise ResultError(f"no step result at {uri}: the {cls.step_name()} step did not finish there (look at "
+                          "its log), or the URI is wrong") from None
     try:
         return cls.model_validate_json(raw)
     except Exception as error:  # pydantic's ValidationError, or JSON that is not an object

@@ -255,7 +255,8 @@ def run(cfg: SampleConfig) -> SampleResult | None:
             rows = cfg.classes or list(range(min(8, num_classes)))
             labels, seeds = grid_plan(rows, cfg.n_per_class, cfg.seed)
         elif cfg.num_images:
-            labels, seeds = random_labels(cfg.num_images, num_classes, cfg.seed), [cfg.seed + i for i in range(cfg.num_images)]
+            labels = random_labels(cfg.num_images, num_classes, cfg.seed)
+            seeds = [cfg.seed + i for i in range(cfg.num_images)]
         else:
             labels, seeds = grid_plan(cfg.classes or list(range(num_classes)), cfg.n_per_class, cfg.seed)
         check_labels(labels, num_classes)

@@ -16,6 +16,6 @@ def register(config: ConfigOption = None, overrides: Overrides = None) -> None:
     from maskdit.registry import RegisterConfig, run
 
     result = run_step(RegisterConfig, run, config, overrides)
+    stays = "" if result.champion else f"; champion stays version {result.previous_champion}: {result.reason}"
     typer.echo(f"registered {result.name} version {result.version} (FID {result.fid:.4g}) as "
-               f"{', '.join(result.aliases)}" + ("" if result.champion else
-                                                  f"; champion stays version {result.previous_champion}: {result.reason}"))
+               f"{', '.join(result.aliases)}{stays}")
