@@ -206,7 +206,8 @@ def _champion(client, name: str) -> tuple[str | None, float | None, dict[str, st
     except MlflowException:
         return None, None, {}
     fid = version.tags.get(FID_TAG)
-    return version.version, (float(fid) if fid is not None else None), dict(version.tags)
+    # str: a sqlite store gives the version as an int, a tracking server as a string
+    return str(version.version), (float(fid) if fid is not None else None), dict(version.tags)
 
 
 def _shown(key: str, value: str) -> str:
@@ -305,7 +306,7 @@ def promote(client, name: str, version: str, fid: float,
                 return False, previous, previous_fid, reason
             client.set_registered_model_alias(name, CHAMPION, version)
             # verify-after-write: still our alias, and our lock (a stalled holder can lose it as stale)
-            if held() and client.get_model_version_by_alias(name, CHAMPION).version == version:
+            if held() and str(client.get_model_version_by_alias(name, CHAMPION).version) == version:
                 return True, *before, None
     raise RegistryError(f"lost the lock of {name}'s {CHAMPION} alias three times; retry the registration")
 
@@ -366,7 +367,7 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     if folder.endswith(RESULT_FILE):
         folder = folder[: -len(RESULT_FILE)].rstrip("/")
     evaluation = read_result(EvaluateResult, result_uri(folder))
-    if evaluation.samples and not evaluation.step and evaluation.checkpoint == evaluation.samples:
+    if evaluation.samples:  # it scored images from a file: there is no model to register
         raise RegistryError(f"{folder} scored a samples file ({evaluation.samples}), not a checkpoint: evaluate "
                             "the checkpoint to register it")
     result = register(evaluation.checkpoint, evaluation.fid, cfg.name, evaluation=evaluation,

@@ -236,3 +236,16 @@ def test_register_fails_fast_when_mlflow_is_unreachable(trained, monkeypatch, tm
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and f"MLflow at http://127.0.0.1:{port} is unreachable" in lines[0]
     assert "hunter2" not in result.output
+
+
+def test_a_sqlite_store_registers_a_challenger_too(trained, tmp_path, monkeypatch):
+    """The demo's store: sqlite gives versions as ints, a tracking server as strings; both must work."""
+    ckpt, dataset = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    evaluation = EvaluateResult(fid=4.5, num_samples=10, sampler=SamplerConfig(), seed=0, checkpoint=ckpt,
+                                dataset=dataset, ref_stats="ref.npz", ref_stats_sha256="a" * 64, inception="bundled",
+                                inception_sha256="b" * 64, world_size=1, seconds=1.0, grid=str(tmp_path / "g.png"))
+    first = register(ckpt, 4.5, "sqlite-model", evaluation=evaluation)
+    second = register(ckpt, 3.0, "sqlite-model", evaluation=evaluation.model_copy(update={"fid": 3.0}))
+    assert (first.version, first.champion) == ("1", True)
+    assert (second.version, second.champion, second.previous_champion) == ("2", True, "1")
