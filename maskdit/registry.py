@@ -191,12 +191,6 @@ def _manifest(dataset_uri: str | None, train_config: dict, dest: Path) -> str:
     return dataset_uri
 
 
-def champion_fid(client, name: str) -> tuple[str | None, float | None]:
-    """(version, fid) of the current champion of `name`, or (None, None)."""
-    version, fid, _ = _champion(client, name)
-    return version, fid
-
-
 def _champion(client, name: str) -> tuple[str | None, float | None, dict[str, str]]:
     """(version, fid, tags) of the current champion of `name`, or (None, None, {})."""
     from mlflow.exceptions import MlflowException
