@@ -2,7 +2,7 @@
 
 The components run in the project's image (docker/Dockerfile), which holds this package, so a
 component's body only imports `components.steps` and forwards its inputs; see components/steps.py
-for what each step does and components/launcher.py for the PyTorchJob launcher.
+for what each step does and components/launcher.py (with components/pytorchjob.py) for the PyTorchJob launcher.
 """
 
 from maskdit import __version__

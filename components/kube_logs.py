@@ -19,10 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from components.kube_calls import Calls, describe, http_status
+from components.pytorchjob import CONTAINER, JOB_SELECTOR
 from maskdit import storage
 
-CONTAINER = "pytorch"
-JOB_SELECTOR = "training.kubeflow.org/job-name={name}"
 MASTER_SELECTOR = JOB_SELECTOR + ",training.kubeflow.org/replica-type=master"
 IDLE_FACTOR = 10  # a follow stream silent for 10 per-call timeouts is re-opened (a half-dead connection)
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")

@@ -55,7 +55,7 @@ def pointed(artifact) -> str:
 
 def run_dir(store_uri: str, kfp_run_id: str) -> str:
     """`<store>/runs/<run id>`: every output of one pipeline run (checkpoints, evaluation, logs)."""
-    from components.launcher import label_value
+    from components.pytorchjob import label_value
 
     return f"{store_uri.rstrip('/')}/runs/{label_value(kfp_run_id)}"
 
@@ -167,7 +167,8 @@ class TrainStep(StrictModel):
 
 def train_step(step: TrainStep):
     """`maskdit train` as a PyTorchJob (or torchrun here): (its result.json, the MLflow parent run id, log URIs)."""
-    from components.launcher import TrainJob, launch
+    from components.launcher import launch
+    from components.pytorchjob import TrainJob
     from maskdit.result import read_result, result_uri
     from maskdit.train import TrainResult
 

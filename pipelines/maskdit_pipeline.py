@@ -23,7 +23,7 @@ from kfp import compiler, dsl, kubernetes
 
 from components import IMAGE
 from components.cleanup import cleanup
-from components.launcher import TrainJob
+from components.pytorchjob import TrainJob
 from components.encode import encode
 from components.evaluate import evaluate
 from components.pretrain import pretrain

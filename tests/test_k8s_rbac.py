@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from components.launcher import LaunchError, TrainJob, delete_run_jobs, launch_kubernetes, training_client
+from components.launcher import LaunchError, delete_run_jobs, launch_kubernetes, training_client
+from components.pytorchjob import TrainJob
 from fixtures.k8s_api import K8sApiServer
 from fixtures.k8s_manifests import K8S_INSTALLS
 from fixtures.k8s_rbac import (

@@ -13,10 +13,6 @@ import yaml
 from components.kube_calls import is_transient
 from components.kube_logs import stamp_ns
 from components.launcher import (
-    CONTAINER,
-    DEADLINE_ANNOTATION,
-    QUEUE_LABEL,
-    RUN_ID_LABEL,
     DeadlinePassed,
     JobFailed,
     JobPending,
@@ -24,15 +20,21 @@ from components.launcher import (
     LaunchError,
     LaunchResult,
     StepTerminated,
-    TrainJob,
-    build_pytorchjob,
     deadline_marker,
     delete_run_jobs,
-    job_name,
-    label_value,
     launch,
     launch_local,
     training_client,
+)
+from components.pytorchjob import (
+    CONTAINER,
+    DEADLINE_ANNOTATION,
+    QUEUE_LABEL,
+    RUN_ID_LABEL,
+    TrainJob,
+    build_pytorchjob,
+    job_name,
+    label_value,
 )
 from fixtures.k8s_api import UNSCHEDULABLE, Fault, JobScript, crd_validator, manifest_errors, restricted_violations
 
