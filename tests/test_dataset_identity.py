@@ -222,6 +222,34 @@ def test_the_bundled_digits_count_as_their_file(tmp_path, monkeypatch):
     assert fingerprint(cfg) == identity and fingerprint(cfg.model_copy(update={"resolution": 28})) != identity
 
 
+def test_the_bundled_digits_are_encoded_once(tmp_path, monkeypatch):
+    import maskdit.mnist
+
+    real = maskdit.mnist.write_mnist
+    monkeypatch.setattr(maskdit.mnist, "write_mnist", lambda out: real(out, limit=20))  # the real digits, fewer
+    artifact = Dataset(name="dataset", uri=str(tmp_path / "a" / "dataset"), metadata={})
+    first = encode_step("mnist", str(tmp_path / "store"), 32, "unused", True, True, "cpu", artifact)
+    assert not first.reused and first.count == 20 and Path(first.dataset).name == f"mnist-{first.dataset_id[:12]}"
+    nothing_may_be_encoded(monkeypatch)
+    monkeypatch.setattr(maskdit.mnist, "write_mnist", lambda out: pytest.fail("re-use writes no digit"))
+    again = encode_step("mnist", str(tmp_path / "store"), 32, "unused", True, True, "cpu", artifact)
+    assert again.reused and again.dataset == first.dataset
+
+
+def test_the_cli_says_when_it_reused_a_dataset(tmp_path):
+    from typer.testing import CliRunner
+
+    from maskdit.cli import app
+
+    make_images(tmp_path / "in", per_class=2)
+    args = ["encode", f"input={tmp_path / 'in'}", f"out={tmp_path / 'px'}", "pixel_space=true", f"resolution={RES}",
+            "device=cpu", "progress=false"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0 and "re-used" not in first.output, first.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "nothing was encoded" in again.output, again.output
+
+
 # --- object storage --------------------------------------------------------------------------
 
 
