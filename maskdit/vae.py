@@ -12,6 +12,7 @@ import torch
 
 from maskdit import storage
 from maskdit.errors import UserError
+from maskdit.identity import file_digest, listing_digest
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
@@ -47,8 +48,6 @@ def vae_identity(spec: str) -> str:
     an s3:// directory: its files' sizes and ETags; a local directory: the sha256 of its files;
     a hub id: the id at the revision the hub serves now (offline: the cached revision).
     """
-    from maskdit.identity import listing_digest
-
     if storage.is_s3(spec):
         root = spec.rstrip("/")
         found = storage.list_objects(root)
@@ -58,10 +57,8 @@ def vae_identity(spec: str) -> str:
         return "s3-etags:" + listing_digest((o.uri[len(root) + 1 :], o.size, o.version) for o in found)
     local = storage.local_path(spec)
     if local.is_dir():
-        from maskdit.shards import file_sha256
-
         files = sorted(p for p in local.rglob("*") if p.is_file())
-        return "sha256:" + listing_digest((p.relative_to(local).as_posix(), p.stat().st_size, file_sha256(p))
+        return "sha256:" + listing_digest((p.relative_to(local).as_posix(), p.stat().st_size, file_digest(p))
                                           for p in files)
     return f"{spec}@{_hub_revision(spec)}"
 
