@@ -141,9 +141,8 @@ def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_sp
         raise EncodeError(f"the images at {images} changed after the fingerprint step listed them (identity "
                           f"{dataset_id[:12]}, now {identity.digest[:12]}): re-run the pipeline")
     out = f"{store_uri.rstrip('/')}/datasets/{identity.name}"
-    result = run(_encode_config(images, out, resolution, vae, pixel_space, grayscale, device))
-    if result.dataset_id != identity.digest:
-        raise EncodeError(f"the images at {images} changed while the encode step listed them: re-run the pipeline")
+    cfg = _encode_config(images, out, resolution, vae, pixel_space, grayscale, device)
+    result = run(cfg.model_copy(update={"dataset_id": identity.digest}))  # the folder must hold what it is named by
     print(f"dataset {out}: {'re-used, nothing encoded' if result.reused else 'encoded'} "
           f"({result.count} samples, identity {result.dataset_id})")
     point(dataset, result.dataset, manifest=result.manifest, source=images, resolution=resolution,

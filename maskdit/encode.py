@@ -249,6 +249,8 @@ class EncodeConfig(StrictModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on GPU, float32 on CPU
     workers: int = Field(8, ge=1, description="threads decoding images")
     progress: bool = True  # a progress bar on rank 0
+    dataset_id: str | None = Field(None, description="the identity (sha256) the input must still have, e.g. from a "
+                                   "fingerprint step; encode fails before writing anything when it does not")
 
 
 class EncodeResult(StepResult):
@@ -372,6 +374,9 @@ def _encode(cfg: EncodeConfig) -> tuple[Manifest | None, bool]:
     listed = None if cfg.input == MNIST else discover(cfg.input)
     source = _source(cfg, listed[1] if listed else [])
     identity = _identity(cfg, options, source, vae)
+    if cfg.dataset_id and identity.digest != cfg.dataset_id:
+        raise EncodeError(f"the input {cfg.input} changed since its identity was computed (dataset_id "
+                          f"{cfg.dataset_id[:12]}..., now {identity.digest[:12]}...): re-run, or drop dataset_id")
     if (found := _reusable(out, identity)) is not None:
         return (found if int(os.environ.get("RANK", "0")) == 0 else None), True
     with _input_folder(cfg) as folder:

@@ -104,6 +104,22 @@ def test_images_changed_after_the_fingerprint_step_fail_the_encode_step(tmp_path
     assert not (tmp_path / "store").exists()
 
 
+def test_images_changed_within_the_encode_step_never_land_in_the_folder_of_another_identity(tmp_path, tiny_vae,
+                                                                                           monkeypatch):
+    files = make_images(tmp_path / "train", per_class=2)
+    real = encode_mod.fingerprint
+
+    def then_change_an_image(cfg):
+        identity = real(cfg)
+        repaint(files[0], seed=3)  # after the step named the folder, before the encode lists the images
+        return identity
+
+    monkeypatch.setattr(encode_mod, "fingerprint", then_change_an_image)
+    with pytest.raises(EncodeError, match="changed since its identity was computed"):
+        step(tmp_path / "train", tmp_path / "store", tiny_vae, tmp_path / "a")
+    assert not list((tmp_path / "store").rglob("*.safetensors")) and not list((tmp_path / "store").rglob("*.json"))
+
+
 # --- encode: what is re-used, what is not ----------------------------------------------------
 
 
