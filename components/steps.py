@@ -16,7 +16,6 @@ import base64
 import html
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from pydantic import Field
@@ -108,24 +107,46 @@ def step_env(kfp_run_id: str, kfp_run_name: str, experiment: str) -> dict[str, s
 
 # --- the steps ---
 
+def _encode_config(images: str, out: str, resolution: int, vae: str, pixel_space: bool, grayscale: bool,
+                   device: str):
+    from maskdit.encode import EncodeConfig
+
+    return EncodeConfig(input=images, out=out, resolution=resolution, vae=vae, pixel_space=pixel_space,
+                        grayscale=grayscale, device=device)
+
+
+def fingerprint_step(images: str, resolution: int, vae: str, pixel_space: bool, grayscale: bool) -> str:
+    """The identity (sha256) of the dataset encode would make, from a listing of `images`: the encode
+    step's cache key, so that new images at the same URI are encoded and unchanged ones are not."""
+    from maskdit.encode import fingerprint
+
+    identity = fingerprint(_encode_config(images, "", resolution, vae, pixel_space, grayscale, "cpu"))
+    print(f"dataset {identity.name}: {identity.files} files, {identity.bytes} bytes, sha256 {identity.digest}")
+    return identity.digest
+
+
 def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_space: bool, grayscale: bool,
-                device: str, dataset):
-    """`maskdit encode` into `<store>/datasets/<name>-<resolution>[-pixel]`; 'mnist' = the bundled digits."""
-    from maskdit.encode import EncodeConfig, run
+                device: str, dataset, dataset_id: str = ""):
+    """`maskdit encode` into `<store>/datasets/<name>-<identity[:12]>`; 'mnist' = the bundled digits.
 
-    name = "mnist" if images == "mnist" else Path(images.rstrip("/")).name
-    out = f"{store_uri.rstrip('/')}/datasets/{name}-{resolution}{'-pixel' if pixel_space else ''}"
-    with tempfile.TemporaryDirectory() as tmp:
-        source = images
-        if images == "mnist":
-            from maskdit.mnist import write_mnist
+    The folder is named by the dataset's identity (maskdit.identity), so an unchanged source finds
+    the dataset it already made (nothing is encoded) and a changed one gets a new folder. With
+    `dataset_id` (the fingerprint step's output, the step's cache key) a source that changed since
+    then is an error: the cache entry would describe other data.
+    """
+    from maskdit.encode import EncodeError, fingerprint, run
 
-            source = str(Path(tmp) / "mnist")
-            write_mnist(source)
-        result = run(EncodeConfig(input=source, out=out, resolution=resolution, vae=vae, pixel_space=pixel_space,
-                                  grayscale=grayscale, device=device))
+    identity = fingerprint(_encode_config(images, "", resolution, vae, pixel_space, grayscale, device))
+    if dataset_id and identity.digest != dataset_id:
+        raise EncodeError(f"the images at {images} changed after the fingerprint step listed them (identity "
+                          f"{dataset_id[:12]}, now {identity.digest[:12]}): re-run the pipeline")
+    out = f"{store_uri.rstrip('/')}/datasets/{identity.name}"
+    cfg = _encode_config(images, out, resolution, vae, pixel_space, grayscale, device)
+    result = run(cfg.model_copy(update={"dataset_id": identity.digest}))  # the folder must hold what it is named by
+    print(f"dataset {out}: {'re-used, nothing encoded' if result.reused else 'encoded'} "
+          f"({result.count} samples, identity {result.dataset_id})")
     point(dataset, result.dataset, manifest=result.manifest, source=images, resolution=resolution,
-          count=result.count, num_classes=result.num_classes)
+          count=result.count, num_classes=result.num_classes, dataset_id=result.dataset_id, reused=result.reused)
     return result
 
 

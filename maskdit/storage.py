@@ -351,6 +351,42 @@ def list_uris(prefix_uri: str | os.PathLike) -> list[str]:
     return sorted(f"{scheme}{p}" for p in root.rglob("*") if p.is_file() and not p.name.endswith(_PARTIAL))
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """One object of a listing: its URI, size and version (the S3 ETag, or a local file's mtime in ns)."""
+
+    uri: str
+    size: int
+    version: str
+
+
+def list_objects(prefix_uri: str | os.PathLike) -> list[StoredObject]:
+    """`list_uris` with each object's size and version, from the listing alone (no object is read)."""
+    uri = str(prefix_uri)
+    if is_s3(uri):
+        bucket, prefix = _split_s3(uri)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        found: list[StoredObject] = []
+        with _s3_errors(uri, "list"):
+            pages = _client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": SETTINGS.list_page_size})
+            for page in pages:
+                found += [StoredObject(f"s3://{bucket}/{item['Key']}", int(item["Size"]), item["ETag"].strip('"'))
+                          for item in page.get("Contents", []) if not item["Key"].endswith("/")]
+        return sorted(found, key=lambda o: o.uri)
+    root = local_path(uri)
+    if not root.is_dir():
+        return []
+    scheme = "file://" if str(uri).startswith("file://") else ""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.name.endswith(_PARTIAL):
+            info = path.stat()
+            found.append(StoredObject(f"{scheme}{path}", info.st_size, str(info.st_mtime_ns)))
+    return sorted(found, key=lambda o: o.uri)
+
+
 def delete(uri: str | os.PathLike) -> None:
     """Remove the object at `uri`; no error when it is already gone."""
     uri = str(uri)

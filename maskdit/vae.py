@@ -12,6 +12,7 @@ import torch
 
 from maskdit import storage
 from maskdit.errors import UserError
+from maskdit.identity import file_digest, listing_digest
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
@@ -39,3 +40,41 @@ def load_vae(spec: str, device: str | torch.device = "cpu"):
         raise VAEError(f"cannot load the VAE {spec!r}: {error}\nPass a hub id the node can reach, or a local "
                        "or s3:// directory holding an AutoencoderKL saved with save_pretrained") from None
     return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_identity(spec: str) -> str:
+    """What identifies the VAE `spec` loads, from listings and local bytes (nothing is loaded):
+
+    an s3:// directory: its files' sizes and ETags; a local directory: the sha256 of its files;
+    a hub id: the id at the revision the hub serves now (offline: the cached revision).
+    """
+    if storage.is_s3(spec):
+        root = spec.rstrip("/")
+        found = storage.list_objects(root)
+        if not found:
+            raise VAEError(f"nothing under the VAE directory {spec!r}: pass a directory holding an AutoencoderKL "
+                           "saved with save_pretrained")
+        return "s3-etags:" + listing_digest((o.uri[len(root) + 1 :], o.size, o.version) for o in found)
+    local = storage.local_path(spec)
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        return "sha256:" + listing_digest((p.relative_to(local).as_posix(), p.stat().st_size, file_digest(p))
+                                          for p in files)
+    return f"{spec}@{_hub_revision(spec)}"
+
+
+def _hub_revision(repo_id: str) -> str:
+    """The commit the hub serves for `repo_id` now, else (offline) the one in the local hub cache."""
+    from pathlib import Path
+
+    from huggingface_hub import HfApi, constants
+
+    try:
+        return HfApi().model_info(repo_id, timeout=30).sha
+    except Exception as error:  # offline, unreachable, unknown id: the cache may still know it
+        ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+        if ref.is_file():
+            return ref.read_text().strip()
+        raise VAEError(f"cannot load the VAE {repo_id!r}: its revision is unknown ({type(error).__name__}: {error}); "
+                       "pass a hub id the node can reach, or a local or s3:// directory holding an "
+                       "AutoencoderKL saved with save_pretrained") from None

@@ -1,6 +1,6 @@
 """The MaskDiT training pipeline (Kubeflow Pipelines v2).
 
-    encode -> pretrain -> tune -> evaluate -> [FID <= fid_threshold] register
+    fingerprint -> encode -> pretrain -> tune -> evaluate -> [FID <= fid_threshold] register
     (all inside an ExitHandler whose exit step deletes the run's PyTorchJobs)
 
 Pretrain and tune are light launcher pods that run `maskdit train` as a PyTorchJob (or, with
@@ -26,6 +26,7 @@ from components.cleanup import cleanup
 from components.pytorchjob import TrainJob
 from components.encode import encode
 from components.evaluate import evaluate
+from components.fingerprint import fingerprint
 from components.pretrain import pretrain
 from components.register import register
 from components.steps import CONFIG_MAP, MLFLOW_SECRET, S3_SECRET
@@ -167,8 +168,13 @@ def maskdit_pipeline(
     _with_credentials(exit_task.set_cpu_limit("500m").set_memory_limit("1Gi"))
 
     with dsl.ExitHandler(exit_task, name="train and register"):
+        # encode is cached on the data's identity (a listing: sizes, ETags, mtimes), not on the URI string
+        identity = fingerprint(images=images, resolution=resolution, vae=vae, pixel_space=pixel_space,
+                               grayscale=grayscale)
+        identity.set_display_name("fingerprint images").set_caching_options(False).set_retry(2)
+        _with_credentials(identity.set_cpu_limit("1").set_memory_limit("4Gi"))  # ImageNet: 1.3M listed files
         encoded = encode(images=images, store_uri=store_uri, resolution=resolution, vae=vae,
-                         pixel_space=pixel_space, grayscale=grayscale, gpus=step_gpus)
+                         pixel_space=pixel_space, grayscale=grayscale, gpus=step_gpus, dataset_id=identity.output)
         encoded.set_display_name("encode images").set_caching_options(True).set_retry(2, backoff_duration="60s")
         _sized(_with_credentials(encoded), "16", "64Gi", step_gpus, step_node_selector)
 

@@ -43,7 +43,11 @@ def test_spec_parses_and_wires_the_dag(tmp_path, monkeypatch):
     assert root["cleanup"].trigger_policy.strategy == \
         pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.TriggerStrategy.ALL_UPSTREAM_TASKS_COMPLETED
     inner = spec.components[root["exit-handler-1"].component_ref.name].dag.tasks
-    assert set(inner) == {"encode", "pretrain", "tune", "evaluate", "condition-2"}
+    assert set(inner) == {"fingerprint", "encode", "pretrain", "tune", "evaluate", "condition-2"}
+    # encode's cache key holds the data's identity: the uncached fingerprint step's output is one of its inputs
+    assert not inner["fingerprint"].caching_options.enable_cache
+    identity = inner["encode"].inputs.parameters["dataset_id"].task_output_parameter
+    assert (identity.producer_task, identity.output_parameter_key) == ("fingerprint", "Output")
     assert list(inner["tune"].dependent_tasks) == ["encode", "pretrain"] or \
         set(inner["tune"].dependent_tasks) == {"encode", "pretrain"}
     condition = inner["condition-2"].trigger_policy.condition
@@ -80,10 +84,10 @@ def test_gpus_tolerations_node_selectors_and_secrets(tmp_path, monkeypatch):
         assert [t.key for t in executors[gpu_step].tolerations] == ["nvidia.com/gpu"]
         selector = json_format.MessageToDict(executors[gpu_step].node_selector)
         assert "step_node_selector" in json.dumps(selector)
-    for light_step in ("exec-pretrain", "exec-tune", "exec-register", "exec-cleanup"):
+    for light_step in ("exec-fingerprint", "exec-pretrain", "exec-tune", "exec-register", "exec-cleanup"):
         assert not containers[light_step].resources.accelerator.resource_type
         assert not executors.get(light_step, k8s_pb2.KubernetesExecutorConfig()).tolerations
-    for step in ("exec-encode", "exec-pretrain", "exec-tune", "exec-evaluate", "exec-register"):
+    for step in ("exec-fingerprint", "exec-encode", "exec-pretrain", "exec-tune", "exec-evaluate", "exec-register"):
         secrets = {(s.secret_name, k.env_var) for s in executors[step].secret_as_env for k in s.key_to_env}
         assert {("maskdit-s3", "AWS_SECRET_ACCESS_KEY"), ("maskdit-mlflow", "MLFLOW_TRACKING_PASSWORD")} <= secrets
         assert [c.config_map_name for c in executors[step].config_map_as_env] == ["maskdit-config"]

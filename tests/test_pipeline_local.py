@@ -48,7 +48,10 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     tags = version.tags
     assert 0 < float(tags["fid"]) <= 1e6 and tags["cfg_scale"] == "1.5" and tags["num_steps"] == "3"
     assert tags["checkpoint_uri"].startswith(f"s3://{bucket}/runs/") and "/tune/" in tags["checkpoint_uri"]
-    assert tags["dataset_manifest"] == f"s3://{bucket}/datasets/mnist-32-pixel/manifest.json"
+    from maskdit.encode import EncodeConfig, fingerprint  # the dataset's folder is named by its identity
+
+    identity = fingerprint(EncodeConfig(input=digits, out="", resolution=32, pixel_space=True, grayscale=True))
+    assert tags["dataset_manifest"] == f"s3://{bucket}/datasets/{identity.name}/manifest.json"
     assert storage.exists(tags["checkpoint_uri"])
 
     # each step's typed result lies beside its outputs on the store; the DAG read them, not logs

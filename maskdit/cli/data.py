@@ -25,6 +25,9 @@ def encode(config: ConfigOption = None, overrides: Overrides = None) -> None:
         typer.echo(f"{result.count} samples of shape {tuple(result.shape)} from {result.images} images in "
                    f"{result.num_classes} classes -> {result.dataset} ({result.skipped} skipped; reasons in "
                    f"{result.manifest})")
+        if result.reused:
+            typer.echo(f"re-used: {result.dataset} already held this dataset (identity {result.dataset_id[:12]}); "
+                       "nothing was encoded")
 
 
 @data_app.command("mnist")
