@@ -113,3 +113,41 @@ def test_init_from_a_registered_model(data, tmp_path, tracking):
     with pytest.raises(InitError, match="no-such-model"):
         Trainer(build(tiny_config(data, tmp_path / "none", init_from="models:/no-such-model@champion")),
                 distributed.setup("cpu"))
+
+
+# ------------------------------------------------------------------------------ the pipeline's steps
+
+
+@pytest.mark.slow
+def test_the_pretrain_step_resumes_a_failed_runs_folder(data, tmp_path, monkeypatch):
+    """pretrain_resume_from: the step passes checkpoint.resume_from to `maskdit train` (torchrun, local backend);
+    the new run continues the failed run's step count in its own folder."""
+    import yaml
+
+    from components.steps import TrainStep, run_dir, train_step
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    store = str(tmp_path / "store")
+    failed = train(build(tiny_config(data, f"{run_dir(store, 'run-1')}/pretrain", steps=2)))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(data, "set-by-the-step", steps=4)))
+    step = TrainStep(stage="pretrain", config=str(config), dataset=data, store_uri=store, kfp_run_id="run-2",
+                     experiment="x", image="unused", backend="local", nodes=1, gpus_per_node=0, cpu_request="1",
+                     cpu_limit="1", memory_request="1Gi", memory_limit="1Gi", shm_size="1Gi", backoff_limit=0,
+                     timeout_hours=0.1, pending_timeout_hours=0.1, resume_from=f"{run_dir(store, 'run-1')}/pretrain")
+    result, _, _ = train_step(step)
+    assert result.step == 4 and result.resumed_from == failed.checkpoint
+    assert result.checkpoint == f"{run_dir(store, 'run-2')}/pretrain/ckpt-000000004.pt"
+
+
+def test_tune_init_from_skips_pretraining(tmp_path):
+    from kfp.dsl import Metrics, Model
+
+    from components.steps import StepError, skip_pretraining
+
+    model, metrics = Model(name="model", uri=str(tmp_path / "model")), Metrics(name="m", uri=str(tmp_path / "m"))
+    skip_pretraining("models:/m@champion", {"pretrain_init_from": "", "pretrain_resume_from": ""}, model, metrics)
+    assert model.metadata["uri"] == "models:/m@champion" and metrics.metadata == {"steps": 0.0}
+    with pytest.raises(StepError, match="pretrain_resume_from='s3://b/runs/x/pretrain' would be ignored"):
+        skip_pretraining("models:/m@champion", {"pretrain_resume_from": "s3://b/runs/x/pretrain"}, model, metrics)
