@@ -89,3 +89,41 @@ def test_a_run_that_misses_the_fid_threshold_registers_nothing(digits, bucket, t
     assert list((tmp_path / "kfp").glob("*/evaluate/samples"))  # it did evaluate
     assert not list((tmp_path / "kfp").glob("*/register"))
     assert tracking.search_registered_models(f"name = '{name}'") == []
+
+
+def test_a_weekly_retrain_warm_starts_from_the_champion(digits, bucket, tracking, tmp_path):
+    """The DAG twice, as a recurring retrain runs it: the first run pretrains, tunes and registers the champion;
+    the second skips pretraining (tune_init_from=models:/<name>@champion), tunes that version for its own steps
+    and registers again. MLflow shows the second run's steps and where its weights came from."""
+    from maskdit.result import read_result
+    from maskdit.train import TrainResult
+
+    name, experiment = "maskdit-local-retrain", "pipeline-local-retrain"
+    first = _arguments(digits, bucket, name, experiment, fid_threshold=1e6)
+    first.update(pretrain_overrides=["steps=2", "checkpoint.every=2", *TINY],
+                 tune_overrides=["steps=2", "checkpoint.every=2", *TINY])
+    run_local(first, tmp_path / "kfp-1")
+    champion = tracking.get_model_version_by_alias(name, "champion")
+    run_1 = champion.tags["checkpoint_uri"].split("/tune/")[0]
+
+    second = {**first, "tune_init_from": f"models:/{name}@champion", "ref_stats": f"{run_1}/evaluate/ref_stats.npz",
+              "tune_overrides": ["steps=3", "checkpoint.every=3", *TINY]}
+    run_local(second, tmp_path / "kfp-2")
+
+    latest = tracking.get_model_version(name, "2")
+    assert "candidate" in latest.aliases and latest.tags["kfp_run_id"] != champion.tags["kfp_run_id"]
+    run_2 = latest.tags["checkpoint_uri"].split("/tune/")[0]
+    assert run_2 != run_1 and not storage.exists(f"{run_2}/pretrain/result.json")  # no pretraining this time
+    tuned = read_result(TrainResult, f"{run_2}/tune/result.json")
+    assert tuned.step == 3 and tuned.checkpoint == latest.tags["checkpoint_uri"]
+    assert (tuned.init_from.uri, tuned.init_from.resolved) == (f"models:/{name}@champion", f"models:/{name}/1")
+
+    # MLflow: the second pipeline run's tuning run, its step count and its lineage
+    run = tracking.get_run(tuned.run_id)
+    assert run.data.tags["init_from.resolved"] == f"models:/{name}/1"
+    assert run.data.tags["init_from.run_id"] == champion.run_id  # the run that registered version 1
+    assert run.data.params["steps"] == "3" and run.data.params["init_from"] == f"models:/{name}@champion"
+    assert [m.step for m in tracking.get_metric_history(tuned.run_id, "loss")] == [1, 2, 3]
+    (parent,) = tracking.search_runs([run.info.experiment_id],
+                                     "tags.`kfp.run_id` = '" + latest.tags["kfp_run_id"] + "'")
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
