@@ -2,6 +2,7 @@
 
     encode -> pretrain -> tune -> evaluate -> [FID <= fid_threshold] register
     (all inside an ExitHandler whose exit step deletes the run's PyTorchJobs)
+    (with `tune_init_from`, e.g. models:/<name>@champion, pretrain trains nothing: a weekly retrain)
 
 Pretrain and tune are light launcher pods that run `maskdit train` as a PyTorchJob (or, with
 `backend="local"`, with torchrun on the same machine, for KFP's local runner). Register adds a
