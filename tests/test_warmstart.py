@@ -101,6 +101,24 @@ def test_init_from_a_registered_model(data, tmp_path, tracking):
                     distributed.setup("cpu"))
     assert fresh.init_source.resolved == f"models:/{name}/2"
 
+    # two ranks: rank 0 resolves and pins, rank 1 loads the version it was sent (from the registry itself)
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(data, tmp_path / "ddp", steps=1, init_from=f"models:/{name}@champion")))
+    script = tmp_path / "cli.py"
+    script.write_text("from maskdit.cli import app; app()\n")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), "train", "--config", str(config)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    written = read_result(TrainResult, result_uri(str(tmp_path / "ddp")))
+    assert written.world_size == 2 and written.init_from.resolved == f"models:/{name}/2"
+
     # another network: refused, naming both configs and what to do
     wide = tiny_config(data, tmp_path / "wide", init_from=f"models:/{name}/1", model={"preset": "tiny",
                                                                                        "hidden_size": 64})
