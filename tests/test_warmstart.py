@@ -109,7 +109,8 @@ def test_init_from_a_registered_model(data, tmp_path, tracking):
     import yaml
 
     config = tmp_path / "ddp.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(data, tmp_path / "ddp", steps=1, init_from=f"models:/{name}@champion")))
+    ddp_cfg = tiny_config(data, tmp_path / "ddp", steps=1, init_from=f"models:/{name}@champion")
+    config.write_text(yaml.safe_dump(ddp_cfg))
     script = tmp_path / "cli.py"
     script.write_text("from maskdit.cli import app; app()\n")
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
