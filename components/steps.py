@@ -199,7 +199,7 @@ def skip_pretraining(pretrained: str, unused: dict[str, str], model, metrics) ->
     set_ = [f"{name}={value!r}" for name, value in unused.items() if value]
     if set_:
         raise StepError(f"tune_init_from={pretrained!r} skips pretraining, so {', '.join(set_)} would be ignored: "
-                        "leave them empty, or tune_init_from")
+                        "leave them empty, or leave tune_init_from empty to pretrain")
     point(model, pretrained, stage="pretrain", skipped=True)
     metrics.log_metric("steps", 0.0)
     print(f"pretraining skipped: tuning starts from {pretrained} (tune_init_from)")
