@@ -12,12 +12,20 @@ def pretrain(dataset: Input[Dataset], config: str, overrides: list, store_uri: s
              cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str, shm_size: str,
              node_selector: dict, tolerations: list, namespace: str, backoff_limit: int, queue_name: str,
              priority_class_name: str, timeout_hours: float, pending_timeout_hours: float, local_nproc: int,
-             model: Output[Model], metrics: Output[Metrics]):
+             model: Output[Model], metrics: Output[Metrics], init_from: str = "", resume_from: str = "",
+             pretrained: str = ""):
     """Masked pretraining (`maskdit train`) as a PyTorchJob, or with torchrun here (backend "local").
 
     The checkpoints go to <store_uri>/runs/<run id>/pretrain; the Model artifact points at the final one.
+    `init_from`: weights to start from (checkpoint or models:/ URI); `resume_from`: a failed run's pretraining
+    folder to continue; `pretrained`: no pretraining, the Model artifact points at this URI instead.
     """
-    from components.steps import TrainStep, point, pointed, show_training, train_step
+    from components.steps import TrainStep, point, pointed, show_training, skip_pretraining, train_step
+
+    if pretrained:
+        skip_pretraining(pretrained, {"pretrain_init_from": init_from, "pretrain_resume_from": resume_from},
+                         model, metrics)
+        return
 
     step = TrainStep(stage="pretrain", config=config, overrides=overrides, dataset=pointed(dataset),
                      store_uri=store_uri, kfp_run_id=kfp_run_id, kfp_run_name=kfp_run_name, experiment=experiment,
@@ -26,7 +34,8 @@ def pretrain(dataset: Input[Dataset], config: str, overrides: list, store_uri: s
                      memory_limit=memory_limit, shm_size=shm_size, node_selector=node_selector,
                      tolerations=tolerations, backoff_limit=backoff_limit, queue_name=queue_name,
                      priority_class_name=priority_class_name, timeout_hours=timeout_hours,
-                     pending_timeout_hours=pending_timeout_hours, local_nproc=local_nproc)
+                     pending_timeout_hours=pending_timeout_hours, local_nproc=local_nproc, init_from=init_from,
+                     resume_from=resume_from)
     result, parent, logs = train_step(step)
     point(model, result.checkpoint, dataset=step.dataset, config=config, stage=step.stage,
           mlflow_parent_run_id=parent, logs=logs)

@@ -157,7 +157,8 @@ class TrainStep(StrictModel):
     config: str  # `maskdit train` preset or YAML
     overrides: list[str] = []
     dataset: str  # dataset URI
-    init_from: str = ""  # checkpoint to start from (tune: the pretrained model)
+    init_from: str = ""  # checkpoint or models:/ URI to start from (tune: the pretrained model)
+    resume_from: str = ""  # another run's checkpoint folder to continue (a failed run's pretraining)
     store_uri: str
     kfp_run_id: str
     kfp_run_name: str = ""
@@ -196,6 +197,7 @@ def train_step(step: TrainStep):
     command = ["maskdit", "train", "--config", step.config, f"data.uri={step.dataset}",
                f"checkpoint.dir={step.checkpoint_dir}"]
     command += [f"init_from={step.init_from}"] if step.init_from else []
+    command += [f"checkpoint.resume_from={step.resume_from}"] if step.resume_from else []
     command += list(step.overrides)
     env = step_env(step.kfp_run_id, step.kfp_run_name, step.experiment)
     job = TrainJob(step=step.stage, run_id=step.kfp_run_id, image=step.image, command=command,
@@ -211,6 +213,18 @@ def train_step(step: TrainStep):
     if result.checkpoint is None:
         raise StepError(f"the {step.stage} job finished without a checkpoint (steps={result.step}): set steps > 0")
     return result, env.get("MASKDIT_PARENT_RUN_ID", ""), launched.log_uris
+
+
+def skip_pretraining(pretrained: str, unused: dict[str, str], model, metrics) -> None:
+    """No pretraining in this run (`tune_init_from`): the Model artifact points at `pretrained` (a checkpoint
+    or models:/ URI), which tuning starts from; `unused` are the pretraining parameters that must be empty."""
+    set_ = [f"{name}={value!r}" for name, value in unused.items() if value]
+    if set_:
+        raise StepError(f"tune_init_from={pretrained!r} skips pretraining, so {', '.join(set_)} would be ignored: "
+                        "leave them empty, or leave tune_init_from empty to pretrain")
+    point(model, pretrained, stage="pretrain", skipped=True)
+    metrics.log_metric("steps", 0.0)
+    print(f"pretraining skipped: tuning starts from {pretrained} (tune_init_from)")
 
 
 def show_training(result, metrics) -> None:

@@ -12,6 +12,8 @@ Layout of `<dir>/ckpt-<step:09d>.pt` (everything loads with `torch.load(weights_
     data_position   {"epoch", "batch_in_epoch", "samples_seen", "dataset_size", "global_batch"}
     skipped_steps   non-finite steps skipped so far
     tracking_run_id MLflow run of this training (resumed after a preemption) or None
+    init_from       the warm start's source as resolved (warmstart.InitSource fields) or None
+    resumed_from    the other run's checkpoint this run continued (checkpoint.resume_from) or None
     train_config    dict (TrainConfig, JSON-able)
 
 A writer killed mid-write leaves only a hidden `.partial` file (storage's atomic put); the

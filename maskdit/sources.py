@@ -89,6 +89,21 @@ def model_description(uri: str, dest: str) -> dict[str, Any]:
     return description
 
 
+def registered_checkpoint(uri: str, dest: str) -> Path:
+    """The inference checkpoint of a registered maskdit model (`models:/<name>/<version>`), downloaded into `dest`.
+
+    Only the `MLmodel` description and that file are read (load it with `checkpoint.load_checkpoint`,
+    which uses `weights_only`): training warm starts from a registered model this way (maskdit/warmstart.py).
+    """
+    description = model_description(uri, dest)
+    artifacts = (description.get("flavors", {}).get("python_function", {}).get("artifacts") or {})
+    path = (artifacts.get(CHECKPOINT_ARTIFACT) or {}).get("path")
+    if not path:
+        raise SampleError(f"{uri}: its MLmodel names no {CHECKPOINT_ARTIFACT} artifact; was it registered by this "
+                          "maskdit?")
+    return _download(f"{uri.rstrip('/')}/{path}", dest)
+
+
 def load_registered(uri: str, device: torch.device | str = "cpu") -> SamplerSource:
     """A registered maskdit model from its files alone (see the module doc): nothing is unpickled."""
     from maskdit.checkpoint import load_ema_model

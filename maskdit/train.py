@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from maskdit import checkpoint, distributed, storage, tracking
+from maskdit import checkpoint, distributed, storage, tracking, warmstart
 from maskdit.compiled import training_loss
 from maskdit.config import ConfigError
 from maskdit.diffusion import EDMPrecond, drop_labels, maskdit_loss
@@ -43,6 +43,7 @@ from maskdit.model import MaskDiT
 from maskdit.result import StepResult, result_uri
 from maskdit.shards import LatentSet, load_dataset
 from maskdit.trainconfig import TrainConfig
+from maskdit.warmstart import InitSource
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class TrainResult(StepResult):
     skipped_steps: int = 0
     run_id: str | None = None  # MLflow run, when tracking
     world_size: int = 1
+    init_from: InitSource | None = None  # where the weights came from (lineage; kept across resumes)
+    resumed_from: str | None = None  # another run's checkpoint this one continued (checkpoint.resume_from)
 
 
 #################################################################################
@@ -159,6 +162,8 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.run_id: str | None = None
+        self.init_source: InitSource | None = None  # lineage: init_from as resolved
+        self.resumed_from: str | None = None  # lineage: the other run's checkpoint we continued
         self._pending: tuple[tuple[int, int], Future] | None = None  # the micro batch being drawn ahead
         self.stop = StopOnSignal(cfg.checkpoint.grace_period_s)  # installed while run() runs
         self._restore()
@@ -186,15 +191,18 @@ class Trainer:
             )
 
     def _restore(self) -> None:
-        """Resume from the newest valid checkpoint in checkpoint.dir, else start from init_from, else fresh."""
+        """Resume from the newest valid checkpoint in checkpoint.dir, else continue checkpoint.resume_from's,
+        else start from init_from, else fresh (maskdit/warmstart.py)."""
         cfg = self.cfg
-        found, refused = None, None
+        found, foreign, refused = None, False, None
         if self.dist.is_main:
             try:
                 found = checkpoint.load_latest(cfg.checkpoint.dir)
-            except checkpoint.CheckpointError as error:  # checkpoints there, none loads: every rank stops
+                if found is None and cfg.checkpoint.resume_from:
+                    found, foreign = warmstart.resume_state(cfg.checkpoint.resume_from), True
+            except UserError as error:  # checkpoints there, none loads (or none to resume): every rank stops
                 refused = str(error)
-        uri, refused = distributed.broadcast_object((found[0] if found else None, refused))
+        uri, foreign, refused = distributed.broadcast_object((found[0] if found else None, foreign, refused))
         if refused:
             raise checkpoint.CheckpointError(refused)
         if uri is not None:
@@ -210,14 +218,20 @@ class Trainer:
             if self.device.type == "cuda" and len(state["rng"]["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
             self.step, self.skipped = state["step"], state.get("skipped_steps", 0)
-            self.run_id = state.get("tracking_run_id")
+            if foreign:  # another run's checkpoint (checkpoint.resume_from): this run is a new MLflow run
+                self.resumed_from = uri
+            else:
+                self.run_id, self.resumed_from = state.get("tracking_run_id"), state.get("resumed_from")
+            self.init_source = InitSource(**state["init_from"]) if state.get("init_from") else None
             log.info("resuming from %s at step %d", uri, self.step)
         elif cfg.init_from:
-            uri, state = checkpoint.resolve(cfg.init_from)
-            checkpoint.check_model_config(cfg.model, state, uri)
+            self.init_source, state = warmstart.start_from(cfg.init_from, cfg.checkpoint.dir,
+                                                           tracking.tracking_uri(cfg.tracking.uri), self.dist.is_main)
+            warmstart.check_model(cfg.model, state, self.init_source)
             self.precond.net.load_state_dict(state["model"])
             self.ema.net.load_state_dict(state["ema"])
-            log.info("initialised model and EMA from %s (step %d); fresh optimizer", uri, state["step"])
+            log.info("initialised model and EMA from %s (%s, step %d); fresh optimizer", cfg.init_from,
+                     self.init_source.resolved, state["step"])
 
     def _check_position(self, state: dict[str, Any], uri: str) -> None:
         theirs = state.get("data_position") or {}
@@ -313,6 +327,8 @@ class Trainer:
             "data_position": self.plan.position(self.step),
             "skipped_steps": self.skipped,
             "tracking_run_id": self.run_id,
+            "init_from": self.init_source.model_dump() if self.init_source else None,
+            "resumed_from": self.resumed_from,
             "train_config": storage.redact(self.cfg.model_dump(mode="json")),  # no credentials in URIs
         }
 
@@ -343,7 +359,16 @@ class Trainer:
                                               run_id=self.run_id, enabled=main, retry_s=cfg.tracking.retry_s,
                                               flush_s=cfg.tracking.flush_s) as run_id:
             self.run_id = run_id
+            if self._lineage():
+                tracking.set_tags(self._lineage())
             return self._loop()
+
+    def _lineage(self) -> dict[str, str]:
+        """MLflow tags saying where this run's weights came from."""
+        tags = self.init_source.tags() if self.init_source else {}
+        if self.resumed_from:
+            tags["resumed_from"] = self.resumed_from
+        return tags
 
     def _loop(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.is_main
@@ -416,7 +441,8 @@ class Trainer:
         """The run's result, written to `checkpoint.dir/result.json` by rank 0 (what pipeline steps read)."""
         result = TrainResult(checkpoint=final, checkpoint_dir=self.cfg.checkpoint.dir, step=self.step,
                              metrics=metrics, skipped_steps=self.skipped, run_id=self.run_id,
-                             world_size=self.dist.world_size)
+                             world_size=self.dist.world_size, init_from=self.init_source,
+                             resumed_from=self.resumed_from)
         if self.dist.is_main:
             result.write(result_uri(self.cfg.checkpoint.dir))
         return result

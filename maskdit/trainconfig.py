@@ -99,6 +99,7 @@ class CheckpointConfig(StrictModel):
     every: int = Field(10_000, ge=1)  # steps between checkpoints (one is always written at the end)
     keep_last: int = Field(3, ge=1)  # older checkpoints are deleted
     grace_period_s: float = Field(25.0, gt=0)  # seconds from SIGTERM to exit 143 with that step's checkpoint (operating.md)
+    resume_from: str | None = None  # another run's checkpoint folder: full state, used while `dir` holds none
 
 
 class TrackingConfig(StrictModel):
@@ -124,12 +125,24 @@ class TrainConfig(StrictModel):
     ema: EmaConfig = Field(default_factory=EmaConfig)
     steps: int = Field(2_000_000, ge=1)  # optimizer steps of this run (tuning counts its own)
     checkpoint: CheckpointConfig
-    init_from: str | None = None  # pretraining checkpoint (file or folder): its model + EMA, fresh optimizer
+    init_from: str | None = None  # checkpoint (file or folder) or models:/<name>@<alias>: model + EMA, fresh optimizer
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = 0  # every random draw derives from (seed, step, sample offset)
     log_every: int = Field(100, ge=1)  # steps between metric logs
     max_nonfinite_steps: int = Field(10, ge=1)  # this many skipped steps in a row stop training
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+
+    @model_validator(mode="after")
+    def _one_start(self) -> TrainConfig:
+        from maskdit.warmstart import InitError, parse_model_uri  # raised as is: not a field's error
+
+        if self.init_from and self.checkpoint.resume_from:
+            raise InitError(f"init_from ({self.init_from}) and checkpoint.resume_from ({self.checkpoint.resume_from}) "
+                            "both say where to start: resume_from continues a run with its optimizer and step, "
+                            "init_from starts a new one from weights; keep one")
+        if self.init_from and self.init_from.startswith("models:/"):
+            parse_model_uri(self.init_from)
+        return self
 
     @model_validator(mode="before")
     @classmethod

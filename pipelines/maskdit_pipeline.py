@@ -2,6 +2,7 @@
 
     fingerprint -> encode -> pretrain -> tune -> evaluate -> [FID <= fid_threshold] register
     (all inside an ExitHandler whose exit step deletes the run's PyTorchJobs)
+    (with `tune_init_from`, e.g. models:/<name>@champion, pretrain trains nothing: a weekly retrain)
 
 Pretrain and tune are light launcher pods that run `maskdit train` as a PyTorchJob (or, with
 `backend="local"`, with torchrun on the same machine, for KFP's local runner). Register adds a
@@ -93,6 +94,9 @@ def maskdit_pipeline(
     pretrain_overrides: list = [],
     tune_config: str = "imagenet256_tune_zero",
     tune_overrides: list = [],
+    pretrain_init_from: str = "",
+    pretrain_resume_from: str = "",
+    tune_init_from: str = "",
     image: str = IMAGE,
     backend: str = "kubernetes",
     namespace: str = "",
@@ -134,6 +138,9 @@ def maskdit_pipeline(
         pretrain_overrides: key=value overrides for pretraining, e.g. ["steps=100000"].
         tune_config: Preset for unmasking tuning: imagenet256_tune_zero (best with CFG) or imagenet256_tune_cosine.
         tune_overrides: key=value overrides for tuning.
+        pretrain_init_from: Start pretraining from these weights: a checkpoint (file or folder) or models:/<name>@<alias> (or /<version>); empty = from scratch.
+        pretrain_resume_from: Continue a failed run's pretraining from its checkpoint folder (<store>/runs/<run id>/pretrain) with its optimizer, step and RNG; empty = none.
+        tune_init_from: Skip pretraining and tune from this model: a checkpoint or models:/<name>@champion (a weekly retrain); empty = this run's pretraining.
         image: Container image of the PyTorchJob pods.
         backend: "kubernetes" (a PyTorchJob per training step) or "local" (torchrun in the step itself).
         namespace: Namespace for the PyTorchJobs; empty = the pipeline's own.
@@ -185,7 +192,9 @@ def maskdit_pipeline(
                        backoff_limit=backoff_limit, queue_name=queue_name, priority_class_name=priority_class_name,
                        pending_timeout_hours=pending_timeout_hours, local_nproc=local_nproc)
         pretrained = pretrain(dataset=encoded.outputs["dataset"], config=pretrain_config,
-                              overrides=pretrain_overrides, timeout_hours=pretrain_timeout_hours, **cluster)
+                              overrides=pretrain_overrides, timeout_hours=pretrain_timeout_hours,
+                              init_from=pretrain_init_from, resume_from=pretrain_resume_from,
+                              pretrained=tune_init_from, **cluster)
         _launcher(pretrained, "masked pretraining (PyTorchJob)")
 
         tuned = tune(dataset=encoded.outputs["dataset"], pretrained=pretrained.outputs["model"], config=tune_config,

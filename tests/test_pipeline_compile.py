@@ -130,3 +130,17 @@ def test_cli_parameters_take_the_pipelines_types():
             assert bad.split("=")[0] in str(error)
         else:
             raise AssertionError(f"{bad} was accepted")
+
+
+def test_warm_start_parameters_reach_pretraining(tmp_path, monkeypatch):
+    """pretrain_init_from / pretrain_resume_from / tune_init_from (strings, "" = off) feed the pretrain step."""
+    spec, _ = _parse(_compiled(tmp_path, monkeypatch))
+    params = spec.root.input_definitions.parameters
+    for name in ("pretrain_init_from", "pretrain_resume_from", "tune_init_from"):
+        assert params[name].parameter_type == pipeline_spec_pb2.ParameterType.STRING
+        assert params[name].default_value.string_value == ""
+    inner = spec.components[spec.root.dag.tasks["exit-handler-1"].component_ref.name].dag.tasks
+    wired = {key: value.component_input_parameter for key, value in inner["pretrain"].inputs.parameters.items()}
+    assert wired["init_from"] == "pipelinechannel--pretrain_init_from"
+    assert wired["resume_from"] == "pipelinechannel--pretrain_resume_from"
+    assert wired["pretrained"] == "pipelinechannel--tune_init_from"

@@ -92,3 +92,62 @@ def test_a_run_that_misses_the_fid_threshold_registers_nothing(digits, bucket, t
     assert list((tmp_path / "kfp").glob("*/evaluate/samples"))  # it did evaluate
     assert not list((tmp_path / "kfp").glob("*/register"))
     assert tracking.search_registered_models(f"name = '{name}'") == []
+
+
+
+def _untrained_checkpoint(folder) -> str:
+    """Initial weights of mnist_tune's model as a checkpoint (no pretraining: the first test covers that)."""
+    import torch
+
+    from maskdit import checkpoint
+    from maskdit.cli.train import preset_path
+    from maskdit.config import load_config
+    from maskdit.model import MaskDiT
+    from maskdit.trainconfig import TrainConfig
+
+    model = load_config(TrainConfig, preset_path("mnist_tune"), ["data.uri=unused", "checkpoint.dir=unused"]).model
+    torch.manual_seed(0)
+    weights = MaskDiT(model).state_dict()
+    return checkpoint.save_checkpoint(str(folder), {"model_config": model.model_dump(), "model": weights,
+                                                    "ema": weights, "step": 0})
+
+
+def test_a_weekly_retrain_warm_starts_from_the_champion(digits, bucket, tracking, tmp_path):
+    """The DAG twice, as a recurring retrain runs it. Both skip pretraining (tune_init_from): the first tunes a
+    given checkpoint and registers the champion; the second tunes models:/<name>@champion for its own steps
+    and registers again. MLflow shows the second run's steps and where its weights came from."""
+    from maskdit import fid
+    from maskdit.result import read_result
+    from maskdit.train import TrainResult
+
+    name, experiment = "maskdit-local-retrain", "pipeline-local-retrain"
+    ref_stats = fid.run(fid.FIDStatsConfig(source=digits, out=str(tmp_path / "ref.npz"), limit=8, device="cpu",
+                                           progress=False)).stats  # the same for both runs: FIDs comparable
+    first = {**_arguments(digits, bucket, name, experiment, fid_threshold=1e6), "ref_stats": ref_stats,
+             "num_samples": 8, "tune_init_from": _untrained_checkpoint(tmp_path / "given"),
+             "tune_overrides": ["steps=2", "checkpoint.every=2", *TINY]}
+    run_local(first, tmp_path / "kfp-1")
+    champion = tracking.get_model_version_by_alias(name, "champion")
+
+    second = {**first, "tune_init_from": f"models:/{name}@champion",
+              "tune_overrides": ["steps=3", "checkpoint.every=3", *TINY]}
+    run_local(second, tmp_path / "kfp-2")
+
+    latest = tracking.get_model_version(name, "2")
+    assert "candidate" in latest.aliases and latest.tags["kfp_run_id"] != champion.tags["kfp_run_id"]
+    run_dir = latest.tags["checkpoint_uri"].split("/tune/")[0]
+    assert not storage.exists(f"{run_dir}/pretrain/result.json")  # no pretraining
+    tuned = read_result(TrainResult, f"{run_dir}/tune/result.json")
+    assert tuned.step == 3 and tuned.checkpoint == latest.tags["checkpoint_uri"]
+    assert (tuned.init_from.uri, tuned.init_from.resolved) == (f"models:/{name}@champion", f"models:/{name}/1")
+    assert tuned.init_from.step == 2  # version 1 is the first run's tuning after its 2 steps
+
+    # MLflow: the second pipeline run's tuning run, its step count and its lineage
+    run = tracking.get_run(tuned.run_id)
+    assert run.data.tags["init_from.resolved"] == f"models:/{name}/1"
+    assert run.data.tags["init_from.run_id"] == champion.run_id  # the run that registered version 1
+    assert run.data.params["steps"] == "3" and run.data.params["init_from"] == f"models:/{name}@champion"
+    assert [m.step for m in tracking.get_metric_history(tuned.run_id, "loss")] == [1, 2, 3]
+    (parent,) = tracking.search_runs([run.info.experiment_id],
+                                     "tags.`kfp.run_id` = '" + latest.tags["kfp_run_id"] + "'")
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
