@@ -52,11 +52,13 @@ def save_vae(spec: str, dest: Path) -> Path:
 
 
 def preset_name(model_config: dict[str, Any]) -> str | None:
-    """The model preset whose fields the config has ("XL/2"), else None."""
+    """The model preset whose network fields the config has ("XL/2"), else None; the data's fields
+    (input size, channels, classes) may differ from the preset's."""
     from maskdit.model import MODEL_PRESETS
 
+    data = ("input_size", "in_channels", "num_classes")
     matches = [name for name, fields in MODEL_PRESETS.items()
-               if all(model_config.get(k) == v for k, v in fields.items())]
+               if all(model_config.get(k) == v for k, v in fields.items() if k not in data)]
     return max(matches, key=lambda name: len(MODEL_PRESETS[name]), default=None)  # the most specific
 
 
