@@ -1,6 +1,7 @@
 """Registration in the MLflow Model Registry against a real MLflow server (tests/fixtures/mlflow_server.py)."""
 
 import io
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -256,7 +257,6 @@ def test_the_version_comes_from_the_training_run_with_its_card_metrics_code_and_
     """Issue 13.3: source = the run that trained the checkpoint, the evaluation's numbers on the model, a model
     card as description, an input example, the maskdit code and pinned requirements inside."""
     import hashlib
-    from pathlib import Path
 
     import torch
 
@@ -293,7 +293,9 @@ def test_the_version_comes_from_the_training_run_with_its_card_metrics_code_and_
                   f"mlflow models serve -m models:/{name}@champion", "/invocations"):
         assert shown in card, shown
 
-    logged = mlflow.get_logged_model(version.model_id)
+    assert version.source.startswith("models:/m-")  # MLflow 3: the logged model, whose metrics the registry shows
+    logged = mlflow.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == train_run
     assert {(m.key, m.value, m.run_id, m.step) for m in logged.metrics} == {
         ("fid", 7.5, evaluate_run, 30), ("precision", 0.25, evaluate_run, 30), ("recall", 0.5, evaluate_run, 30)}
 
