@@ -97,7 +97,8 @@ def model_card(name: str, *, dataset_uri: str, manifest, manifest_sha256: str, m
         "| | |", "|---|---|",
         f"| dataset | `{dataset_uri}` |",
         f"| manifest sha256 | `{manifest_sha256}` |",
-        f"| samples | {manifest.count:,} ({manifest.images:,} images{', with flipped copies' if manifest.flip else ''}) |",
+        f"| samples | {manifest.count:,} ({manifest.images:,} images"
+        f"{', with flipped copies' if manifest.flip else ''}) |",
         f"| classes | {manifest.num_classes} |",
         f"| x0 | {shape} ({manifest.space} space, {manifest.resolution} px images) |",
         f"| decoder | {decoder} |", "",

@@ -61,8 +61,9 @@ def test_the_model_card_names_data_recipe_fid_settings_and_how_to_sample(tmp_pat
                       train_config={"init_from": str(tmp_path / "pretrain"), "mask": {"ratio": 0.0, "schedule": "zero"},
                                     "batch": {"global_batch": 1024}, "optim": {"lr": 5e-5}},
                       step=37_500, fid=5.69, sampler=SamplerConfig(), evaluation=evaluation, source_run="abc123")
-    for shown in ("# maskdit-xl2", "`s3://m/imagenet256`", "e" * 64, "2,562,334 (1,281,167 images, with flipped copies)",
-                  "| classes | 1000 |", "4x32x32 (latent space, 256 px images)", "VAE `stabilityai/sd-vae-ft-mse` (inside",
+    for shown in ("# maskdit-xl2", "`s3://m/imagenet256`", "e" * 64,
+                  "2,562,334 (1,281,167 images, with flipped copies)", "| classes | 1000 |",
+                  "4x32x32 (latent space, 256 px images)", "VAE `stabilityai/sd-vae-ft-mse` (inside",
                   "XL/2: hidden 1152, depth 28, patch 2, decoder depth 8", "(step 400,000)",
                   "37,500 steps, mask ratio 0.0 (zero), global batch 1024, lr 5e-05", "MLflow run `abc123`",
                   "| FID | 5.69 |", "50,000 (seed 0)", "`s3://m/VIRTUAL_imagenet256_labeled.npz` (sha256 `" + "c" * 64,
@@ -70,8 +71,8 @@ def test_the_model_card_names_data_recipe_fid_settings_and_how_to_sample(tmp_pat
                   'mlflow.pyfunc.load_model("models:/maskdit-xl2@champion")',
                   "mlflow models serve -m models:/maskdit-xl2@champion --host 127.0.0.1 --port 5000"):
         assert shown in card, shown
-    pixel = model_card("demo", dataset_uri="d", manifest=_manifest(space="pixel", vae=None, flip=False), manifest_sha256="f",
-                       model_config=model_config("tiny").model_dump(), train_config={}, step=5, fid=80.0,
-                       sampler=SamplerConfig(), evaluation=None)
+    pixel = model_card("demo", dataset_uri="d", manifest=_manifest(space="pixel", vae=None, flip=False),
+                       manifest_sha256="f", model_config=model_config("tiny").model_dump(), train_config={},
+                       step=5, fid=80.0, sampler=SamplerConfig(), evaluation=None)
     assert "| decoder | none (pixel space) |" in pixel and "none: trained from scratch" in pixel
     assert "| training run | - |" in pixel and "reference statistics" not in pixel

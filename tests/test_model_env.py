@@ -75,7 +75,16 @@ def _env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def model_env(champion, mlflow_server, tmp_path_factory):
     """(MLFLOW_ENV_ROOT, the venv MLflow built for the champion) via `mlflow models prepare-env`."""
+    import platform
+    import shutil
+
     import mlflow
+
+    pyenv = shutil.which("pyenv")  # MLflow's virtualenv manager takes the model's Python from pyenv
+    if pyenv is None or not (Path(subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip())
+                             / "versions" / platform.python_version()).is_dir():
+        pytest.skip(f"MLflow's default environment manager needs pyenv with Python {platform.python_version()} "
+                    "installed (it would download and build it otherwise)")
 
     requirements = Path(mlflow.pyfunc.get_model_dependencies(champion)).read_text()  # the env's name
     root = ENVS / hashlib.sha256(requirements.encode()).hexdigest()[:16]

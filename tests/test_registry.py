@@ -327,7 +327,8 @@ def test_a_latent_models_vae_is_inside_it(tracking, tmp_path, monkeypatch):
     for c in ("cat", "dog"):
         (tmp_path / "images" / c).mkdir(parents=True)
         for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / c / f"{i}.png")
     encode(EncodeConfig(input=str(tmp_path / "images"), out=str(tmp_path / "dataset"), vae=str(tmp_path / "vae"),
                         resolution=16, device="cpu", workers=1, progress=False))  # latents 4 x 8 x 8
     cfg = model_config("tiny", num_classes=2)
