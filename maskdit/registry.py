@@ -232,6 +232,7 @@ def _model_run(client, source_run: str | None, name: str, params: dict, tags: di
             yield run_id
         return
     before = client.get_run(source_run).info
+    mlflow.set_experiment(experiment_id=before.experiment_id)  # MLflow resumes a run only in its own experiment
     with mlflow.start_run(run_id=source_run, nested=mlflow.active_run() is not None):
         yield source_run
     if before.end_time:  # reopening it marked it running and then finished now
@@ -287,7 +288,9 @@ def champion_lock(client, name: str) -> Iterator[Callable[[], bool]]:
                                            description=f"lock of the {CHAMPION} alias of {name} (maskdit register)")
             break
         except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            # lost the insert; the server then reads the winner's lock for its message, and answers
+            # RESOURCE_DOES_NOT_EXIST when the winner deleted it in between: lost all the same
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         held_by = _lock_token(client, lock, stale_only=True)
         if held_by is not None:  # its holder died: break it (the verify step covers a holder that only stalled)
