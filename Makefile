@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) .venv-image .venv-image.lock .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-image .venv-image.lock .mlflow-envs .pytest_cache build *.egg-info
 
 # Both images, from the repository root (docker/README.md); needs a Docker engine.
 image:

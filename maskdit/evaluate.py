@@ -70,6 +70,7 @@ class EvaluateResult(StepResult):
     world_size: int
     seconds: float
     grid: str  # the sample grid PNG (URI)
+    run_id: str | None = None  # the evaluate run in MLflow, when tracking (register attaches its metrics)
 
 
 def check_model(expected: dict[str, Any] | None, actual, uri: str) -> None:
@@ -176,6 +177,9 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
             log_metrics({k: float(v) for k, v in (("fid", result.fid), ("precision", precision),
                                                   ("recall", recall), ("seconds", result.seconds)) if v is not None})
             _log_files(result, grid_uri, log_artifact, log_image)
+    if run_id is not None:  # the result names its run, for the registered version
+        result.run_id = run_id
+        result.write(result_uri(cfg.out))
     return result
 
 

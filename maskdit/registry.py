@@ -1,11 +1,15 @@
 """The MLflow Model Registry: a trained MaskDiT as a pyfunc model, with `candidate` / `champion` aliases.
 
 The step is `run(RegisterConfig) -> RegisterResult`: it reads the evaluate step's result (FID,
-sampler settings, reference statistics, checkpoint) and calls `register(...)`, which logs a pyfunc model whose artifacts are an
-inference-only checkpoint (the EMA weights, no optimizer) and the dataset manifest (which names
-the VAE, or says pixel space), registers it as a new version of `name` with tags (fid,
-sampler settings, evaluation settings, dataset manifest, checkpoint URI, KFP run id) and points
-the alias `candidate` at it.
+sampler settings, reference statistics, checkpoint) and calls `register(...)`, which logs a pyfunc
+model whose artifacts are an inference-only checkpoint (the EMA weights, no optimizer), the dataset
+manifest and, for a latent model, the VAE; with it go the maskdit code and pinned requirements
+(`maskdit.bundle`), so a fresh environment loads and serves it. The model is logged in the run
+that trained the checkpoint (its `tracking_run_id`, the tune run), so that run is the version's
+source; a checkpoint trained without tracking gets a `register-<name>` run instead. The version
+gets tags (fid, sampler settings, evaluation settings, dataset manifest, checkpoint URI, training
+and evaluate run ids, KFP run id), the evaluation's metrics on the logged model, a model card as
+its description (`bundle.model_card`), and the alias `candidate`.
 
 The champion gate. `champion` moves to the new version only when its FID is lower than the
 champion's AND both were measured under the same settings (`SETTINGS`: the sha256 of the
@@ -35,9 +39,10 @@ The pyfunc model (`mlflow.pyfunc.load_model("models:/<name>@champion")`):
 
 PNG bytes keep the output a plain table that MLflow's REST serving returns as base64; decode
 with `PIL.Image.open(io.BytesIO(png))`. A missing seed is the row index; missing cfg_scale /
-num_steps use the registered sampler settings. Loading through `mlflow.pyfunc` needs the maskdit
-package (the project image): the model is this module's `MaskDiTModel`. maskdit itself never
-loads a registered model that way: `maskdit.sources` reads its files without unpickling.
+num_steps use the registered sampler settings. The model is this module's `MaskDiTModel`, loaded
+from the model's own copy of maskdit; `mlflow models serve -m models:/<name>@champion` builds its
+environment from the model's requirements (README, "Serve a model"). maskdit itself never loads a
+registered model that way: `maskdit.sources` reads its files without unpickling.
 """
 
 from __future__ import annotations
@@ -58,12 +63,13 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from maskdit import storage
+from maskdit.bundle import copy_code, model_card, requirements, save_vae
 from maskdit.config import StrictModel
 from maskdit.diffusion import SamplerConfig
 from maskdit.errors import UserError
 from maskdit.evaluate import EvaluateResult
 from maskdit.result import RESULT_FILE, StepResult, read_result, result_uri
-from maskdit.sources import CHECKPOINT_ARTIFACT, MANIFEST_ARTIFACT, MODEL_FORMAT
+from maskdit.sources import CHECKPOINT_ARTIFACT, MANIFEST_ARTIFACT, MODEL_FORMAT, VAE_ARTIFACT
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 FID_TAG = "fid"
@@ -130,6 +136,8 @@ class MaskDiTModel(mlflow.pyfunc.PythonModel):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.precond, self.model_config, _ = load_ema_model(context.artifacts["checkpoint"], self.device)
         manifest = Manifest.model_validate_json(Path(context.artifacts["manifest"]).read_text())
+        if VAE_ARTIFACT in context.artifacts:  # the VAE inside the model, not the one the manifest names
+            manifest = manifest.model_copy(update={"vae": context.artifacts[VAE_ARTIFACT]})
         self.decode = load_decoder(manifest, self.device)
         config = context.model_config or {}
         self.sampler = SamplerConfig(**config.get("sampler", {}))
@@ -169,26 +177,66 @@ class MaskDiTModel(mlflow.pyfunc.PythonModel):
 # --------------------------------------------------------------------------------------------
 
 def _export(checkpoint_uri: str, dest: Path) -> tuple[str, dict]:
-    """An inference-only copy of a training checkpoint (EMA weights as model and ema, no optimizer)."""
+    """An inference-only copy of a training checkpoint (EMA weights as model and ema, no optimizer);
+    returns (its URI, what it says besides weights: model_config, step, train_config, tracking_run_id)."""
     import torch
 
     from maskdit.checkpoint import resolve
 
     uri, state = resolve(checkpoint_uri)
     slim = {k: state.get(k) for k in ("format_version", "model_config", "step", "train_config")}
+    info = {**slim, "tracking_run_id": state.get("tracking_run_id")}
     slim.update(model=state["ema"], ema=state["ema"], optimizer=None, scaler=None)
     torch.save(slim, dest)
-    return uri, state.get("train_config") or {}
+    return uri, info
 
 
-def _manifest(dataset_uri: str | None, train_config: dict, dest: Path) -> str:
+def _manifest(dataset_uri: str | None, train_config: dict, dest: Path):
+    """(dataset URI, Manifest, sha256 of its manifest.json) of the dataset, its manifest copied to `dest`."""
+    import hashlib
+
     from maskdit.shards import read_manifest
 
     dataset_uri = dataset_uri or (train_config.get("data") or {}).get("uri")
     if not dataset_uri:
         raise RegistryError("no dataset URI: pass --dataset (the checkpoint's train_config names none)")
-    dest.write_text(read_manifest(dataset_uri).model_dump_json(indent=1))
-    return dataset_uri
+    manifest = read_manifest(dataset_uri)  # checked: a missing or foreign manifest is a clear error
+    raw = storage.get_bytes(dataset_uri if dataset_uri.endswith(".json")
+                            else storage.join(dataset_uri, "manifest.json"))
+    dest.write_text(manifest.model_dump_json(indent=1))
+    return dataset_uri, manifest, hashlib.sha256(raw).hexdigest()
+
+
+def _source_run(client, run_id: str | None) -> str | None:
+    """The checkpoint's training run when this MLflow server has it (it is the version's source), else None."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id).info.run_id
+    except MlflowException:
+        return None
+
+
+@contextmanager
+def _model_run(client, source_run: str | None, name: str, params: dict, tags: dict[str, str], tracking_uri: str,
+               experiment: str) -> Iterator[str]:
+    """The run the model is logged in: the training run, reopened and left as it was (status, end time);
+    without one, a new `register-<name>` run with the registration's params and tags."""
+    from maskdit.tracking import tracking_run
+
+    if source_run is None:
+        with tracking_run(run_name=f"register-{name}", params=params, tags=tags, uri=tracking_uri,
+                          experiment=experiment) as run_id:
+            yield run_id
+        return
+    before = client.get_run(source_run).info
+    mlflow.set_experiment(experiment_id=before.experiment_id)  # MLflow resumes a run only in its own experiment
+    with mlflow.start_run(run_id=source_run, nested=mlflow.active_run() is not None):
+        yield source_run
+    if before.end_time:  # reopening it marked it running and then finished now
+        client.set_terminated(source_run, before.status, end_time=before.end_time)
 
 
 def _champion(client, name: str) -> tuple[str | None, float | None, dict[str, str]]:
@@ -240,7 +288,9 @@ def champion_lock(client, name: str) -> Iterator[Callable[[], bool]]:
                                            description=f"lock of the {CHAMPION} alias of {name} (maskdit register)")
             break
         except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            # lost the insert; the server then reads the winner's lock for its message, and answers
+            # RESOURCE_DOES_NOT_EXIST when the winner deleted it in between: lost all the same
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         held_by = _lock_token(client, lock, stale_only=True)
         if held_by is not None:  # its holder died: break it (the verify step covers a holder that only stalled)
@@ -314,7 +364,7 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
     `sampler`: the settings the FID was measured with (the evaluation's when given, else the defaults).
     """
     from maskdit import __version__
-    from maskdit.tracking import check_reachable, connect, tracking_run
+    from maskdit.tracking import check_reachable, connect
 
     sampler = sampler or (evaluation.sampler if evaluation else SamplerConfig())
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri  # the environment wins, as in tracking.py
@@ -325,28 +375,44 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
     client = mlflow.MlflowClient()
     version_tags = {FID_TAG: f"{float(fid):.6g}", **{k: str(v) for k, v in sampler.model_dump().items()},
                     **({"kfp_run_id": kfp_run_id} if kfp_run_id else {}), **(tags or {})}
+    metrics = {"fid": float(fid)}
     if evaluation is not None:  # what the FID was measured against: FIDs are comparable only under the same
         version_tags.update(ref_stats=evaluation.ref_stats, num_samples=str(evaluation.num_samples),
                             inception=evaluation.inception)
         version_tags.update({k: v for k, v in (("ref_stats_sha256", evaluation.ref_stats_sha256),
-                                               ("inception_sha256", evaluation.inception_sha256)) if v})
+                                               ("inception_sha256", evaluation.inception_sha256),
+                                               ("evaluate_run_id", evaluation.run_id)) if v})
+        metrics.update({k: float(v) for k, v in (("precision", evaluation.precision),
+                                                 ("recall", evaluation.recall)) if v is not None})
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint_uri, train_config = _export(checkpoint_uri, Path(tmp) / "ema.pt")
-        dataset_uri = _manifest(dataset_uri, train_config, Path(tmp) / "manifest.json")
-        version_tags.update(checkpoint_uri=checkpoint_uri, dataset_manifest=f"{dataset_uri.rstrip('/')}/manifest.json")
-        with tracking_run(run_name=f"register-{name}", params={"fid": fid, **sampler.model_dump(),
-                          "checkpoint_uri": checkpoint_uri}, tags=version_tags,
-                          uri=tracking_uri, experiment=experiment) as run_id:
+        tmp = Path(tmp)
+        checkpoint_uri, state = _export(checkpoint_uri, tmp / "ema.pt")
+        train_config = state.get("train_config") or {}
+        dataset_uri, manifest, manifest_sha256 = _manifest(dataset_uri, train_config, tmp / "manifest.json")
+        artifacts = {CHECKPOINT_ARTIFACT: str(tmp / "ema.pt"), MANIFEST_ARTIFACT: str(tmp / "manifest.json")}
+        if manifest.space == "latent":  # the VAE goes inside: loading never fetches it
+            artifacts[VAE_ARTIFACT] = str(save_vae(manifest.vae, tmp / VAE_ARTIFACT))
+        source_run = _source_run(client, state.get("tracking_run_id"))
+        version_tags.update(checkpoint_uri=checkpoint_uri, dataset_manifest=f"{dataset_uri.rstrip('/')}/manifest.json",
+                            manifest_sha256=manifest_sha256, **({"train_run_id": source_run} if source_run else {}))
+        card = model_card(name, dataset_uri=dataset_uri, manifest=manifest, manifest_sha256=manifest_sha256,
+                          model_config=state["model_config"], train_config=train_config, step=state["step"],
+                          fid=float(fid), sampler=sampler, evaluation=evaluation, source_run=source_run)
+        params = {"fid": fid, **sampler.model_dump(), "checkpoint_uri": checkpoint_uri}
+        with _model_run(client, source_run, name, params, version_tags, tracking_uri, experiment) as run_id:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=MaskDiTModel(), signature=SIGNATURE,
-                artifacts={CHECKPOINT_ARTIFACT: str(Path(tmp) / "ema.pt"),
-                           MANIFEST_ARTIFACT: str(Path(tmp) / "manifest.json")},
+                input_example=pd.DataFrame({"class_label": [min(1, manifest.num_classes - 1)], "seed": [0]}),
+                artifacts=artifacts, code_paths=[str(copy_code(tmp / "code"))],
                 model_config={"sampler": sampler.model_dump()},
-                metadata={"maskdit_format": MODEL_FORMAT, "sampler": sampler.model_dump()},
-                # served from the project image; pinning keeps MLflow from inferring (slowly) what it imports
-                pip_requirements=[f"maskdit=={__version__}", f"mlflow=={mlflow.__version__}", "torch", "pandas"])
-            mlflow.log_metric("fid", float(fid))
-    version = mlflow.register_model(info.model_uri, name, tags=version_tags).version
+                metadata={"maskdit_format": MODEL_FORMAT, "maskdit_version": __version__,
+                          "sampler": sampler.model_dump()},
+                pip_requirements=requirements(latent=manifest.space == "latent"))
+        # the evaluation's numbers on the logged model (the registry shows them), in the run that measured them
+        measured_in = _source_run(client, evaluation.run_id if evaluation else None) or run_id
+        mlflow.log_metrics(metrics, step=state["step"], model_id=info.model_id, run_id=measured_in)
+    version = str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
+    client.update_model_version(name, version, description=card)
     client.set_registered_model_alias(name, CANDIDATE, version)
     champion, previous, previous_fid, reason = promote(client, name, str(version), fid, version_tags)
     aliases = client.get_model_version(name, version).aliases

@@ -4,8 +4,9 @@
   VAE named by a dataset manifest (`dataset`, else the checkpoint's `train_config.data.uri`);
 - `models:/<name>@<alias>` or `models:/<name>/<version>`: a version that `maskdit register` logged.
   Its files are read directly - the `MLmodel` description, the inference checkpoint (loaded with
-  `weights_only`) and the manifest - so nothing stored in the registry is unpickled or executed
-  here: a crafted model version cannot run code on the machine that samples from it. A version
+  `weights_only`), the manifest, a latent model's VAE (safetensors) - so nothing stored in the
+  registry is unpickled or executed here (not even its copy of maskdit): a crafted model version
+  cannot run code on the machine that samples from it. A version
   that is not a maskdit model (no `maskdit_format` in its metadata) is refused before any download
   of weights.
 """
@@ -32,6 +33,7 @@ class SampleError(UserError, ValueError):
 
 MODEL_FORMAT = 1  # `maskdit_format` in the metadata of every model version `maskdit register` logs
 CHECKPOINT_ARTIFACT, MANIFEST_ARTIFACT = "checkpoint", "manifest"  # the model's artifact names
+VAE_ARTIFACT = "vae"  # a latent model's VAE (save_pretrained folder), inside the model
 
 
 @dataclass
@@ -120,7 +122,14 @@ def load_registered(uri: str, device: torch.device | str = "cpu") -> SamplerSour
         manifest = Manifest.model_validate_json(_download(f"{uri.rstrip('/')}/{paths[MANIFEST_ARTIFACT]}",
                                                           tmp).read_text())
         precond, config, meta = load_ema_model(str(checkpoint), device)
-    check_decoder_fits(config, manifest, uri)
+        check_decoder_fits(config, manifest, uri)
+        vae = (artifacts.get(VAE_ARTIFACT) or {}).get("path")
+        if vae:  # the VAE inside the model (weights as safetensors only: nothing unpickled)
+            folder = _download(f"{uri.rstrip('/')}/{vae}", tmp)
+            if not any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+                raise SampleError(f"{uri}: its {VAE_ARTIFACT} folder holds no safetensors weights (or pickled ones); "
+                                  "register it again with this maskdit")
+            manifest = manifest.model_copy(update={"vae": str(folder)})
+        decode = load_decoder(manifest, device)
     sampler = (description.get("metadata") or {}).get("sampler") or {}
-    return SamplerSource(precond, load_decoder(manifest, device), config,
-                         {"uri": uri, "step": meta["step"], "sampler": sampler})
+    return SamplerSource(precond, decode, config, {"uri": uri, "step": meta["step"], "sampler": sampler})

@@ -58,6 +58,7 @@ def test_evaluate_writes_result_grid_and_logs_to_mlflow(tiny_sampler, ref_stats,
     (run,) = client.search_runs([mlflow.get_experiment_by_name("eval-test").experiment_id])
     assert run.data.metrics["fid"] == pytest.approx(result.fid)
     assert run.data.params["num_samples"] == "6"
+    assert result.run_id == run.info.run_id  # register attaches the FID to the model version from this run
     artifacts = {a.path for folder in ("evaluation", "images") for a in client.list_artifacts(run.info.run_id, folder)}
     assert artifacts == {"evaluation/result.json", "images/grid.png"}
 

@@ -66,6 +66,9 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     evaluation = read_result(EvaluateResult, f"{run_dir}/evaluate/result.json")
     assert evaluation.fid == pytest.approx(float(tags["fid"]), rel=1e-5) and evaluation.sampler.num_steps == 3
     assert read_result(RegisterResult, f"{run_dir}/evaluate/register/result.json").version == "1"
+    # the version's source is the tune run, with the evaluate run's metrics (issue 13.3)
+    assert version.run_id == read_result(TrainResult, f"{run_dir}/tune/result.json").run_id is not None
+    assert tags["evaluate_run_id"] == evaluation.run_id is not None and "## FID" in version.description
 
     # one MLflow parent run per pipeline run, closed by the exit step; the steps nest under it
     (parent,) = tracking.search_runs([tracking.get_experiment_by_name(experiment).experiment_id],

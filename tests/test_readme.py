@@ -9,6 +9,7 @@ step tests; here each one is resolved through the real CLI, its options checked,
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -143,8 +144,29 @@ def check(words: list[str]) -> None:
         assert words[1] in ("push", "build")
     elif tool == ".venv/bin/pytest":
         assert (ROOT / words[1]).is_file()
+    elif tool == "curl":
+        _check_invocation(words)
     else:
         pytest.fail(f"README shows a command this test does not know how to check: {' '.join(words)}")
+
+
+def _check_invocation(words: list[str]) -> None:
+    """A request to `mlflow models serve`: JSON that MLflow parses into a frame the model's signature takes."""
+    from mlflow.models.utils import validate_schema
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+    from maskdit.registry import SIGNATURE
+
+    assert words[words.index("-H") + 1] == "Content-Type: application/json"
+    assert next(w for w in words if w.startswith("http")).endswith("/invocations")
+    frame = infer_and_parse_data(json.loads(words[words.index("-d") + 1]), SIGNATURE.inputs)
+    validate_schema(frame, SIGNATURE.inputs)
+
+
+def readme_curl_body() -> str:
+    """The request body of the README's `curl` to a served model (tests/test_model_env.py sends its form)."""
+    (words,) = [w for w in readme_commands(README.read_text()) if w[0] == "curl"]
+    return words[words.index("-d") + 1]
 
 
 @pytest.mark.parametrize("words", readme_commands(), ids=lambda w: " ".join(w)[:60])

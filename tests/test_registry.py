@@ -1,6 +1,7 @@
 """Registration in the MLflow Model Registry against a real MLflow server (tests/fixtures/mlflow_server.py)."""
 
 import io
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -249,3 +250,101 @@ def test_a_sqlite_store_registers_a_challenger_too(trained, tmp_path, monkeypatc
     second = register(ckpt, 3.0, "sqlite-model", evaluation=evaluation.model_copy(update={"fid": 3.0}))
     assert (first.version, first.champion) == ("1", True)
     assert (second.version, second.champion, second.previous_champion) == ("2", True, "1")
+
+
+def test_the_version_comes_from_the_training_run_with_its_card_metrics_code_and_requirements(trained, tracking,
+                                                                                             tmp_path):
+    """Issue 13.3: source = the run that trained the checkpoint, the evaluation's numbers on the model, a model
+    card as description, an input example, the maskdit code and pinned requirements inside."""
+    import hashlib
+
+    import torch
+
+    from maskdit.bundle import requirements
+
+    _, dataset = trained
+    experiment = tracking.create_experiment("train-and-evaluate")
+    train_run = tracking.create_run(experiment, run_name="tune").info.run_id
+    tracking.set_terminated(train_run, "FINISHED", end_time=1_700_000_000_000)
+    evaluate_run = tracking.create_run(experiment, run_name="evaluate").info.run_id
+    cfg = model_config("tiny", in_channels=1)
+    weights = MaskDiT(cfg).state_dict()
+    ckpt = save_checkpoint(str(tmp_path / "tune"), {
+        "model_config": cfg.model_dump(), "model": weights, "ema": weights, "optimizer": None, "step": 30,
+        "tracking_run_id": train_run, "train_config": {
+            "data": {"uri": dataset}, "init_from": "/nowhere/pretrain/ckpt-000012345.pt",
+            "mask": {"ratio": 0.0, "schedule": "zero"}, "batch": {"global_batch": 16}, "optim": {"lr": 5e-5}}})
+    evaluation = _evaluation(ckpt, dataset, tmp_path, 7.5, precision=0.25, recall=0.5, run_id=evaluate_run)
+    name = "maskdit-test-card"
+    result = register(ckpt, 7.5, name, evaluation=evaluation, kfp_run_id="run-3")
+
+    version = tracking.get_model_version(name, result.version)
+    assert version.run_id == train_run == result.run_id == version.tags["train_run_id"]
+    assert version.tags["evaluate_run_id"] == evaluate_run
+    assert tracking.get_run(train_run).info.end_time == 1_700_000_000_000  # the training run is left as it was
+    assert tracking.get_run(train_run).info.status == "FINISHED"
+    manifest_sha256 = hashlib.sha256((Path(dataset) / "manifest.json").read_bytes()).hexdigest()
+    assert version.tags["manifest_sha256"] == manifest_sha256
+    card = version.description
+    for shown in (dataset, manifest_sha256, "| samples | 20 (", "tiny", "`/nowhere/pretrain/ckpt-000012345.pt` "
+                  "(step 12,345)", "30 steps, mask ratio 0.0 (zero)", "| FID | 7.5 |", "100 (seed 0)",
+                  "a" * 64, BUNDLED_SHA256, "0.25 / 0.5", "5 Heun steps, CFG scale 1.5",
+                  f'mlflow.pyfunc.load_model("models:/{name}@champion")',
+                  f"mlflow models serve -m models:/{name}@champion", "/invocations"):
+        assert shown in card, shown
+
+    assert version.source.startswith("models:/m-")  # MLflow 3: the logged model, whose metrics the registry shows
+    logged = mlflow.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == train_run
+    assert {(m.key, m.value, m.run_id, m.step) for m in logged.metrics} == {
+        ("fid", 7.5, evaluate_run, 30), ("precision", 0.25, evaluate_run, 30), ("recall", 0.5, evaluate_run, 30)}
+
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{result.version}", dst_path=str(tmp_path / "m")))
+    assert (files / "code" / "maskdit" / "registry.py").read_text() == Path(register.__code__.co_filename).read_text()
+    assert not list((files / "code").rglob("__pycache__")) and (files / "code" / "maskdit" / "configs").is_dir()
+    assert (files / "requirements.txt").read_text().split() == requirements(latent=False)
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements(latent=False)
+    assert pd.read_json(files / "input_example.json", orient="split").columns.tolist() == ["class_label", "seed"]
+    assert (files / "serving_input_example.json").is_file()
+
+
+def test_a_latent_models_vae_is_inside_it(tracking, tmp_path, monkeypatch):
+    """The VAE is saved into the model: both loaders decode with that copy after the original is gone."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from maskdit.encode import EncodeConfig, encode
+    from maskdit.sources import load_registered
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / c / f"{i}.png")
+    encode(EncodeConfig(input=str(tmp_path / "images"), out=str(tmp_path / "dataset"), vae=str(tmp_path / "vae"),
+                        resolution=16, device="cpu", workers=1, progress=False))  # latents 4 x 8 x 8
+    cfg = model_config("tiny", num_classes=2)
+    weights = MaskDiT(cfg).state_dict()
+    ckpt = save_checkpoint(str(tmp_path / "ckpt"), {"model_config": cfg.model_dump(), "model": weights,
+                                                    "ema": weights, "optimizer": None, "step": 3,
+                                                    "train_config": {"data": {"uri": str(tmp_path / "dataset")}}})
+    name = "maskdit-test-latent"
+    register(ckpt, 3.0, name, sampler=SamplerConfig(num_steps=2))
+    shutil.rmtree(tmp_path / "vae")  # only the model's copy is left
+
+    out = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(pd.DataFrame({"class_label": [0, 1]}))
+    assert [np.asarray(Image.open(io.BytesIO(png))).shape for png in out["image"]] == [(16, 16, 3)] * 2
+    source = load_registered(f"models:/{name}@{CHAMPION}")
+    x0 = torch.zeros(1, 4, 8, 8)  # (B, C, h, w)
+    assert source.decode(x0).shape == (1, 16, 16, 3)
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "m")))
+    assert (files / "artifacts" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert {"diffusers", "safetensors"} <= {r.split("==")[0] for r in (files / "requirements.txt").read_text().split()}
