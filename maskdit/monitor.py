@@ -56,12 +56,12 @@ class Monitor:
         self._inception = None
         self._ref = None
         self.decode = None
-        if not (self.grid_every or self.fid_every):
-            return
         bad = [c for c in self.classes if not 0 <= c < data.num_classes]
         if bad:
             raise MonitorError(f"monitor.grid_classes has {bad}, outside 0..{data.num_classes - 1} of the dataset; "
                                "fix the list or leave it unset (the first 8 classes)")
+        if not (self.grid_every or self.fid_every):
+            return
         ema.eval()
         if self.fid_every or dist.is_main:  # a VAE that does not load stops the run now, not at its first grid
             try:
@@ -144,7 +144,7 @@ class Monitor:
         feats = self._gather(self.inception().features(batches), idx, n)  # (n, 2048) on rank 0
         if not self.dist.is_main:
             return None
-        return fid.fid_from_stats(fid.feature_stats(feats), ref)
+        return fid.fid_from_features(feats, ref)  # an n x n eigenproblem, not two 2048 x 2048 ones
 
     def reference(self):
         """The reference statistics on rank 0 (None elsewhere): loaded, cached, or computed by all ranks."""
