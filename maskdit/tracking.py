@@ -20,6 +20,7 @@ or stores them; params and tags are redacted (`storage.redact`) before they are 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -81,6 +82,9 @@ def tracking_run(
 
     uri = connect(uri)
     check_reachable(uri)
+    if system_metrics and importlib.util.find_spec("psutil") is None:  # MLflow would refuse to start the run
+        log.warning("psutil is not installed: this run gets no MLflow system metrics (pip install psutil)")
+        system_metrics = False
     if run_id and not _run_exists(run_id):
         log.warning("MLflow run %s is not on %s; starting a new run", run_id, uri)
         run_id = None
