@@ -63,6 +63,9 @@ class Monitor:
         if not (self.grid_every or self.fid_every):
             return
         ema.eval()
+        if data.manifest.space == "latent" and not data.manifest.vae:
+            raise MonitorError(f"the dataset {cfg.data.uri} names no VAE, so its samples cannot be decoded for "
+                               "the training-time grids and FID; set monitor.grid_every=0 monitor.fid_samples=0")
         if self.fid_every or dist.is_main:  # a VAE that does not load stops the run now, not at its first grid
             try:
                 self.decode = load_decoder(data.manifest, dist.device)

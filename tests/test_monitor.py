@@ -200,3 +200,17 @@ def test_monitor_is_idle_between_its_steps(pixels, tmp_path):
     trainer.ema.register_forward_hook(lambda *args: calls.append(1))
     assert monitor.after_step(1, last=False) == {} and monitor.after_step(2, last=False) == {} and not calls
     assert monitor.grid_images().shape == (4 * 2, 8, 8, 3) and calls  # 4 classes x 2 seeds
+
+
+def test_latents_without_a_vae_are_refused_when_watched(tmp_path):
+    from maskdit import distributed
+    from maskdit.monitor import Monitor
+    from test_train import make_data
+
+    data = make_data(tmp_path / "latents", n=16)
+    cfg = build_config(TrainConfig, {"model": "tiny", "data": {"uri": data}, "checkpoint": {"dir": str(tmp_path)},
+                                     "batch": {"global_batch": 8}, "device": "cpu"})
+    trainer = Trainer(cfg, distributed.setup("cpu"))
+    with pytest.raises(MonitorError, match="names no VAE.*monitor.grid_every=0 monitor.fid_samples=0"):
+        Monitor(cfg, trainer.dist, trainer.data, trainer.ema, active=True)
+    assert Monitor(cfg, trainer.dist, trainer.data, trainer.ema, active=False).grid_every == 0
