@@ -60,12 +60,14 @@ class Monitor:
         if bad:
             raise MonitorError(f"monitor.grid_classes has {bad}, outside 0..{data.num_classes - 1} of the dataset; "
                                "fix the list or leave it unset (the first 8 classes)")
+        if (self.grid_every or self.fid_every) and data.manifest.space == "latent" and not data.manifest.vae:
+            if dist.is_main:
+                log.warning("the dataset %s names no VAE: its samples cannot be decoded, so this run logs no "
+                            "sample grids and no quick FID", cfg.data.uri)
+            self.grid_every = self.fid_every = 0
         if not (self.grid_every or self.fid_every):
             return
         ema.eval()
-        if data.manifest.space == "latent" and not data.manifest.vae:
-            raise MonitorError(f"the dataset {cfg.data.uri} names no VAE, so its samples cannot be decoded for "
-                               "the training-time grids and FID; set monitor.grid_every=0 monitor.fid_samples=0")
         if self.fid_every or dist.is_main:  # a VAE that does not load stops the run now, not at its first grid
             try:
                 self.decode = load_decoder(data.manifest, dist.device)
