@@ -79,10 +79,14 @@ class Monitor:
 
             self._ref = fid.load_stats(self.mon.ref_stats)  # a wrong path fails before the first step
 
+    def due(self, step: int, last: bool) -> tuple[bool, bool]:
+        """(grid, FID) due after `step` steps?"""
+        return (bool(self.grid_every) and (last or step % self.grid_every == 0),
+                bool(self.fid_every) and (last or step % self.fid_every == 0))
+
     def after_step(self, step: int, last: bool) -> dict[str, float]:
         """Grid and/or FID when due after `step` steps (collective for the FID: call on every rank)."""
-        grid = self.grid_every and (last or step % self.grid_every == 0)
-        fid = self.fid_every and (last or step % self.fid_every == 0)
+        grid, fid = self.due(step, last)
         if not (grid or fid):
             return {}
         out = {}

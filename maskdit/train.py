@@ -429,7 +429,9 @@ class Trainer:
                 if self.step % cfg.checkpoint.every == 0 or last or out["stop"]:
                     final = self.save()
                 if not out["stop"]:  # stopping: the checkpoint first, the pictures can wait for the next attempt
+                    watched = time.perf_counter()
                     self.monitor.after_step(self.step, last)
+                    t0 += time.perf_counter() - watched  # img_per_s measures training, not the monitor
                 if out["stop"] and not last:
                     self._stopped(final)
         return self._result(final, metrics)
