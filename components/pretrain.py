@@ -1,7 +1,7 @@
 """The pretrain step: a light pod that launches masked pretraining (`maskdit train`) as a PyTorchJob."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -12,11 +12,12 @@ def pretrain(dataset: Input[Dataset], config: str, overrides: list, store_uri: s
              cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str, shm_size: str,
              node_selector: dict, tolerations: list, namespace: str, backoff_limit: int, queue_name: str,
              priority_class_name: str, timeout_hours: float, pending_timeout_hours: float, local_nproc: int,
-             model: Output[Model], metrics: Output[Metrics], init_from: str = "", resume_from: str = "",
-             pretrained: str = ""):
+             model: Output[Model], metrics: Output[Metrics], card: Output[Markdown], init_from: str = "",
+             resume_from: str = "", pretrained: str = ""):
     """Masked pretraining (`maskdit train`) as a PyTorchJob, or with torchrun here (backend "local").
 
-    The checkpoints go to <store_uri>/runs/<run id>/pretrain; the Model artifact points at the final one.
+    The checkpoints go to <store_uri>/runs/<run id>/pretrain; the Model artifact points at the final one;
+    metrics and card (the MLflow run, the last sample grid) show it in the KFP UI.
     `init_from`: weights to start from (checkpoint or models:/ URI); `resume_from`: a failed run's pretraining
     folder to continue; `pretrained`: no pretraining, the Model artifact points at this URI instead.
     """
@@ -24,7 +25,7 @@ def pretrain(dataset: Input[Dataset], config: str, overrides: list, store_uri: s
 
     if pretrained:
         skip_pretraining(pretrained, {"pretrain_init_from": init_from, "pretrain_resume_from": resume_from},
-                         model, metrics)
+                         model, metrics, card)
         return
 
     step = TrainStep(stage="pretrain", config=config, overrides=overrides, dataset=pointed(dataset),
@@ -39,4 +40,4 @@ def pretrain(dataset: Input[Dataset], config: str, overrides: list, store_uri: s
     result, parent, logs = train_step(step)
     point(model, result.checkpoint, dataset=step.dataset, config=config, stage=step.stage,
           mlflow_parent_run_id=parent, logs=logs)
-    show_training(result, metrics)
+    show_training(result, metrics, card, "Masked pretraining")

@@ -215,7 +215,7 @@ def train_step(step: TrainStep):
     return result, env.get("MASKDIT_PARENT_RUN_ID", ""), launched.log_uris
 
 
-def skip_pretraining(pretrained: str, unused: dict[str, str], model, metrics) -> None:
+def skip_pretraining(pretrained: str, unused: dict[str, str], model, metrics, card) -> None:
     """No pretraining in this run (`tune_init_from`): the Model artifact points at `pretrained` (a checkpoint
     or models:/ URI), which tuning starts from; `unused` are the pretraining parameters that must be empty."""
     set_ = [f"{name}={value!r}" for name, value in unused.items() if value]
@@ -224,16 +224,52 @@ def skip_pretraining(pretrained: str, unused: dict[str, str], model, metrics) ->
                         "leave them empty, or leave tune_init_from empty to pretrain")
     point(model, pretrained, stage="pretrain", skipped=True)
     metrics.log_metric("steps", 0.0)
+    Path(card.path).write_text(f"# Pretraining skipped\n\nTuning starts from `{pretrained}` (tune_init_from).\n")
     print(f"pretraining skipped: tuning starts from {pretrained} (tune_init_from)")
 
 
-def show_training(result, metrics) -> None:
-    """The training result in the KFP UI (a Metrics artifact): steps, skipped steps and the last logged metrics."""
+def show_training(result, metrics, card=None, title: str = "MaskDiT training") -> None:
+    """The training result in the KFP UI: a Metrics artifact (steps, skipped steps, wall time, the last
+    logged loss, img/s and quick FID) and, with `card`, a Markdown card (`training_card`)."""
     metrics.log_metric("steps", float(result.step))
     metrics.log_metric("skipped_steps", float(result.skipped_steps))
+    metrics.log_metric("wall_time_s", float(result.seconds))
     for key in ("loss", "dsm", "mae", "img_per_s"):
         if key in result.metrics:
             metrics.log_metric(key, float(result.metrics[key]))
+    if result.fid_quick is not None:
+        metrics.log_metric("fid_quick", float(result.fid_quick))
+    if card is not None:
+        Path(card.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(card.path).write_text(training_card(result, title))
+
+
+def mlflow_run_link(tracking_uri: str | None, experiment_id: str | None, run_id: str | None) -> str | None:
+    """The MLflow UI's page of a run (`<server>/#/experiments/<id>/runs/<id>`); None when not tracked."""
+    if not (tracking_uri and run_id and experiment_id) or not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def training_card(result, title: str) -> str:
+    """Markdown for the KFP UI: the MLflow run (link and ids), the numbers, and the last sample grid (embedded PNG)."""
+    from maskdit import storage
+
+    link = mlflow_run_link(result.tracking_uri, result.experiment_id, result.run_id)
+    run = f"[{result.run_id}]({link})" if link else (f"`{result.run_id}`" if result.run_id else "not tracked")
+    rows = {"MLflow run": run, "MLflow server": f"`{result.tracking_uri or '-'}`",
+            "experiment id": f"`{result.experiment_id or '-'}`", "steps": result.step,
+            "loss": f"{result.metrics['loss']:.4f}" if "loss" in result.metrics else "-",
+            "img/s": f"{result.metrics['img_per_s']:.1f}" if "img_per_s" in result.metrics else "-",
+            "quick FID": f"{result.fid_quick:.3f}" if result.fid_quick is not None else "-",
+            "skipped steps": result.skipped_steps, "wall time": f"{result.seconds:.0f} s",
+            "checkpoint": f"`{result.checkpoint}`"}
+    text = f"## {title}\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows.items())
+    if result.grid:
+        data = base64.b64encode(storage.get_bytes(result.grid)).decode()
+        text += (f"\n### Samples of the EMA weights at step {result.step}\n\n"
+                 f"![samples at step {result.step}](data:image/png;base64,{data})\n\n`{result.grid}`\n")
+    return text
 
 
 def grid_html(png: bytes, title: str, rows: dict[str, object]) -> str:

@@ -1,7 +1,7 @@
 """The tune step: a light pod that launches unmasking tuning (`maskdit train`) as a PyTorchJob."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -12,10 +12,11 @@ def tune(dataset: Input[Dataset], pretrained: Input[Model], config: str, overrid
          gpus_per_node: int, cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str,
          shm_size: str, node_selector: dict, tolerations: list, namespace: str, backoff_limit: int,
          queue_name: str, priority_class_name: str, timeout_hours: float, pending_timeout_hours: float,
-         local_nproc: int, model: Output[Model], metrics: Output[Metrics]):
+         local_nproc: int, model: Output[Model], metrics: Output[Metrics], card: Output[Markdown]):
     """Unmasking tuning (`maskdit train`, mask ratio 0 or cosine) from the pretrained model and EMA.
 
-    The checkpoints go to <store_uri>/runs/<run id>/tune; the Model artifact points at the final one.
+    The checkpoints go to <store_uri>/runs/<run id>/tune; the Model artifact points at the final one;
+    metrics and card (the MLflow run, the last sample grid) show it in the KFP UI.
     """
     from components.steps import TrainStep, point, pointed, show_training, train_step
 
@@ -30,4 +31,4 @@ def tune(dataset: Input[Dataset], pretrained: Input[Model], config: str, overrid
     result, parent, logs = train_step(step)
     point(model, result.checkpoint, dataset=step.dataset, config=config, stage=step.stage,
           mlflow_parent_run_id=parent, logs=logs)
-    show_training(result, metrics)
+    show_training(result, metrics, card, "Unmasking tuning")

@@ -59,24 +59,34 @@ def _submodel(annotation: typing.Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def _rows(cls: type[BaseModel], prefix: str = "") -> list[str]:
+def _section_default(field) -> BaseModel | None:
+    """A section's default instance (it may differ from its class defaults: monitor.sampler)."""
+    if field.default_factory is not None:
+        value = field.default_factory()
+    else:
+        value = field.default
+    return value if isinstance(value, BaseModel) else None
+
+
+def _rows(cls: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> list[str]:
     rows: list[str] = []
     comments = {}
     for klass in reversed(cls.__mro__):
         if isinstance(klass, type) and issubclass(klass, BaseModel):
             comments.update(_trailing_comments(klass))
-    nested: list[tuple[str, type[BaseModel]]] = []
+    nested: list[tuple[str, type[BaseModel], BaseModel | None]] = []
     for name, field in cls.model_fields.items():
         sub = _submodel(field.annotation)
         if sub is not None:
-            nested.append((f"{prefix}{name}", sub))
+            nested.append((f"{prefix}{name}", sub, getattr(defaults, name) if defaults else _section_default(field)))
             continue
         about = field.description or comments.get(name, "")
-        rows.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default(field)} | {about} |")
-    for name, sub in nested:
+        default = f"`{getattr(defaults, name)!r}`" if defaults is not None else _default(field)
+        rows.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {default} | {about} |")
+    for name, sub, sub_defaults in nested:
         doc = inspect.cleandoc(sub.__doc__ or "").split("\n\n")[0].replace("\n", " ")
         rows.append(f"| **`{name}`** | section | | {doc} |")
-        rows.extend(_rows(sub, f"{name}."))
+        rows.extend(_rows(sub, f"{name}.", sub_defaults))
     return rows
 
 

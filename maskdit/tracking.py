@@ -20,6 +20,7 @@ or stores them; params and tags are redacted (`storage.redact`) before they are 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -63,12 +64,15 @@ def tracking_run(
     enabled: bool = True,
     retry_s: float = 10.0,
     flush_s: float = 20.0,
+    system_metrics: bool = False,
 ) -> Iterator[str | None]:
     """Start (or resume) an MLflow run, log `params` flattened, yield its id; yield None when not tracking.
 
     A `run_id` (from a checkpoint) that the server does not know starts a new run instead. An
     unreachable server here is a `TrackingError`; later, metrics wait in a `MetricLogger` (retried
-    every `retry_s` s, at most `flush_s` s of waiting at the end) and nothing raises.
+    every `retry_s` s, at most `flush_s` s of waiting at the end) and nothing raises. `system_metrics`
+    turns on MLflow's system metrics (system/cpu_..., system/gpu_... every
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, default 10; needs psutil, and nvidia-ml-py for GPUs).
     """
     uri = tracking_uri(uri) if enabled else None
     if uri is None:
@@ -78,6 +82,9 @@ def tracking_run(
 
     uri = connect(uri)
     check_reachable(uri)
+    if system_metrics and importlib.util.find_spec("psutil") is None:  # MLflow would refuse to start the run
+        log.warning("psutil is not installed: this run gets no MLflow system metrics (pip install psutil)")
+        system_metrics = False
     if run_id and not _run_exists(run_id):
         log.warning("MLflow run %s is not on %s; starting a new run", run_id, uri)
         run_id = None
@@ -85,7 +92,8 @@ def tracking_run(
     tags = redact(dict(tags or {}))
     if run_id:  # resume it in its own experiment, whatever this process used before
         mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
-        run = mlflow.start_run(run_id=run_id, nested=nested and mlflow.active_run() is not None)
+        run = mlflow.start_run(run_id=run_id, nested=nested and mlflow.active_run() is not None,
+                               log_system_metrics=system_metrics)
     else:
         parent = os.environ.get("MASKDIT_PARENT_RUN_ID")
         if parent:
@@ -95,7 +103,7 @@ def tracking_run(
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
             experiment_id = mlflow.set_experiment(name).experiment_id if name else None
         run = mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags or None,
-                               nested=nested and mlflow.active_run() is not None)
+                               nested=nested and mlflow.active_run() is not None, log_system_metrics=system_metrics)
     global _metric_logger
     status, logger, outer = "FAILED", None, _metric_logger
     try:
@@ -325,6 +333,15 @@ def active_run_id() -> str | None:
     return run.info.run_id if run is not None else None
 
 
+def run_location() -> tuple[str | None, str | None]:
+    """(tracking URI without credentials, experiment id) of the active run; (None, None) without one."""
+    mlflow = sys.modules.get("mlflow")
+    run = mlflow.active_run() if mlflow is not None else None
+    if run is None:
+        return None, None
+    return redact(mlflow.get_tracking_uri()), run.info.experiment_id
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log metrics to the active run (queued inside `tracking_run`); a no-op without one (not tracking, not rank 0)."""
     run_id = active_run_id()
@@ -345,6 +362,61 @@ def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> N
 def log_image(path: str | os.PathLike, artifact_path: str = "images") -> None:
     """An image file (PNG, ...) as an artifact under `images/`."""
     log_artifact(path, artifact_path)
+
+
+def _best_effort(what: str, call, *args, **kwargs) -> None:
+    """An MLflow call that must not stop training: a failure is one warning (the server may be down)."""
+    if active_run_id() is None:
+        return
+    try:
+        call(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - see _reason
+        log.warning("could not log %s to MLflow (%s); training goes on", what, _reason(error))
+
+
+def log_image_at_step(image, key: str, step: int) -> None:
+    """A uint8 (H, W, 3) image under `key` at `step`: MLflow's UI shows the images of a key on a step slider."""
+    if active_run_id() is not None:
+        _best_effort(f"image {key} of step {step}", sys.modules["mlflow"].log_image, image, key=key, step=step,
+                     synchronous=True)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """`text` as the artifact `artifact_file` (e.g. config.yaml) of the active run."""
+    if active_run_id() is not None:
+        _best_effort(artifact_file, sys.modules["mlflow"].log_text, text, artifact_file)
+
+
+def log_dataset(uri: str, digest: str, count: int, shape: tuple[int, ...], name: str | None = None,
+                context: str = "training", **profile: Any) -> None:
+    """The dataset at `uri` as an input of the active run: source = the URI, `digest`, and a profile with
+    `count` samples (plus `profile`); its schema is x0 float32 (-1, *shape) and label int64 (-1,)."""
+    if active_run_id() is None:
+        return
+    import warnings
+
+    import mlflow
+    import numpy as np
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema, TensorSpec
+
+    class ShardSet(MetaDataset):
+        @property
+        def profile(self) -> dict[str, Any]:
+            return {"num_samples": count, **profile}
+
+        def to_dict(self) -> dict[str, str]:
+            import json
+
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (all local)
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(redact(uri))
+    schema = Schema([TensorSpec(np.dtype("float32"), (-1, *shape), "x0"), TensorSpec(np.dtype("int64"), (-1,), "label")])
+    dataset = ShardSet(source, name=name or uri.rstrip("/").rsplit("/", 1)[-1], digest=digest, schema=schema)
+    _best_effort(f"dataset {uri}", mlflow.log_input, dataset, context=context)
 
 
 def set_tags(tags: dict[str, Any]) -> None:

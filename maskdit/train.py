@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from maskdit import checkpoint, distributed, storage, tracking, warmstart
@@ -40,6 +41,7 @@ from maskdit.distributed import DistInfo
 from maskdit.elastic import StopOnSignal
 from maskdit.errors import Interrupted, UserError
 from maskdit.model import MaskDiT
+from maskdit.monitor import Monitor
 from maskdit.result import StepResult, result_uri
 from maskdit.shards import LatentSet, load_dataset
 from maskdit.trainconfig import TrainConfig
@@ -70,6 +72,11 @@ class TrainResult(StepResult):
     world_size: int = 1
     init_from: InitSource | None = None  # where the weights came from (lineage; kept across resumes)
     resumed_from: str | None = None  # another run's checkpoint this one continued (checkpoint.resume_from)
+    tracking_uri: str | None = None  # the MLflow server of run_id (no credentials)
+    experiment_id: str | None = None  # run_id's experiment
+    grid: str | None = None  # URI of the last sample grid PNG (monitor)
+    fid_quick: float | None = None  # the last quick FID (monitor)
+    seconds: float = 0.0  # wall time of this attempt's steps (a resumed run counts from its resume)
 
 
 #################################################################################
@@ -164,6 +171,10 @@ class Trainer:
         self.run_id: str | None = None
         self.init_source: InitSource | None = None  # lineage: init_from as resolved
         self.resumed_from: str | None = None  # lineage: the other run's checkpoint we continued
+        self.tracking_uri: str | None = None
+        self.experiment_id: str | None = None
+        self.monitor: Monitor | None = None
+        self.started = time.perf_counter()
         self._pending: tuple[tuple[int, int], Future] | None = None  # the micro batch being drawn ahead
         self.stop = StopOnSignal(cfg.checkpoint.grace_period_s)  # installed while run() runs
         self._restore()
@@ -357,10 +368,15 @@ class Trainer:
         with self.stop, tracking.tracking_run(cfg.tracking.run_name, params, tags=tags,
                                               uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                                               run_id=self.run_id, enabled=main, retry_s=cfg.tracking.retry_s,
-                                              flush_s=cfg.tracking.flush_s) as run_id:
+                                              flush_s=cfg.tracking.flush_s,
+                                              system_metrics=cfg.tracking.system_metrics) as run_id:
             self.run_id = run_id
             if self._lineage():
                 tracking.set_tags(self._lineage())
+            if run_id is not None:
+                self._log_inputs()
+            tracked = distributed.broadcast_object(run_id is not None)  # the FID is collective: all ranks agree
+            self.monitor = Monitor(cfg, self.dist, self.data, self.ema, active=tracked)
             return self._loop()
 
     def _lineage(self) -> dict[str, str]:
@@ -369,6 +385,17 @@ class Trainer:
         if self.resumed_from:
             tags["resumed_from"] = self.resumed_from
         return tags
+
+    def _log_inputs(self) -> None:
+        """Rank 0, tracked: the resolved config as config.yaml, the dataset as the run's input."""
+        cfg, manifest = self.cfg, self.data.manifest
+        tracking.log_text(yaml.safe_dump(storage.redact(cfg.model_dump(mode="json")), sort_keys=False),
+                          "config.yaml")
+        digest = manifest_sha256(cfg.data.uri, manifest)
+        tracking.log_dataset(cfg.data.uri, digest[:32], len(self.data), tuple(manifest.shape),
+                             manifest_sha256=digest, num_classes=manifest.num_classes, space=manifest.space,
+                             resolution=manifest.resolution, images=manifest.images)
+        self.tracking_uri, self.experiment_id = tracking.run_location()
 
     def _loop(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.is_main
@@ -379,6 +406,7 @@ class Trainer:
         acc = torch.zeros(3, device=self.device)  # loss, dsm, mae over finite steps since the last log
         norm_sum = torch.zeros((), device=self.device)
         acc_steps, t0, steps_timed = 0, time.perf_counter(), 0
+        self.started = time.perf_counter()
         log.info("training steps %d to %d on %d rank(s)", self.step, cfg.steps, self.dist.world_size)
         with ThreadPoolExecutor(max_workers=1) as executor, tqdm(
             total=cfg.steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True,
@@ -425,6 +453,10 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.checkpoint.every == 0 or last or out["stop"]:
                     final = self.save()
+                if not out["stop"]:  # stopping: the checkpoint first, the pictures can wait for the next attempt
+                    watched = time.perf_counter()
+                    self.monitor.after_step(self.step, last)
+                    t0 += time.perf_counter() - watched  # img_per_s measures training, not the monitor
                 if out["stop"] and not last:
                     self._stopped(final)
         return self._result(final, metrics)
@@ -439,13 +471,29 @@ class Trainer:
 
     def _result(self, final: str | None, metrics: dict[str, float]) -> TrainResult:
         """The run's result, written to `checkpoint.dir/result.json` by rank 0 (what pipeline steps read)."""
+        fid_quick = self.monitor.fid if self.monitor else None
+        if fid_quick is not None:
+            metrics = {**metrics, "fid_quick": fid_quick}
         result = TrainResult(checkpoint=final, checkpoint_dir=self.cfg.checkpoint.dir, step=self.step,
                              metrics=metrics, skipped_steps=self.skipped, run_id=self.run_id,
                              world_size=self.dist.world_size, init_from=self.init_source,
-                             resumed_from=self.resumed_from)
+                             resumed_from=self.resumed_from, tracking_uri=self.tracking_uri,
+                             experiment_id=self.experiment_id, grid=self.monitor.grid if self.monitor else None,
+                             fid_quick=fid_quick, seconds=round(time.perf_counter() - self.started, 3))
         if self.dist.is_main:
             result.write(result_uri(self.cfg.checkpoint.dir))
         return result
+
+
+def manifest_sha256(uri: str, manifest) -> str:
+    """sha256 of the dataset's manifest.json as stored (of its canonical JSON when `uri` holds none)."""
+    root = str(uri).rstrip("/")
+    path = root if root.endswith("/manifest.json") else storage.join(root, "manifest.json")
+    try:
+        raw = storage.get_bytes(path)
+    except storage.StorageError:  # a LatentSet handed in by a test or benchmark
+        raw = manifest.model_dump_json(indent=1).encode()
+    return hashlib.sha256(raw).hexdigest()
 
 
 def run(cfg: TrainConfig, data: LatentSet | None = None) -> TrainResult:

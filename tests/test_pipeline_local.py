@@ -6,6 +6,8 @@ on CPU is the slow part: about 0.25 s an image).
 
 import base64
 import io
+import json
+import math
 import re
 
 import mlflow
@@ -19,7 +21,10 @@ from pipelines.cli import run_local
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-TINY = ["batch.global_batch=16", "log_every=1"]
+TINY = ["batch.global_batch=16", "log_every=1",
+        # a 2 x 2 grid at steps 3 and 6 (2 sampler steps); no quick FID here (tests/test_monitor.py has it)
+        "monitor.grid_every=3", "monitor.grid_classes=[1,7]", "monitor.grid_columns=2", "monitor.sampler.num_steps=2",
+        "monitor.fid_samples=0"]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +87,26 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     page = next((tmp_path / "kfp").glob("*/evaluate/samples")).read_text()
     png = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)", page).group(1))
     assert Image.open(io.BytesIO(png)).size[0] >= 32
+
+    # pretrain and tune in the KFP UI: Metrics with the numbers of their result.json, a Markdown card with
+    # the MLflow run's link and the last sample grid
+    for stage, steps in (("pretrain", 6), ("tune", 3)):
+        trained = read_result(TrainResult, f"{run_dir}/{stage}/result.json")
+        task = next((tmp_path / "kfp").glob(f"*/{stage}"))
+        output = json.loads((task / "executor_output.json").read_text())
+        shown = output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+        assert shown["steps"] == steps == trained.step and shown["skipped_steps"] == 0
+        assert shown["loss"] == pytest.approx(trained.metrics["loss"]) and math.isfinite(shown["loss"])
+        assert shown["img_per_s"] == pytest.approx(trained.metrics["img_per_s"]) and shown["img_per_s"] > 0
+        assert shown["wall_time_s"] == pytest.approx(trained.seconds) and shown["wall_time_s"] > 0
+        card = (task / "card").read_text()
+        run = tracking.get_run(trained.run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert f"({mlflow.get_tracking_uri()}/#/experiments/{run.info.experiment_id}/runs/" \
+               f"{trained.run_id})" in card
+        grid = Image.open(io.BytesIO(base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)\)", card).group(1))))
+        assert trained.grid.endswith(f"/{stage}/monitor/grid-{steps:09d}.png") and grid.size[0] >= 2 * 32
+        assert storage.get_bytes(trained.grid) == base64.b64decode(re.search(r"base64,([^)]+)\)", card).group(1))
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     out = model.predict(pd.DataFrame({"class_label": [1, 7], "seed": [0, 1], "num_steps": [2, 2]}))

@@ -81,3 +81,36 @@ def test_steps_close_the_runs_that_killed_processes_left_running(tracking):
     tags = tracking.get_run(parent).data.tags
     assert tags[f"maskdit.closed_run.{train.info.run_id}"] == "KILLED: training finished"
     assert close_stale_runs("kfp-7", "stale-runs", "again") == []
+
+
+def test_training_shows_metrics_and_a_card_with_the_run_link_and_the_last_grid(tmp_path):
+    """What pretrain and tune publish to the KFP UI comes from their result.json alone."""
+    import base64
+    import re
+
+    import numpy as np
+    from kfp.dsl import Markdown, Metrics
+
+    from components.steps import show_training
+    from maskdit.sample import png_bytes
+
+    png = png_bytes(np.full((4, 6, 3), 200, dtype="uint8"))
+    (tmp_path / "grid.png").write_bytes(png)
+    result = TrainResult(checkpoint="s3://b/runs/r/tune/ckpt-000000009.pt", checkpoint_dir="s3://b/runs/r/tune",
+                         step=9, metrics={"loss": 0.25, "img_per_s": 120.5, "dsm": 0.2, "mae": 0.5},
+                         skipped_steps=1, run_id="abc123", tracking_uri="http://mlflow:5000", experiment_id="7",
+                         grid=str(tmp_path / "grid.png"), fid_quick=42.5, seconds=61.0)
+    metrics, card = Metrics(name="metrics", uri=str(tmp_path / "metrics")), Markdown(name="card",
+                                                                                       uri=str(tmp_path / "card"))
+    show_training(result, metrics, card, "Unmasking tuning")
+    assert metrics.metadata == {"steps": 9.0, "skipped_steps": 1.0, "wall_time_s": 61.0, "loss": 0.25, "dsm": 0.2,
+                                "mae": 0.5, "img_per_s": 120.5, "fid_quick": 42.5}
+    text = (tmp_path / "card").read_text()
+    assert text.startswith("## Unmasking tuning") and "| quick FID | 42.500 |" in text
+    assert "[abc123](http://mlflow:5000/#/experiments/7/runs/abc123)" in text
+    assert base64.b64decode(re.search(r"\(data:image/png;base64,([^)]+)\)", text).group(1)) == png
+
+    untracked = result.model_copy(update={"run_id": None, "tracking_uri": None, "experiment_id": None, "grid": None})
+    show_training(untracked, Metrics(name="m", uri=str(tmp_path / "m")), card)
+    text = (tmp_path / "card").read_text()
+    assert "| MLflow run | not tracked |" in text and "base64" not in text
