@@ -161,12 +161,17 @@ def test_the_pretrain_step_resumes_a_failed_runs_folder(data, tmp_path, monkeypa
 
 
 def test_tune_init_from_skips_pretraining(tmp_path):
-    from kfp.dsl import Metrics, Model
+    from kfp.dsl import Markdown, Metrics, Model
 
     from components.steps import StepError, skip_pretraining
 
     model, metrics = Model(name="model", uri=str(tmp_path / "model")), Metrics(name="m", uri=str(tmp_path / "m"))
-    skip_pretraining("models:/m@champion", {"pretrain_init_from": "", "pretrain_resume_from": ""}, model, metrics)
+    card = Markdown(name="card", uri=str(tmp_path / "card"))
+    card.path = str(tmp_path / "card.md")  # the executor sets it in a step
+    skip_pretraining("models:/m@champion", {"pretrain_init_from": "", "pretrain_resume_from": ""}, model, metrics,
+                     card)
     assert model.metadata["uri"] == "models:/m@champion" and metrics.metadata == {"steps": 0.0}
+    assert "`models:/m@champion`" in (tmp_path / "card.md").read_text()
     with pytest.raises(StepError, match="pretrain_resume_from='s3://b/runs/x/pretrain' would be ignored"):
-        skip_pretraining("models:/m@champion", {"pretrain_resume_from": "s3://b/runs/x/pretrain"}, model, metrics)
+        skip_pretraining("models:/m@champion", {"pretrain_resume_from": "s3://b/runs/x/pretrain"}, model, metrics,
+                         card)
