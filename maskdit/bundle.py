@@ -97,6 +97,8 @@ def model_card(name: str, *, dataset_uri: str, manifest, manifest_sha256: str, m
         "| | |", "|---|---|",
         f"| dataset | `{dataset_uri}` |",
         f"| manifest sha256 | `{manifest_sha256}` |",
+        *([f"| dataset id | `{manifest.identity.digest}` (the digest of its source listing, VAE and options) |"]
+          if manifest.identity else []),
         f"| samples | {manifest.count:,} ({manifest.images:,} images"
         f"{', with flipped copies' if manifest.flip else ''}) |",
         f"| classes | {manifest.num_classes} |",

@@ -193,18 +193,14 @@ def _export(checkpoint_uri: str, dest: Path) -> tuple[str, dict]:
 
 def _manifest(dataset_uri: str | None, train_config: dict, dest: Path):
     """(dataset URI, Manifest, sha256 of its manifest.json) of the dataset, its manifest copied to `dest`."""
-    import hashlib
-
-    from maskdit.shards import read_manifest
+    from maskdit.shards import manifest_sha256, read_manifest
 
     dataset_uri = dataset_uri or (train_config.get("data") or {}).get("uri")
     if not dataset_uri:
         raise RegistryError("no dataset URI: pass --dataset (the checkpoint's train_config names none)")
     manifest = read_manifest(dataset_uri)  # checked: a missing or foreign manifest is a clear error
-    raw = storage.get_bytes(dataset_uri if dataset_uri.endswith(".json")
-                            else storage.join(dataset_uri, "manifest.json"))
     dest.write_text(manifest.model_dump_json(indent=1))
-    return dataset_uri, manifest, hashlib.sha256(raw).hexdigest()
+    return dataset_uri, manifest, manifest_sha256(dataset_uri)
 
 
 def _source_run(client, run_id: str | None) -> str | None:

@@ -130,6 +130,14 @@ def _dataset_root(uri: str) -> str:
     return uri[: -len(MANIFEST) - 1] if uri.endswith("/" + MANIFEST) else uri
 
 
+def manifest_sha256(uri: str) -> str:
+    """sha256 of the dataset's manifest.json as stored (its folder or the file): what a run trained on."""
+    try:
+        return hashlib.sha256(storage.get_bytes(storage.join(_dataset_root(uri), MANIFEST))).hexdigest()
+    except storage.ObjectNotFound:
+        raise ShardError(f"no {MANIFEST} under {_dataset_root(uri)}: not an encoded dataset") from None
+
+
 def read_manifest(uri: str) -> Manifest:
     """The manifest of the dataset at `uri` (its folder or its manifest.json)."""
     root = _dataset_root(uri)

@@ -43,7 +43,7 @@ from maskdit.errors import Interrupted, UserError
 from maskdit.model import MaskDiT
 from maskdit.monitor import Monitor
 from maskdit.result import StepResult, result_uri
-from maskdit.shards import LatentSet, load_dataset
+from maskdit.shards import LatentSet, ShardError, load_dataset, manifest_sha256
 from maskdit.trainconfig import TrainConfig
 from maskdit.warmstart import InitSource
 
@@ -391,10 +391,14 @@ class Trainer:
         cfg, manifest = self.cfg, self.data.manifest
         tracking.log_text(yaml.safe_dump(storage.redact(cfg.model_dump(mode="json")), sort_keys=False),
                           "config.yaml")
-        digest = manifest_sha256(cfg.data.uri, manifest)
+        try:
+            digest = manifest_sha256(cfg.data.uri)
+        except ShardError:  # a LatentSet handed to run() by a test or benchmark: its manifest as JSON
+            digest = hashlib.sha256(manifest.model_dump_json(indent=1).encode()).hexdigest()
+        identity = {"dataset_id": manifest.identity.digest} if manifest.identity else {}
         tracking.log_dataset(cfg.data.uri, digest[:32], len(self.data), tuple(manifest.shape),
                              manifest_sha256=digest, num_classes=manifest.num_classes, space=manifest.space,
-                             resolution=manifest.resolution, images=manifest.images)
+                             resolution=manifest.resolution, images=manifest.images, **identity)
         self.tracking_uri, self.experiment_id = tracking.run_location()
 
     def _loop(self) -> TrainResult:
@@ -483,17 +487,6 @@ class Trainer:
         if self.dist.is_main:
             result.write(result_uri(self.cfg.checkpoint.dir))
         return result
-
-
-def manifest_sha256(uri: str, manifest) -> str:
-    """sha256 of the dataset's manifest.json as stored (of its canonical JSON when `uri` holds none)."""
-    root = str(uri).rstrip("/")
-    path = root if root.endswith("/manifest.json") else storage.join(root, "manifest.json")
-    try:
-        raw = storage.get_bytes(path)
-    except storage.StorageError:  # a LatentSet handed in by a test or benchmark
-        raw = manifest.model_dump_json(indent=1).encode()
-    return hashlib.sha256(raw).hexdigest()
 
 
 def run(cfg: TrainConfig, data: LatentSet | None = None) -> TrainResult:

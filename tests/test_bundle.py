@@ -8,6 +8,7 @@ import pytest
 from maskdit.bundle import copy_code, model_card, preset_name, requirements
 from maskdit.diffusion import SamplerConfig
 from maskdit.evaluate import EvaluateResult
+from maskdit.identity import DatasetId
 from maskdit.model import model_config
 from maskdit.shards import Manifest
 
@@ -56,12 +57,14 @@ def test_the_model_card_names_data_recipe_fid_settings_and_how_to_sample(tmp_pat
                                 ref_stats="s3://m/VIRTUAL_imagenet256_labeled.npz", ref_stats_sha256="c" * 64,
                                 inception="bundled", inception_sha256="d" * 64, world_size=8, seconds=1.0,
                                 grid="s3://m/grid.png")
-    card = model_card("maskdit-xl2", dataset_uri="s3://m/imagenet256", manifest=_manifest(), manifest_sha256="e" * 64,
+    identity = DatasetId(digest="a" * 64, name="train-aaaaaaaaaaaa", files=1_281_167, bytes=10**11)
+    card = model_card("maskdit-xl2", dataset_uri="s3://m/imagenet256", manifest=_manifest(identity=identity),
+                      manifest_sha256="e" * 64,
                       model_config=model_config("XL/2").model_dump(),
                       train_config={"init_from": str(tmp_path / "pretrain"), "mask": {"ratio": 0.0, "schedule": "zero"},
                                     "batch": {"global_batch": 1024}, "optim": {"lr": 5e-5}},
                       step=37_500, fid=5.69, sampler=SamplerConfig(), evaluation=evaluation, source_run="abc123")
-    for shown in ("# maskdit-xl2", "`s3://m/imagenet256`", "e" * 64,
+    for shown in ("# maskdit-xl2", "`s3://m/imagenet256`", "e" * 64, "| dataset id | `" + "a" * 64,
                   "2,562,334 (1,281,167 images, with flipped copies)", "| classes | 1000 |",
                   "4x32x32 (latent space, 256 px images)", "VAE `stabilityai/sd-vae-ft-mse` (inside",
                   "XL/2: hidden 1152, depth 28, patch 2, decoder depth 8", "(step 400,000)",
@@ -75,4 +78,4 @@ def test_the_model_card_names_data_recipe_fid_settings_and_how_to_sample(tmp_pat
                        manifest_sha256="f", model_config=model_config("tiny").model_dump(), train_config={},
                        step=5, fid=80.0, sampler=SamplerConfig(), evaluation=None)
     assert "| decoder | none (pixel space) |" in pixel and "none: trained from scratch" in pixel
-    assert "| training run | - |" in pixel and "reference statistics" not in pixel
+    assert "| training run | - |" in pixel and "reference statistics" not in pixel and "dataset id" not in pixel

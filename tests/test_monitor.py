@@ -22,7 +22,8 @@ from maskdit.config import build_config
 from maskdit.monitor import FID_METRIC, GRID_KEY, MonitorError
 from maskdit.result import read_result, result_uri
 from maskdit.shards import Manifest, write_manifest, write_shard
-from maskdit.train import TrainResult, Trainer, manifest_sha256
+from maskdit.shards import manifest_sha256
+from maskdit.train import TrainResult, Trainer
 from maskdit.train import run as train
 from maskdit.trainconfig import TrainConfig
 
@@ -124,7 +125,7 @@ def test_tracked_training_logs_grids_fid_config_dataset_and_system_metrics(pixel
     # the dataset: source URI, manifest digest, sample count
     (dataset_input,) = run.inputs.dataset_inputs
     dataset = dataset_input.dataset
-    full = manifest_sha256(pixels, None)
+    full = manifest_sha256(pixels)
     assert json.loads(dataset.source) == {"uri": pixels} and dataset.digest == full[:32]
     profile = json.loads(dataset.profile)
     assert profile["num_samples"] == 32 and profile["manifest_sha256"] == full and profile["num_classes"] == 4
