@@ -332,23 +332,7 @@ def exists(uri: str | os.PathLike) -> bool:
 
 def list_uris(prefix_uri: str | os.PathLike) -> list[str]:
     """Every object under the folder `prefix_uri` (recursively), sorted; [] when there is none."""
-    uri = str(prefix_uri)
-    if is_s3(uri):
-        bucket, prefix = _split_s3(uri)
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        keys: list[str] = []
-        with _s3_errors(uri, "list"):
-            pages = _client().get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": SETTINGS.list_page_size})
-            for page in pages:
-                keys.extend(item["Key"] for item in page.get("Contents", []))
-        return sorted(f"s3://{bucket}/{key}" for key in keys if not key.endswith("/"))
-    root = local_path(uri)
-    if not root.is_dir():
-        return []
-    scheme = "file://" if str(uri).startswith("file://") else ""
-    return sorted(f"{scheme}{p}" for p in root.rglob("*") if p.is_file() and not p.name.endswith(_PARTIAL))
+    return [found.uri for found in list_objects(prefix_uri)]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import pytest
 from PIL import Image
 
 from fixtures.image_venv import REPO
+from fixtures.tiny_sampler import digits_checkpoint
 
 pytestmark = pytest.mark.slow  # builds a venv (minutes the first time), a real MLflow server
 NAME = "maskdit-test-env"
@@ -38,25 +39,11 @@ ENVS = REPO / ".mlflow-envs"
 def champion(tmp_path_factory, mlflow_server):
     """A tiny pixel-space model registered as `NAME@champion` on the session's MLflow server."""
     import mlflow
-    import torch
 
-    from maskdit.checkpoint import save_checkpoint
     from maskdit.diffusion import SamplerConfig
-    from maskdit.encode import EncodeConfig, encode
-    from maskdit.mnist import write_mnist
-    from maskdit.model import MaskDiT, model_config
     from maskdit.registry import register
 
-    root = tmp_path_factory.mktemp("model-env")
-    write_mnist(str(root / "digits"), 20)
-    encode(EncodeConfig(input=str(root / "digits"), out=str(root / "dataset"), pixel_space=True, grayscale=True,
-                        resolution=8, device="cpu", workers=1))
-    torch.manual_seed(0)
-    cfg = model_config("tiny", in_channels=1)
-    weights = MaskDiT(cfg).state_dict()
-    ckpt = save_checkpoint(str(root / "ckpt"), {"model_config": cfg.model_dump(), "model": weights, "ema": weights,
-                                                "optimizer": None, "step": 7,
-                                                "train_config": {"data": {"uri": str(root / "dataset")}}})
+    ckpt, _ = digits_checkpoint(tmp_path_factory.mktemp("model-env"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         mlflow.set_tracking_uri(mlflow_server)

@@ -19,28 +19,15 @@ from maskdit.fid import BUNDLED_SHA256
 from maskdit.registry import CANDIDATE, CHAMPION, LOCK_SUFFIX, RegisterResult, register
 from maskdit.result import read_result
 
+from fixtures.tiny_sampler import digits_checkpoint
+
 pytestmark = pytest.mark.slow  # a real MLflow server process
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny pixel-space dataset (8x8 gray digits) and an (untrained) checkpoint of a matching model."""
-    import torch
-
-    from maskdit.encode import EncodeConfig, encode
-    from maskdit.mnist import write_mnist
-
-    root = tmp_path_factory.mktemp("registry")
-    write_mnist(str(root / "digits"), 20)
-    encode(EncodeConfig(input=str(root / "digits"), out=str(root / "dataset"), pixel_space=True, grayscale=True,
-                        resolution=8, device="cpu", workers=1))
-    torch.manual_seed(0)
-    cfg = model_config("tiny", in_channels=1)
-    weights = MaskDiT(cfg).state_dict()
-    ckpt = save_checkpoint(str(root / "ckpt"), {"model_config": cfg.model_dump(), "model": weights, "ema": weights,
-                                                "optimizer": None, "step": 7,
-                                                "train_config": {"data": {"uri": str(root / "dataset")}}})
-    return ckpt, str(root / "dataset")
+    return digits_checkpoint(tmp_path_factory.mktemp("registry"))
 
 
 def test_versions_aliases_tags_and_champion(trained, tracking):
