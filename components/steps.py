@@ -121,7 +121,7 @@ def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_sp
             from maskdit.mnist import write_mnist
 
             source = str(Path(tmp) / "mnist")
-            write_mnist(source)
+            write_mnist(source, split="train")  # the held-out digits stay out: the FID reference
         result = run(EncodeConfig(input=source, out=out, resolution=resolution, vae=vae, pixel_space=pixel_space,
                                   grayscale=grayscale, device=device))
     point(dataset, result.dataset, manifest=result.manifest, source=images, resolution=resolution,
