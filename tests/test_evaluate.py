@@ -135,3 +135,19 @@ def test_evaluate_scores_digits_with_the_reference_classifier(ref_stats, tmp_pat
                       SamplerConfig(num_steps=2), batch_size=5)  # batches as evaluate made them
     assert result.accuracy == pytest.approx(float((classifier.predict(images) == labels.numpy()).mean()), abs=1e-6)
     assert f"class accuracy {result.accuracy:.1%}" in output
+
+
+def test_the_grid_shows_every_class_of_a_ten_class_data_set(tiny_sampler, ref_stats, tmp_path):
+    from PIL import Image
+
+    from maskdit.evaluate import default_grid_classes
+
+    assert default_grid_classes(10) == list(range(10)) and default_grid_classes(1000) == list(range(10))
+    assert default_grid_classes(3) == [0, 1, 2]
+    out = tmp_path / "eval"
+    code, output = _run(f"checkpoint={tiny_sampler.checkpoint}", f"ref_stats={ref_stats}", f"out={out}",
+                        "num_samples=2", "sampler.num_steps=2", "grid_columns=3", "device=cpu")
+    assert code == 0, output
+    width, height = Image.open(out / "grid.png").size
+    side = 64 + 2  # 8 px samples enlarged to 64 px, 2 px padding
+    assert (height, width) == (10 * side + 2, 3 * side + 2)  # one row a class (0-9), one column a seed
