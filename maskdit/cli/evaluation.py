@@ -30,7 +30,9 @@ def evaluate(config: ConfigOption = None, overrides: Overrides = None) -> None:
 
     result = run_step(EvaluateConfig, run, config, overrides)
     if result is not None:
-        typer.echo(f"FID {result.fid:.4g} ({result.num_samples} samples, CFG {result.sampler.cfg_scale}, "
+        judged = "" if result.accuracy is None else (f", class accuracy {result.accuracy:.1%} by {result.classifier} "
+                                                     f"({result.classifier_accuracy:.1%} on held-out real images)")
+        typer.echo(f"FID {result.fid:.4g}{judged} ({result.num_samples} samples, CFG {result.sampler.cfg_scale}, "
                    f"{result.sampler.num_steps} steps) -> {result.grid}")
 
 
