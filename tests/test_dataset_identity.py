@@ -235,8 +235,10 @@ def test_the_bundled_digits_count_as_their_file(tmp_path, monkeypatch):
     monkeypatch.setattr(maskdit.mnist, "write_mnist", lambda *a, **k: pytest.fail("no PNG for a fingerprint"))
     cfg = EncodeConfig(input="mnist", out="", resolution=32, pixel_space=True, grayscale=True)
     identity = fingerprint(cfg)
-    assert identity.files == 5000 and identity.name == f"mnist-{identity.digest[:12]}"
+    assert identity.files == 4600 and identity.name == f"mnist-{identity.digest[:12]}"  # the training split
     assert fingerprint(cfg) == identity and fingerprint(cfg.model_copy(update={"resolution": 28})) != identity
+    monkeypatch.setattr(maskdit.mnist, "HELDOUT_PER_CLASS", 30)  # another split is another dataset
+    assert fingerprint(cfg).digest != identity.digest
 
 
 def test_the_bundled_digits_are_encoded_once(tmp_path, monkeypatch):
