@@ -67,6 +67,7 @@ class TrainResult(StepResult):
     skipped_steps: int = 0
     run_id: str | None = None  # MLflow run, when tracking
     world_size: int = 1
+    seconds: float = 0.0  # wall-clock time of this call's training loop (max_wall_s counts against it)
 
 
 #################################################################################
@@ -160,6 +161,7 @@ class Trainer:
         self.skipped = 0
         self.run_id: str | None = None
         self._pending: tuple[tuple[int, int], Future] | None = None  # the micro batch being drawn ahead
+        self.loop_start: float | None = None  # perf_counter() when run() began its loop (max_wall_s)
         self.stop = StopOnSignal(cfg.checkpoint.grace_period_s)  # installed while run() runs
         self._restore()
 
@@ -280,10 +282,12 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or math.inf, foreach=True)
         stop = torch.full((1,), float(self.stop.requested), device=dev)  # SIGTERM/SIGINT seen on this rank
+        out_of_time = cfg.max_wall_s is not None and self.loop_start is not None and \
+            time.perf_counter() - self.loop_start >= cfg.max_wall_s
         stats = torch.cat([sums, (~torch.isfinite(sums[:1])).float(), (~torch.isfinite(grad_norm)).float()[None],
-                           stop])
+                           stop, torch.full((1,), float(out_of_time), device=dev)])
         distributed.all_reduce_sum(stats)  # every rank takes the same skip and stop decisions
-        loss_bad, grad_bad, stop_asked = stats[3:].tolist()  # the step's one host sync
+        loss_bad, grad_bad, stop_asked, wall_up = stats[3:].tolist()  # the step's one host sync
         finite = loss_bad == 0 and grad_bad == 0
         if finite:
             if self.scaler is not None:
@@ -296,7 +300,8 @@ class Trainer:
             self.scaler.update()  # lowers the scale after an overflow
         self.optimizer.zero_grad(set_to_none=True)
         return {"finite": finite, "sums": stats[:3], "grad_norm": grad_norm.detach(), "lr": lr,
-                "mask_ratio": mask_ratio, "loss_nonfinite": loss_bad > 0, "stop": stop_asked > 0}
+                "mask_ratio": mask_ratio, "loss_nonfinite": loss_bad > 0, "stop": stop_asked > 0,
+                "out_of_time": wall_up > 0}
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -355,6 +360,7 @@ class Trainer:
         norm_sum = torch.zeros((), device=self.device)
         acc_steps, t0, steps_timed = 0, time.perf_counter(), 0
         log.info("training steps %d to %d on %d rank(s)", self.step, cfg.steps, self.dist.world_size)
+        self.loop_start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1) as executor, tqdm(
             total=cfg.steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True,
             mininterval=1.0 if tty else 30.0, desc="train",
@@ -383,7 +389,7 @@ class Trainer:
                             "optim.grad_clip (e.g. 1.0), optim.warmup_steps, and check the data for NaN; the "
                             f"last good checkpoint is the newest in {cfg.checkpoint.dir}"
                         )
-                last = self.step == cfg.steps
+                last = self.step == cfg.steps or out["out_of_time"]  # max_wall_s ends this call like its last step
                 if self.step % cfg.log_every == 0 or last:
                     elapsed = time.perf_counter() - t0
                     means = (acc / (acc_steps * cfg.batch.global_batch)).tolist() if acc_steps else [math.nan] * 3
@@ -400,8 +406,11 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.checkpoint.every == 0 or last or out["stop"]:
                     final = self.save()
-                if out["stop"] and not last:
+                if out["stop"] and self.step < cfg.steps:
                     self._stopped(final)
+                if out["out_of_time"]:
+                    log.info("max_wall_s %.1f s reached after step %d", cfg.max_wall_s, self.step)
+                    break
         return self._result(final, metrics)
 
     def _stopped(self, uri: str) -> None:
@@ -416,7 +425,8 @@ class Trainer:
         """The run's result, written to `checkpoint.dir/result.json` by rank 0 (what pipeline steps read)."""
         result = TrainResult(checkpoint=final, checkpoint_dir=self.cfg.checkpoint.dir, step=self.step,
                              metrics=metrics, skipped_steps=self.skipped, run_id=self.run_id,
-                             world_size=self.dist.world_size)
+                             world_size=self.dist.world_size,
+                             seconds=time.perf_counter() - self.loop_start if self.loop_start is not None else 0.0)
         if self.dist.is_main:
             result.write(result_uri(self.cfg.checkpoint.dir))
         return result
