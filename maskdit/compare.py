@@ -49,7 +49,8 @@ class CompareConfig(StrictModel):
     """`maskdit compare`: masked (MaskDiT) vs unmasked (DiT) training of one network at equal wall-clock time."""
 
     data: str = Field(description="training dataset URI (written by `maskdit encode`)")
-    reference: str = Field(description="held-out real data (dataset URI) for FID and the classifier's own accuracy")
+    reference: str = Field(description="held-out real data: a dataset URI (FID statistics and the classifier's own "
+                                       "accuracy), or reference statistics .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
     out: str = Field(description="output folder: compare.json, compare.png, grids, checkpoints (must be new)")
     pretrain: str = "mnist_pretrain"  # train config (file or preset) of the masked arm; the dit arm is it unmasked
     tune: str = "mnist_tune"  # train config (file or preset) of the unmasking tuning (mask.schedule zero or cosine)
@@ -242,6 +243,12 @@ def make_judge(cfg: CompareConfig, device: torch.device) -> Judge:
     from maskdit import digits, fid
 
     inception = fid.InceptionFeatures(cfg.inception, device)
+    if cfg.reference.endswith(".npz"):
+        if cfg.classifier:
+            raise ConfigError(f"reference={cfg.reference!r} holds statistics, no labelled images to check a "
+                              "classifier on; set classifier=false or give a held-out dataset")
+        ref = fid.load_stats(cfg.reference)
+        return Judge(ref, inception, None, None, ref.n or 0)
     ref_images, ref_labels = _real_images(cfg.reference, cfg.reference_limit, cfg.seed)
     ref = fid.feature_stats(inception.features(_batches(ref_images, cfg.batch_size), progress=True,
                                                total=len(ref_images)))

@@ -2,6 +2,10 @@
 
 Data: scikit-learn's 8x8 digits as a pixel-space dataset (1 channel, 10 classes), a training
 split and a held-out one; the "tiny" model on 8x8x1 (16 tokens); a budget of a few seconds.
+FID is computed by the real code path (features, statistics, Frechet distance) but with a small
+random TorchScript feature network in place of the 87 MB Inception (2,048-d output, as Inception's
+pool3): the bundled network costs about 0.4 s an image on a shared 2-core CPU, minutes for this
+test, and its numbers are tested in test_fid.py; here only compare's mechanics are under test.
 """
 
 from __future__ import annotations
@@ -41,6 +45,25 @@ def digits(tmp_path_factory) -> tuple[str, str]:
                                                                                        labels[1500:])
 
 
+class FeatureStandIn(torch.nn.Module):
+    """(N, 3, 299, 299) -> (N, 2048): a fixed random 1x1 convolution to 8 channels, pooled to 16 x 16."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Conv2d(3, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(torch.tanh(self.proj(x)), 16).flatten(1)  # (N, 2048)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("features") / "features.pt"
+    torch.jit.script(FeatureStandIn()).save(str(path))
+    return str(path)
+
+
 @pytest.fixture(autouse=True)
 def quiet(monkeypatch, tmp_path):
     for key in ("MLFLOW_TRACKING_URI", "MASKDIT_PARENT_RUN_ID", "MLFLOW_RUN_ID"):
@@ -48,17 +71,17 @@ def quiet(monkeypatch, tmp_path):
     monkeypatch.setenv("MASKDIT_DATA_CACHE", str(tmp_path / "cache"))
 
 
-def tiny(data: str, reference: str, out: Path, **overrides) -> dict:
-    return {"data": data, "reference": reference, "out": str(out), "budget_s": 2.0, "eval_points": 2,
+def tiny(data: str, reference: str, out: Path, inception: str = "bundled", **overrides) -> dict:
+    return {"data": data, "reference": reference, "out": str(out), "inception": inception, "budget_s": 2.0, "eval_points": 2,
             "tune_share": 0.5, "fid_samples": 10, "reference_limit": 20, "batch_size": 10,
             "sampler": {"num_steps": 2}, "device": "cpu",
             "train": {"model": {"preset": "tiny", "in_channels": 1}, "batch": {"global_batch": 16},
                       "log_every": 1}, **overrides}
 
 
-def test_compare_tiny_gives_both_curves_at_the_same_points(digits, tmp_path):
+def test_compare_tiny_gives_both_curves_at_the_same_points(digits, features, tmp_path):
     data, heldout = digits
-    result = run(build_config(CompareConfig, tiny(data, heldout, tmp_path / "cmp")))
+    result = run(build_config(CompareConfig, tiny(data, heldout, tmp_path / "cmp", features)))
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     masked, plain = saved["arms"]["maskdit"], saved["arms"]["dit"]
@@ -74,7 +97,7 @@ def test_compare_tiny_gives_both_curves_at_the_same_points(digits, tmp_path):
     assert result.params == saved["params"] > 0
     assert (tmp_path / "cmp" / "maskdit" / "grid-2.png").is_file()
     with pytest.raises(ConfigError, match="already holds a comparison"):
-        run(build_config(CompareConfig, tiny(data, heldout, tmp_path / "cmp")))
+        run(build_config(CompareConfig, tiny(data, heldout, tmp_path / "cmp", features)))
 
 
 def test_bad_config_names_the_key(digits, tmp_path):
@@ -88,3 +111,25 @@ def test_bad_config_names_the_key(digits, tmp_path):
     with pytest.raises(UserError, match="mask.schedule"):
         run(build_config(CompareConfig, tiny(data, heldout, tmp_path / "c", tune="mnist_pretrain")))
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_compare_logs_one_parent_run_and_two_child_runs(digits, features, tmp_path, mlflow_server, monkeypatch):
+    import mlflow
+
+    data, heldout = digits
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    result = run(build_config(CompareConfig, tiny(data, heldout, tmp_path / "cmp", features, eval_points=1,
+                                                  tracking={"experiment": "compare-test"})))
+    client = mlflow.MlflowClient(mlflow_server)
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED" and "maskdit_fid" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(result.run_id)} >= {"compare.png", "compare.json"}
+    experiment = [parent.info.experiment_id]
+    children = client.search_runs(experiment, f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["dit", "maskdit"]
+    for child in children:  # the training's own metrics and compare's curve, in one run per arm
+        assert {"loss", "fid", "accuracy", "images_seen"} <= set(child.data.metrics)
+    masked = next(r for r in children if r.info.run_name == "maskdit")
+    tune = client.search_runs(experiment, f"tags.mlflow.parentRunId = '{masked.info.run_id}'")
+    assert [r.info.run_name for r in tune] == ["maskdit-tune"]
