@@ -183,12 +183,13 @@ def _tune_steps(arms: dict[str, Arm], tune: Phase) -> int:
     return max(1, round(tune.seconds * ref.steps / max(ref.wall_s, 1e-9)))
 
 
-def advance(arm: Arm, target_s: float, arms: dict[str, Arm], parent_run: str | None) -> None:
-    """Train `arm` in segments (one per phase) until it has trained `target_s` seconds in all."""
+def advance(arm: Arm, target_s: float, arms: dict[str, Arm], parent_run: str | None, final: bool = False) -> None:
+    """Train `arm` in segments (one per phase) until it has trained `target_s` seconds in all; at the `final`
+    point a phase that a long step of the one before left no time gets one step (the tuning always runs)."""
     from maskdit.tracking import environment
     from maskdit.train import run as train
 
-    while not arm.done and arm.wall_s < target_s:
+    while not arm.done and (arm.wall_s < target_s or (final and arm.phase_steps == 0)):
         phase = arm.phase
         if phase.name == "tune" and phase.cfg.mask.schedule == "cosine" and phase.cfg.steps == UNLIMITED_STEPS:
             phase.cfg = phase.cfg.model_copy(update={"steps": _tune_steps(arms, phase)})
@@ -406,7 +407,7 @@ def run(cfg: CompareConfig) -> CompareResult:
                 for name in order:
                     arm = arms[name]
                     before = arm.wall_s
-                    advance(arm, target, arms, tracker.run_id)
+                    advance(arm, target, arms, tracker.run_id, final=k == cfg.eval_points)
                     bar.update(round(arm.wall_s - before, 1))
                 for name in ARMS:
                     p = evaluate_arm(cfg, arms[name], judge, k, device)
