@@ -118,6 +118,7 @@ def render_presets() -> str:
 
 def sections() -> list[tuple[str, type[BaseModel], str]]:
     """The configs users write, in the order of the pipeline: one per step command."""
+    from maskdit.compare import CompareConfig
     from maskdit.encode import EncodeConfig
     from maskdit.evaluate import EvaluateConfig
     from maskdit.fid import FIDStatsConfig
@@ -137,6 +138,8 @@ def sections() -> list[tuple[str, type[BaseModel], str]]:
         ("`maskdit register`", RegisterConfig, usage.format("register", "`out/result.json`")),
         ("`maskdit sample`", SampleConfig,
          usage.format("sample", "`out/result.json` (a folder) or `<out>.result.json` (a grid PNG)")),
+        ("`maskdit compare`", CompareConfig,
+         usage.format("compare", "`out/compare.json` and `out/compare.png`") + " See docs/benchmarks.md."),
     ]
 
 

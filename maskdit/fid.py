@@ -182,7 +182,7 @@ class InceptionFeatures:
     @torch.inference_mode()
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         x = preprocess(images, self.device)
-        feats = self.net(x).reshape(-1, FEATURE_DIM)  # (N, 2048)
+        feats = self.net(x).reshape(len(x), -1)  # (N, 2048) with Inception
         return feats.to(torch.float64).cpu().numpy()
 
     def features(self, batches: Iterable[np.ndarray | torch.Tensor], progress: bool = False,

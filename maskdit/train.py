@@ -76,7 +76,7 @@ class TrainResult(StepResult):
     experiment_id: str | None = None  # run_id's experiment
     grid: str | None = None  # URI of the last sample grid PNG (monitor)
     fid_quick: float | None = None  # the last quick FID (monitor)
-    seconds: float = 0.0  # wall time of this attempt's steps (a resumed run counts from its resume)
+    seconds: float = 0.0  # wall time of this call's training loop, the monitor's time left out (max_wall_s)
 
 
 #################################################################################
@@ -174,7 +174,8 @@ class Trainer:
         self.tracking_uri: str | None = None
         self.experiment_id: str | None = None
         self.monitor: Monitor | None = None
-        self.started = time.perf_counter()
+        self.started = time.perf_counter()  # the loop's start (reset when it starts)
+        self.watched_s = 0.0  # time the monitor took since then
         self._pending: tuple[tuple[int, int], Future] | None = None  # the micro batch being drawn ahead
         self.stop = StopOnSignal(cfg.checkpoint.grace_period_s)  # installed while run() runs
         self._restore()
@@ -305,10 +306,11 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or math.inf, foreach=True)
         stop = torch.full((1,), float(self.stop.requested), device=dev)  # SIGTERM/SIGINT seen on this rank
+        out_of_time = cfg.max_wall_s is not None and self._seconds() >= cfg.max_wall_s
         stats = torch.cat([sums, (~torch.isfinite(sums[:1])).float(), (~torch.isfinite(grad_norm)).float()[None],
-                           stop])
+                           stop, torch.full((1,), float(out_of_time), device=dev)])
         distributed.all_reduce_sum(stats)  # every rank takes the same skip and stop decisions
-        loss_bad, grad_bad, stop_asked = stats[3:].tolist()  # the step's one host sync
+        loss_bad, grad_bad, stop_asked, wall_up = stats[3:].tolist()  # the step's one host sync
         finite = loss_bad == 0 and grad_bad == 0
         if finite:
             if self.scaler is not None:
@@ -321,7 +323,8 @@ class Trainer:
             self.scaler.update()  # lowers the scale after an overflow
         self.optimizer.zero_grad(set_to_none=True)
         return {"finite": finite, "sums": stats[:3], "grad_norm": grad_norm.detach(), "lr": lr,
-                "mask_ratio": mask_ratio, "loss_nonfinite": loss_bad > 0, "stop": stop_asked > 0}
+                "mask_ratio": mask_ratio, "loss_nonfinite": loss_bad > 0, "stop": stop_asked > 0,
+                "out_of_time": wall_up > 0}
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -410,7 +413,7 @@ class Trainer:
         acc = torch.zeros(3, device=self.device)  # loss, dsm, mae over finite steps since the last log
         norm_sum = torch.zeros((), device=self.device)
         acc_steps, t0, steps_timed = 0, time.perf_counter(), 0
-        self.started = time.perf_counter()
+        self.started, self.watched_s = time.perf_counter(), 0.0
         log.info("training steps %d to %d on %d rank(s)", self.step, cfg.steps, self.dist.world_size)
         with ThreadPoolExecutor(max_workers=1) as executor, tqdm(
             total=cfg.steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True,
@@ -440,7 +443,7 @@ class Trainer:
                             "optim.grad_clip (e.g. 1.0), optim.warmup_steps, and check the data for NaN; the "
                             f"last good checkpoint is the newest in {cfg.checkpoint.dir}"
                         )
-                last = self.step == cfg.steps
+                last = self.step == cfg.steps or out["out_of_time"]  # max_wall_s ends this call like its last step
                 if self.step % cfg.log_every == 0 or last:
                     elapsed = time.perf_counter() - t0
                     means = (acc / (acc_steps * cfg.batch.global_batch)).tolist() if acc_steps else [math.nan] * 3
@@ -460,9 +463,14 @@ class Trainer:
                 if not out["stop"]:  # stopping: the checkpoint first, the pictures can wait for the next attempt
                     watched = time.perf_counter()
                     self.monitor.after_step(self.step, last)
-                    t0 += time.perf_counter() - watched  # img_per_s measures training, not the monitor
-                if out["stop"] and not last:
+                    watched = time.perf_counter() - watched
+                    t0 += watched  # img_per_s measures training, not the monitor
+                    self.watched_s += watched
+                if out["stop"] and self.step < cfg.steps:
                     self._stopped(final)
+                if out["out_of_time"]:
+                    log.info("max_wall_s %.1f s reached after step %d", cfg.max_wall_s, self.step)
+                    break
         return self._result(final, metrics)
 
     def _stopped(self, uri: str) -> None:
@@ -472,6 +480,10 @@ class Trainer:
         message = (f"stopped on {self.stop.signal_name or 'a signal to another rank'} after step {self.step} of "
                    f"{self.cfg.steps}{since}; checkpoint {uri}; starting again resumes from it")
         raise Interrupted(message)
+
+    def _seconds(self) -> float:
+        """Wall time of this call's training loop so far, the monitor's time left out."""
+        return time.perf_counter() - self.started - self.watched_s
 
     def _result(self, final: str | None, metrics: dict[str, float]) -> TrainResult:
         """The run's result, written to `checkpoint.dir/result.json` by rank 0 (what pipeline steps read)."""
@@ -483,7 +495,7 @@ class Trainer:
                              world_size=self.dist.world_size, init_from=self.init_source,
                              resumed_from=self.resumed_from, tracking_uri=self.tracking_uri,
                              experiment_id=self.experiment_id, grid=self.monitor.grid if self.monitor else None,
-                             fid_quick=fid_quick, seconds=round(time.perf_counter() - self.started, 3))
+                             fid_quick=fid_quick, seconds=round(self._seconds(), 3))
         if self.dist.is_main:
             result.write(result_uri(self.cfg.checkpoint.dir))
         return result

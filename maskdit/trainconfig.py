@@ -153,6 +153,7 @@ class TrainConfig(StrictModel):
     p_uncond: float = Field(0.1, ge=0, le=1)  # label dropping for classifier-free guidance
     ema: EmaConfig = Field(default_factory=EmaConfig)
     steps: int = Field(2_000_000, ge=1)  # optimizer steps of this run (tuning counts its own)
+    max_wall_s: float | None = Field(None, gt=0)  # stop (with a checkpoint) after the step that passes this many s of training; None: no limit
     checkpoint: CheckpointConfig
     init_from: str | None = None  # checkpoint (file or folder) or models:/<name>@<alias>: model + EMA, fresh optimizer
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

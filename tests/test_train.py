@@ -171,6 +171,20 @@ def test_train_writes_checkpoints_and_keeps_last(data, tmp_path):
     assert again.checkpoint == result.checkpoint and again.step == 6
 
 
+def test_max_wall_s_stops_with_a_checkpoint_and_resumes_exactly(data, tmp_path):
+    """A wall-clock stop ends the call after the step that passes max_wall_s, with that step's checkpoint;
+    calling again continues from it, bitwise as a run without the stop (what `maskdit compare` builds on)."""
+    cfg = tiny_config(data, tmp_path / "ck", steps=10**6, max_wall_s=0.3, **{"checkpoint.every": 10**6})
+    first = train(build(cfg))
+    assert 1 <= first.step < 10**6 and first.seconds >= 0.3
+    assert first.checkpoint == checkpoint.checkpoint_uri(str(tmp_path / "ck"), first.step)
+    assert math.isfinite(first.metrics["loss"])
+    second = train(build(cfg))
+    assert second.step > first.step
+    straight = train(build(tiny_config(data, tmp_path / "straight", steps=second.step)))
+    states_equal(checkpoint.load_checkpoint(second.checkpoint), checkpoint.load_checkpoint(straight.checkpoint))
+
+
 def test_all_checkpoints_unreadable_refuses_a_fresh_start(data, tmp_path):
     """Issue 16.6: with every checkpoint unreadable, training warned and restarted at step 0 (exit 0)."""
     ck = tmp_path / "ck"

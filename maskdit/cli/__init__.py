@@ -9,7 +9,7 @@ itself (compile, submit, schedule, the local demo) is the `maskdit-pipeline` com
 
 import typer
 
-from maskdit.cli import config, data, evaluation, registry, train
+from maskdit.cli import compare, config, data, evaluation, registry, train
 
 app = typer.Typer(
     help="MaskDiT: encode, train, sample, evaluate and register masked diffusion transformers.",
@@ -40,3 +40,4 @@ app.command("fid-stats")(evaluation.fid_stats)
 app.command("evaluate")(evaluation.evaluate)
 app.command("sample")(evaluation.sample)
 app.command("register")(registry.register)
+app.command("compare")(compare.compare)
