@@ -284,7 +284,7 @@ class Trainer:
         """One optimizer step over the global batch (skipped when non-finite); returns what the log needs."""
         cfg, dev = self.cfg, self.device
         mask_ratio = cfg.mask.ratio_at(step, cfg.steps)
-        lr = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
+        lr = cfg.optim.lr_at(step, cfg.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums = torch.zeros(3, device=dev)  # loss, dsm, mae summed over this rank's samples

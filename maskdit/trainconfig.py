@@ -31,14 +31,25 @@ class DataConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    """AdamW without weight decay, constant lr after an optional linear warm-up."""
+    """AdamW without weight decay: an optional linear warm-up, then a constant or a cosine-decaying lr."""
 
     lr: float = Field(1e-4, gt=0)  # paper: 1e-4 pretraining, 5e-5 unmasking tuning
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     eps: float = Field(1e-8, gt=0)  # AdamW epsilon
     warmup_steps: int = Field(0, ge=0)  # linear lr warm-up from 0 over this many steps
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: lr, or lr * half a cosine down to 0 at the last step
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm; None = no clipping
     fused: bool | None = None  # None: fused AdamW on CUDA, foreach elsewhere
+
+    def lr_at(self, step: int, steps: int) -> float:
+        """The lr of step `step` (0-based) of `steps`: warm-up, then constant or cosine (0 at the last step)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "cosine":
+            span = max(steps - 1 - self.warmup_steps, 1)
+            progress = min(max(step - self.warmup_steps, 0) / span, 1.0)  # 0 after warm-up ... 1 at the last step
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr
 
 
 class BatchConfig(StrictModel):

@@ -141,6 +141,20 @@ def test_cosine_schedule_values():
     assert MaskConfig(schedule="zero").ratio_at(0, 10) == 0.0
 
 
+def test_lr_schedule_values():
+    from maskdit.trainconfig import OptimConfig
+
+    constant = OptimConfig(lr=1e-3, warmup_steps=4)
+    assert [constant.lr_at(i, 20) for i in (0, 1, 3, 4, 19)] == [2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3]
+    cosine = OptimConfig(lr=1e-3, warmup_steps=4, schedule="cosine")
+    lrs = [cosine.lr_at(i, 14) for i in range(14)]
+    assert lrs[:4] == [2.5e-4, 5e-4, 7.5e-4, 1e-3]  # the warm-up is the same
+    assert lrs[-1] == 0.0 and all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert math.isclose(lrs[4 + 9 // 2 - 1], 1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 9)))
+    assert OptimConfig(lr=1e-3, schedule="cosine").lr_at(0, 10) == 1e-3
+    assert OptimConfig().schedule == "constant"
+
+
 def test_batch_plan_shuffles_each_epoch_and_splits_ranks():
     plan = BatchPlan(64, 16, seed=0)
     epoch0 = torch.cat([plan.global_indices(s) for s in range(4)])
