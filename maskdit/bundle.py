@@ -89,7 +89,9 @@ def model_card(name: str, *, dataset_uri: str, manifest, manifest_sha256: str, m
     optim = train_config.get("optim") or {}
     shape = "x".join(str(s) for s in manifest.shape)
     decoder = (f"VAE `{manifest.vae}` (inside the model, folder `{VAE_ARTIFACT}`), scale factor "
-               f"{manifest.scale_factor}" if manifest.space == "latent" else "none (pixel space)")
+               f"{manifest.scale_factor}" if manifest.space == "latent" and manifest.vae else
+               "none recorded: latents it cannot decode to images" if manifest.space == "latent" else
+               "none (pixel space)")
     lines = [
         f"# {name}", "",
         "Class-conditional MaskDiT (EDM preconditioning, Heun sampler with classifier-free guidance).", "",

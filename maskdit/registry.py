@@ -47,6 +47,7 @@ registered model that way: `maskdit.sources` reads its files without unpickling.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -70,6 +71,8 @@ from maskdit.errors import UserError
 from maskdit.evaluate import EvaluateResult
 from maskdit.result import RESULT_FILE, StepResult, read_result, result_uri
 from maskdit.sources import CHECKPOINT_ARTIFACT, MANIFEST_ARTIFACT, MODEL_FORMAT, VAE_ARTIFACT
+
+log = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 FID_TAG = "fid"
@@ -386,8 +389,11 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
         train_config = state.get("train_config") or {}
         dataset_uri, manifest, manifest_sha256 = _manifest(dataset_uri, train_config, tmp / "manifest.json")
         artifacts = {CHECKPOINT_ARTIFACT: str(tmp / "ema.pt"), MANIFEST_ARTIFACT: str(tmp / "manifest.json")}
-        if manifest.space == "latent":  # the VAE goes inside: loading never fetches it
+        if manifest.space == "latent" and manifest.vae:  # the VAE goes inside: loading never fetches it
             artifacts[VAE_ARTIFACT] = str(save_vae(manifest.vae, tmp / VAE_ARTIFACT))
+        elif manifest.space == "latent":
+            log.warning("%s names no VAE: version of %s registered without one, it samples latents it cannot "
+                        "decode to images (encode with `maskdit encode vae=...` to record one)", dataset_uri, name)
         source_run = _source_run(client, state.get("tracking_run_id"))
         version_tags.update(checkpoint_uri=checkpoint_uri, dataset_manifest=f"{dataset_uri.rstrip('/')}/manifest.json",
                             manifest_sha256=manifest_sha256, **({"train_run_id": source_run} if source_run else {}))

@@ -78,4 +78,8 @@ def test_the_model_card_names_data_recipe_fid_settings_and_how_to_sample(tmp_pat
                        manifest_sha256="f", model_config=model_config("tiny").model_dump(), train_config={},
                        step=5, fid=80.0, sampler=SamplerConfig(), evaluation=None)
     assert "| decoder | none (pixel space) |" in pixel and "none: trained from scratch" in pixel
+    bare = model_card("bare", dataset_uri="d", manifest=_manifest(vae=None), manifest_sha256="f",
+                      model_config=model_config("tiny").model_dump(), train_config={}, step=5, fid=80.0,
+                      sampler=SamplerConfig(), evaluation=None)
+    assert "| decoder | none recorded: latents it cannot decode to images |" in bare  # synthetic latents
     assert "| training run | - |" in pixel and "reference statistics" not in pixel and "dataset id" not in pixel
