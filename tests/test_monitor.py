@@ -27,6 +27,8 @@ from maskdit.train import TrainResult, Trainer
 from maskdit.train import run as train
 from maskdit.trainconfig import TrainConfig
 
+from test_train import one_thread  # noqa: F401 (autouse: one thread, no tracking, a private shard cache)
+
 CLI = "from maskdit.cli import app; app()"
 ENV1 = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -54,18 +56,6 @@ def config(data: str, ckpt: Path, **monitor) -> dict:
 @pytest.fixture(scope="module")
 def pixels(tmp_path_factory) -> str:
     return make_pixels(tmp_path_factory.mktemp("pixels"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for key in ("MLFLOW_TRACKING_URI", "MASKDIT_PARENT_RUN_ID", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("MASKDIT_DATA_CACHE", str(tmp_path / "cache"))
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_intervals_default_to_a_few_a_run_and_zero_turns_them_off():
