@@ -170,7 +170,7 @@ def bench_fid(s: dict, device: torch.device, vae, sample_img_s: float) -> dict:
     latent = s["encode_resolution"] // 8
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         decode = sampling.decode_img_s(vae, latent, s["decode_batch"], 2, 1, device)
-    inception = sampling.inception_img_s(s["encode_resolution"], s["inception_batch"], 2, device)
+    inception = sampling.inception_img_s(s["encode_resolution"], s["inception_batch"], 2, device, s.get("inception"))
     sqrtm = sampling.sqrtm_s() if s["sqrtm"] else 0.0
     return {"decode_img_s": round(decode, 2), "decode_autocast": "bf16" if device.type == "cuda" else "fp32",
             "inception_img_s": round(inception, 2), "sqrtm_s": round(sqrtm, 2) if s["sqrtm"] else "skipped",
@@ -217,8 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
     parser.add_argument("--compile-modes", default="model", help="compiled training variants: model[,step]")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by card)")
+    parser.add_argument("--inception", default=None,
+                        help="Inception TorchScript file (default: the bundled one; its speed does not depend on it)")
     args = parser.parse_args(argv)
-    s = dict(DRY if args.dry_run else FULL)
+    s = dict(DRY if args.dry_run else FULL, inception=args.inception)
     device = torch.device(args.device or ("cpu" if args.dry_run else "cuda"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
@@ -227,12 +229,19 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__, "mode": "dry run (tiny sizes, CPU)" if args.dry_run else "full",
               "settings": s, "peak_tflops": peak, "section_s": {}}
     start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     def section(name, fn, *a):
         t0 = time.perf_counter()
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         result[name] = fn(*a)
+        # the trainer sets TF32 for bf16 runs process-wide; every section starts from the suite's setting
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         result["section_s"][name] = round(time.perf_counter() - t0, 1)
         print(f"[gpu_suite] {name}: {result['section_s'][name]} s", file=sys.stderr, flush=True)
+        # what is measured so far survives a run stopped by its time limit
+        (out / "suite.partial.json").write_text(json.dumps(result, indent=1))
 
     section("train", bench_train, s, device, args.compile_modes.split(","), peak)
     section("trainer", lambda: train_step.overhead(s["model"], s["batch"], s["precision"], 0.5, s["steps"],
@@ -244,8 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = max(r["img_per_s_40_steps"] for r in result["sample"])
     section("fid", bench_fid, s, device, vae, best)
     result["total_s"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.partial.json").unlink()
     (out / "suite.json").write_text(json.dumps(result, indent=1))
     (out / "suite.md").write_text(markdown(result))
     print(json.dumps({"json": str(out / "suite.json"), "markdown": str(out / "suite.md"),

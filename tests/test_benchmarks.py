@@ -21,6 +21,7 @@ def test_gpu_suite_dry_run_writes_json_and_table(tmp_path):
                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads((tmp_path / "suite.json").read_text())
+    assert not (tmp_path / "suite.partial.json").exists()  # written after each section, removed at the end
     assert result["mode"].startswith("dry run") and result["device"] == "cpu"
 
     train = {(r["compile"], r["mask_ratio"]): r for r in result["train"]}
