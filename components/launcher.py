@@ -448,9 +448,37 @@ def local_command(job: TrainJob, nproc: int) -> list[str]:
             "--no-python", _executable(job.command[0]), *job.command[1:]]
 
 
+def stop_tree(pid: int, grace_s: float) -> None:
+    """SIGTERM `pid` and every process under it, SIGKILL whatever is left after `grace_s`.
+
+    torchrun starts each worker in a session of its own, so killing torchrun's process group would
+    leave the workers running (and holding the output pipe); they are found as descendants instead.
+    SIGTERM first, as Kubernetes does: the trainer stops after its step and saves a checkpoint
+    (maskdit.elastic)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def launch_local(job: TrainJob, nproc: int = 1, timeout_s: float = 86400.0, tail_lines: int = 50,
-                 out=None) -> LaunchResult:
-    """Run `job` with torchrun here, streaming its output; save it as `<checkpoint_uri>/logs/local.log`."""
+                 out=None, grace_s: float = 30.0) -> LaunchResult:
+    """Run `job` with torchrun here, streaming its output; save it as `<checkpoint_uri>/logs/local.log`.
+    After `timeout_s` every process of the job gets SIGTERM, and SIGKILL `grace_s` later."""
     out = out or sys.stdout
     cmd = local_command(job, nproc)
     print(f"[launcher] {' '.join(cmd)}", file=out, flush=True)
@@ -462,18 +490,23 @@ def launch_local(job: TrainJob, nproc: int = 1, timeout_s: float = 86400.0, tail
 
     def kill():
         timed_out.set()
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop_tree(proc.pid, grace_s)
 
     timer = threading.Timer(timeout_s, kill)
     timer.start()
+    terminated = False
     with tempfile.TemporaryDirectory() as tmp:
         spool = Path(tmp, "local.log")
         try:
-            with open(spool, "w") as saved:
-                for line in proc.stdout:
-                    print(line, end="", file=out, flush=True)
-                    saved.write(line)
-                    tail.append(line.rstrip("\n"))
+            with open(spool, "w") as saved, _sigterm_raises():
+                try:
+                    for line in proc.stdout:
+                        print(line, end="", file=out, flush=True)
+                        saved.write(line)
+                        tail.append(line.rstrip("\n"))
+                except (_Terminated, KeyboardInterrupt):  # the job must not outlive its step
+                    terminated = True
+                    stop_tree(proc.pid, min(grace_s, TERMINATED_CLEANUP_S))
             code = proc.wait()
         finally:
             timer.cancel()
@@ -485,6 +518,10 @@ def launch_local(job: TrainJob, nproc: int = 1, timeout_s: float = 86400.0, tail
         except Exception as error:  # the log is diagnostics: never hide the job's own outcome behind it
             print(f"[launcher] could not save the log to {uri}: {error}", file=out, flush=True)
     text = "\n".join(tail)
+    if terminated:
+        raise StepTerminated(f"the step got SIGTERM or Ctrl-C: stopped local training job {job.name} (SIGTERM to "
+                             f"torchrun and its workers, SIGKILL what was left); rerun the step to resume from its "
+                             f"last checkpoint. Last log lines:\n{text}")
     if timed_out.is_set():
         raise JobTimeout(f"local training job {job.name} did not finish within {timeout_s:.0f}s and was killed. "
                          f"Last log lines:\n{text}")

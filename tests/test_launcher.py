@@ -3,8 +3,10 @@
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,7 @@ from components.pytorchjob import (
 )
 from fixtures.k8s_api import UNSCHEDULABLE, Fault, JobScript, crd_validator, manifest_errors, restricted_violations
 
+ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "3f2c9a1e-7b4d-4c55-9d0e-1a2b3c4d5e6f"
 NAME = job_name("pretrain", RUN_ID)
 JOB_PATH = f"/apis/kubeflow.org/v1/namespaces/default/pytorchjobs/{NAME}"
@@ -455,9 +458,59 @@ def test_local_backend_runs_torchrun_and_saves_its_log(ckpt, capsys):
     assert "/tmp/final.pt" in Path(result.log_uris["local"]).read_text()
 
 
-def test_local_backend_failure_and_timeout(ckpt):
+def test_local_backend_failure(ckpt):
     with pytest.raises(JobFailed, match=r"(?s)exit code 1\).*boom"):
         launch_local(_job(ckpt, command=[sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]),
                      timeout_s=120)
-    with pytest.raises(JobTimeout):
-        launch_local(_job(ckpt, command=[sys.executable, "-c", "import time; time.sleep(60)"]), timeout_s=3)
+
+
+# a worker that says who it is, then outlives any test unless it is stopped
+_SLEEPER = "import os, signal, time; {setup}print('worker pid', os.getpid(), flush=True); time.sleep(120)"
+
+
+def _worker_pid(text: str) -> int:
+    return int(next(line for line in text.splitlines() if line.startswith("worker pid")).split()[-1])
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("setup, grace_s", [("", 30.0), ("signal.signal(signal.SIGTERM, signal.SIG_IGN); ", 1.0)],
+                         ids=["stops-on-sigterm", "ignores-sigterm"])
+def test_local_backend_timeout_stops_every_worker(ckpt, setup, grace_s):
+    """torchrun starts each worker in a session of its own: a timeout must reach them (SIGTERM, then SIGKILL
+    after the grace period for one that ignores it), not leave them running while the step reports a timeout."""
+    start = time.monotonic()
+    with pytest.raises(JobTimeout) as raised:
+        launch_local(_job(ckpt, command=[sys.executable, "-c", _SLEEPER.format(setup=setup)]), timeout_s=4,
+                     grace_s=grace_s)
+    assert time.monotonic() - start < 40  # not the worker's 120 s
+    assert _gone(_worker_pid(str(raised.value)))
+
+
+def test_a_terminated_local_step_stops_its_job(ckpt, tmp_path):
+    """SIGTERM to the step (KFP Terminate; Ctrl-C alike) stops torchrun and its workers before the step exits."""
+    step = (f"import sys; sys.path[:0] = {[str(ROOT), str(ROOT / 'tests')]!r}\n"
+            "from components.launcher import launch_local, StepTerminated\n"
+            "from test_launcher import _job, _SLEEPER\n"
+            f"try:\n    launch_local(_job({str(ckpt)!r}, command=[sys.executable, '-c', _SLEEPER.format(setup='')]),"
+            " timeout_s=300)\n"
+            "except StepTerminated as error:\n    print('TERMINATED', error, flush=True); sys.exit(143)\n")
+    proc = subprocess.Popen([sys.executable, "-c", step], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait until the worker runs
+        lines.append(line)
+        if line.startswith("worker pid"):
+            break
+    pid = _worker_pid("".join(lines))
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, rest
+    assert "TERMINATED the step got SIGTERM" in rest and "rerun the step to resume" in rest
+    assert _gone(pid)
