@@ -114,13 +114,24 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     assert [image.shape for image in images] == [(32, 32, 3), (32, 32, 3)]
 
 
-def test_a_run_that_misses_the_fid_threshold_registers_nothing(digits, bucket, tracking, tmp_path):
+@pytest.fixture(scope="module")
+def ref_stats(digits, tmp_path_factory):
+    """Reference statistics of 8 of the digits, computed once: the runs below compare FIDs or only gate on one."""
+    from maskdit import fid
+
+    out = tmp_path_factory.mktemp("ref") / "ref.npz"
+    return fid.run(fid.FIDStatsConfig(source=digits, out=str(out), limit=8, device="cpu", progress=False)).stats
+
+
+def test_a_run_that_misses_the_fid_threshold_registers_nothing(digits, bucket, tracking, ref_stats, tmp_path):
+    """The gate alone: tuning 2 steps of a given checkpoint (the first test covers pretraining), FID of 8 samples."""
     name = "maskdit-local-dag-missed"
-    run_local(_arguments(digits, bucket, name, "pipeline-local", fid_threshold=0.0), tmp_path / "kfp")
+    run_local({**_arguments(digits, bucket, name, "pipeline-local", fid_threshold=0.0), "ref_stats": ref_stats,
+               "num_samples": 8, "tune_init_from": _untrained_checkpoint(tmp_path / "given"),
+               "tune_overrides": ["steps=2", "checkpoint.every=2", *TINY]}, tmp_path / "kfp")
     assert list((tmp_path / "kfp").glob("*/evaluate/samples"))  # it did evaluate
     assert not list((tmp_path / "kfp").glob("*/register"))
     assert tracking.search_registered_models(f"name = '{name}'") == []
-
 
 
 def _untrained_checkpoint(folder) -> str:
@@ -140,17 +151,14 @@ def _untrained_checkpoint(folder) -> str:
                                                     "ema": weights, "step": 0})
 
 
-def test_a_weekly_retrain_warm_starts_from_the_champion(digits, bucket, tracking, tmp_path):
+def test_a_weekly_retrain_warm_starts_from_the_champion(digits, bucket, tracking, ref_stats, tmp_path):
     """The DAG twice, as a recurring retrain runs it. Both skip pretraining (tune_init_from): the first tunes a
     given checkpoint and registers the champion; the second tunes models:/<name>@champion for its own steps
     and registers again. MLflow shows the second run's steps and where its weights came from."""
-    from maskdit import fid
     from maskdit.result import read_result
     from maskdit.train import TrainResult
 
     name, experiment = "maskdit-local-retrain", "pipeline-local-retrain"
-    ref_stats = fid.run(fid.FIDStatsConfig(source=digits, out=str(tmp_path / "ref.npz"), limit=8, device="cpu",
-                                           progress=False)).stats  # the same for both runs: FIDs comparable
     first = {**_arguments(digits, bucket, name, experiment, fid_threshold=1e6), "ref_stats": ref_stats,
              "num_samples": 8, "tune_init_from": _untrained_checkpoint(tmp_path / "given"),
              "tune_overrides": ["steps=2", "checkpoint.every=2", *TINY]}
