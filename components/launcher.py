@@ -18,29 +18,18 @@ holds it): every call has its own timeout and retries transient failures (connec
   the logs are and the master's last lines. docs/operating.md says what each event and KFP action does.
 `delete_run_jobs(run_id)` removes every job labelled with a pipeline run id (the ExitHandler step).
 
-Local backend: `torchrun --standalone --nproc-per-node N --no-python maskdit train ...` as a
-subprocess with the same command and environment, so the same DAG runs without a cluster.
+Local backend (components/launch_local.py): torchrun on this machine with the same command and
+environment, so the same DAG runs without a cluster.
 """
 
 from __future__ import annotations
 
-import collections
-import importlib.util
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Literal
 
 from components.kube_calls import (
     Calls,
@@ -49,6 +38,20 @@ from components.kube_calls import (
     http_status,
 )
 from components.kube_logs import MasterLog, save_replica_logs
+from components.launch_base import (  # noqa: F401 (the errors are part of this module's interface)
+    TERMINATED_CLEANUP_S,
+    Backend,
+    DeadlinePassed,
+    JobFailed,
+    JobPending,
+    JobTimeout,
+    LaunchError,
+    LaunchResult,
+    StepTerminated,
+    Terminated,
+    sigterm_raises,
+)
+from components.launch_local import launch_local
 from components.pytorchjob import (
     DEADLINE_ANNOTATION,
     JOB_SELECTOR,
@@ -61,69 +64,6 @@ from components.pytorchjob import (
     step_pod_owner,
 )
 from maskdit import storage
-
-TERMINATED_CLEANUP_S = 20.0  # after SIGTERM, within the step pod's default 30 s grace period
-
-Backend = Literal["kubernetes", "local"]
-
-
-class LaunchError(RuntimeError):
-    """The training job could not be created, failed, or did not finish in time."""
-
-
-class JobFailed(LaunchError):
-    pass
-
-
-class JobPending(JobFailed):
-    """A pod of the job stayed Pending (unschedulable, image not pulled, ...) past `pending_timeout_s`."""
-
-
-class JobTimeout(LaunchError):
-    pass
-
-
-class DeadlinePassed(JobTimeout):
-    """An earlier try of this step reached the deadline: the job is not started again."""
-
-
-class StepTerminated(LaunchError):
-    """The step itself got SIGTERM (KFP Terminate, its pod evicted or deleted): the job was deleted."""
-
-
-class _Terminated(BaseException):
-    """Raised by the SIGTERM handler; a BaseException so that no retry loop swallows it."""
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While inside, the first SIGTERM raises `_Terminated` in the main thread (elsewhere nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = []
-
-    def handler(signum, frame):
-        if not fired:  # a second SIGTERM must not cut the cleanup the first one started
-            fired.append(signum)
-            raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@dataclass(frozen=True)
-class LaunchResult:
-    """What a finished launch leaves: the job, where every replica's log was saved, the master's last lines."""
-
-    job: str
-    namespace: str  # "" for the local backend
-    log_uris: dict[str, str]  # pod (or "local") -> URI of its saved log
-    tail: str
-
 
 def _iso(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -315,7 +255,7 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
     failure, cause = None, ""
     delete = timed_out = False
     budget = cleanup_s
-    with _sigterm_raises():
+    with sigterm_raises():
         try:
             if time.monotonic() >= deadline:
                 raise OutOfTime("the deadline had passed before this try started", None)
@@ -338,7 +278,7 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
             delete = True
             failure, cause = JobPending, (f"PyTorchJob {namespace}/{name} cannot run: {stuck}; deleted it. Free or "
                                           f"add the resources, fix the pod's spec, or raise pending_timeout_s.")
-        except _Terminated:
+        except Terminated:
             # the step pod's grace period is short (30 s by default): delete first, then save what logs remain
             budget = min(cleanup_s, TERMINATED_CLEANUP_S)
             failure, cause = StepTerminated, (
@@ -430,104 +370,6 @@ def delete_run_jobs(run_id: str, api, namespace: str | None = None, *, call_time
                     from error
     return names
 
-
-# --------------------------------------------------------------------------------------------
-# Local backend
-# --------------------------------------------------------------------------------------------
-
-def _executable(name: str) -> str:
-    """`name` from this interpreter's environment first (a venv need not be on PATH)."""
-    sibling = Path(sys.executable).parent / name
-    return str(sibling) if sibling.exists() else (shutil.which(name) or name)
-
-
-def local_command(job: TrainJob, nproc: int) -> list[str]:
-    """The torchrun command that runs `job` on this machine with `nproc` processes (via maskdit.elastic if there)."""
-    runner = "maskdit.elastic" if importlib.util.find_spec("maskdit.elastic") else "torch.distributed.run"
-    return [sys.executable, "-m", runner, "--standalone", f"--nproc-per-node={nproc}",
-            "--no-python", _executable(job.command[0]), *job.command[1:]]
-
-
-def stop_tree(pid: int, grace_s: float) -> None:
-    """SIGTERM `pid` and every process under it, SIGKILL whatever is left after `grace_s`.
-
-    torchrun starts each worker in a session of its own, so killing torchrun's process group would
-    leave the workers running (and holding the output pipe); they are found as descendants instead.
-    SIGTERM first, as Kubernetes does: the trainer stops after its step and saves a checkpoint
-    (maskdit.elastic)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def launch_local(job: TrainJob, nproc: int = 1, timeout_s: float = 86400.0, tail_lines: int = 50,
-                 out=None, grace_s: float = 30.0) -> LaunchResult:
-    """Run `job` with torchrun here, streaming its output; save it as `<checkpoint_uri>/logs/local.log`.
-    After `timeout_s` every process of the job gets SIGTERM, and SIGKILL `grace_s` later."""
-    out = out or sys.stdout
-    cmd = local_command(job, nproc)
-    print(f"[launcher] {' '.join(cmd)}", file=out, flush=True)
-    env = {**os.environ, **job.env}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    timed_out = threading.Event()
-
-    def kill():
-        timed_out.set()
-        stop_tree(proc.pid, grace_s)
-
-    timer = threading.Timer(timeout_s, kill)
-    timer.start()
-    terminated = False
-    with tempfile.TemporaryDirectory() as tmp:
-        spool = Path(tmp, "local.log")
-        try:
-            with open(spool, "w") as saved, _sigterm_raises():
-                try:
-                    for line in proc.stdout:
-                        print(line, end="", file=out, flush=True)
-                        saved.write(line)
-                        tail.append(line.rstrip("\n"))
-                except (_Terminated, KeyboardInterrupt):  # the job must not outlive its step
-                    terminated = True
-                    stop_tree(proc.pid, min(grace_s, TERMINATED_CLEANUP_S))
-            code = proc.wait()
-        finally:
-            timer.cancel()
-        log_uris = {}
-        uri = storage.join(job.checkpoint_uri, "logs", "local.log")
-        try:
-            storage.put_file(spool, uri)
-            log_uris["local"] = uri
-        except Exception as error:  # the log is diagnostics: never hide the job's own outcome behind it
-            print(f"[launcher] could not save the log to {uri}: {error}", file=out, flush=True)
-    text = "\n".join(tail)
-    if terminated:
-        raise StepTerminated(f"the step got SIGTERM or Ctrl-C: stopped local training job {job.name} (SIGTERM to "
-                             f"torchrun and its workers, SIGKILL what was left); rerun the step to resume from its "
-                             f"last checkpoint. Last log lines:\n{text}")
-    if timed_out.is_set():
-        raise JobTimeout(f"local training job {job.name} did not finish within {timeout_s:.0f}s and was killed. "
-                         f"Last log lines:\n{text}")
-    if code != 0:
-        raise JobFailed(f"local training job {job.name} failed (exit code {code}). Last log lines:\n{text}")
-    return LaunchResult(job=job.name, namespace="", log_uris=log_uris, tail=text)
 
 
 def launch(job: TrainJob, backend: Backend = "kubernetes", *, namespace: str | None = None,
