@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fixtures.s3 import run_seaweedfs  # noqa: E402
 
-from maskdit import checkpoint, storage  # noqa: E402
-from maskdit.model import MaskDiT, model_config  # noqa: E402
+from maskdit.core import storage
+from maskdit.method import checkpoint  # noqa: E402
+from maskdit.method.model import MaskDiT, model_config  # noqa: E402
 
 GB = 1e9
 FALLBACKS = ("XL/2", "L/2", "B/2", "S/2")

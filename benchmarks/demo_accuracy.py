@@ -4,7 +4,7 @@
         demo-output/store/datasets/mnist-32-pixel 1.5:18 4:18 4:40
 
 Each CFG:STEPS pair: 20 samples a class (seeds 0-199, the same for every pair), labelled by the
-reference classifier (maskdit.classifier); prints the accuracy, per class, and the CPU-seconds.
+reference classifier (maskdit.evaluation.classifier); prints the accuracy, per class, and the CPU-seconds.
 One torch thread: on a shared machine the CPU time, not the wall clock, is what compares.
 """
 
@@ -16,10 +16,10 @@ import time
 import numpy as np
 import torch
 
-from maskdit.classifier import mnist_classifier
-from maskdit.diffusion import SamplerConfig
-from maskdit.sample import generate
-from maskdit.sources import load_sampler_source
+from maskdit.evaluation.classifier import mnist_classifier
+from maskdit.evaluation.sample import generate
+from maskdit.evaluation.sources import load_sampler_source
+from maskdit.method.diffusion import SamplerConfig
 
 
 def main(argv: list[str] | None = None) -> None:

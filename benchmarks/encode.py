@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskdit import shards, storage
-from maskdit.encode import encode, vae_moments
+from maskdit.core import storage
+from maskdit.data import shards
+from maskdit.data.encode import encode, vae_moments
 
 
 def tiny_vae(path: Path) -> str:
@@ -63,7 +64,7 @@ def bench_encode(work: Path, args) -> dict:
 
 def encode_img_s(vae, resolution: int, batch: int, device: torch.device, autocast: torch.dtype | None,
                  repeats: int = 3, warmup: int = 1) -> float:
-    """img/s of the VAE encoder alone (`maskdit.encode.vae_moments`, as `maskdit encode` calls it) on random
+    """img/s of the VAE encoder alone (`maskdit.data.encode.vae_moments`, as `maskdit encode` calls it) on random
     images in [-1, 1]: the GPU part of encoding, without JPEG decoding and cropping."""
     x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1  # (B, 3, H, W)
     times = []

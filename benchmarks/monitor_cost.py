@@ -1,4 +1,4 @@
-"""What the training-time monitor (maskdit/monitor.py) costs for the demo config, on this machine.
+"""What the training-time monitor (maskdit/train/monitor.py) costs for the demo config, on this machine.
 
     .venv/bin/python benchmarks/monitor_cost.py /tmp/monitor-cost [--images 64]
 
@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maskdit import distributed, fid
-from maskdit.config import load_config
-from maskdit.monitor import Monitor
-from maskdit.sample import generate, random_labels
-from maskdit.shards import Manifest, write_manifest, write_shard
-from maskdit.train import Trainer
-from maskdit.trainconfig import TrainConfig
+from maskdit.core import distributed
+from maskdit.core.config import load_config
+from maskdit.data.shards import Manifest, write_manifest, write_shard
+from maskdit.evaluation import fid
+from maskdit.evaluation.sample import generate, random_labels
+from maskdit.train.config import TrainConfig
+from maskdit.train.loop import Trainer
+from maskdit.train.monitor import Monitor
 
 PRESET = Path(__file__).resolve().parents[1] / "maskdit" / "configs" / "mnist_pretrain.yaml"
 

@@ -34,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import time_interleaved  # noqa: E402  (alternating timer of the core benchmark)
 
-from maskdit.diffusion import EDMPrecond, sample_latents  # noqa: E402
-from maskdit.model import MaskDiT, model_config  # noqa: E402
+from maskdit.method.diffusion import EDMPrecond, sample_latents  # noqa: E402
+from maskdit.method.model import MaskDiT, model_config  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -113,7 +113,7 @@ def decode_img_s(vae, latent_size: int, batch: int, repeats: int, warmup: int, d
 
 def inception_img_s(side: int, batch: int, repeats: int, device: torch.device, weights: str | None = None) -> float:
     """Inception-v3 pool3 features (the bundled TF 2015-12-05 network, or `weights`) of uint8 images, resize included."""
-    from maskdit import fid
+    from maskdit.evaluation import fid
 
     inception = fid.InceptionFeatures(weights, device=device)
     images = torch.randint(0, 256, (batch, side, side, 3), dtype=torch.uint8)
@@ -123,7 +123,7 @@ def inception_img_s(side: int, batch: int, repeats: int, device: torch.device, w
 
 def sqrtm_s() -> float:
     """The 2048-d matrix square root of FID (on the CPU, once per evaluation)."""
-    from maskdit import fid
+    from maskdit.evaluation import fid
 
     feats = np.random.default_rng(0).standard_normal((4096, fid.FEATURE_DIM))
     a, b = fid.feature_stats(feats[:2048] * 1.1), fid.feature_stats(feats[2048:])
@@ -153,7 +153,7 @@ def main() -> None:
                         help="time eager and compiled sampling alternately in this process (ratio; no VAE/FID)")
     parser.add_argument("--baseline", default=None, metavar="FILE",
                         help="with --compare: also time sample_latents of another diffusion.py (e.g. an older "
-                             "commit's, from `git show REV:maskdit/diffusion.py > FILE`)")
+                             "commit's, from `git show REV:maskdit/method/diffusion.py > FILE`)")
     parser.add_argument("--vae", action="store_true", help="also time SD-VAE decoding (latent models)")
     parser.add_argument("--inception-batch", type=int, default=16)
     parser.add_argument("--inception-repeats", type=int, default=3)

@@ -27,9 +27,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from maskdit.compiled import training_loss
-from maskdit.diffusion import EDMPrecond, maskdit_loss
-from maskdit.model import MaskDiT, ModelConfig, model_config, num_masked
+from maskdit.method.compiled import training_loss
+from maskdit.method.diffusion import EDMPrecond, maskdit_loss
+from maskdit.method.model import MaskDiT, ModelConfig, model_config, num_masked
 
 MASK_RATIOS = (0.0, 0.5)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -272,7 +272,7 @@ def compare_compile(name: str, batch: int, device: torch.device, dtype: torch.dt
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="XL/2", help="comma-separated presets (maskdit.model.MODEL_PRESETS)")
+    parser.add_argument("--configs", default="XL/2", help="comma-separated presets (maskdit.method.model.MODEL_PRESETS)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mask ratio (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")

@@ -30,12 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import Step  # noqa: E402  (the core benchmark's bare step)
 
-from maskdit import distributed  # noqa: E402
-from maskdit.config import build_config  # noqa: E402
-from maskdit.model import model_config  # noqa: E402
-from maskdit.shards import Manifest, write_manifest, write_shard  # noqa: E402
-from maskdit.train import Trainer  # noqa: E402
-from maskdit.trainconfig import TrainConfig  # noqa: E402
+from maskdit.core import distributed  # noqa: E402
+from maskdit.core.config import build_config  # noqa: E402
+from maskdit.data.shards import Manifest, write_manifest, write_shard  # noqa: E402
+from maskdit.method.model import model_config  # noqa: E402
+from maskdit.train.config import TrainConfig  # noqa: E402
+from maskdit.train.loop import Trainer  # noqa: E402
 
 BARE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": None, "fp32": None}
 
@@ -124,7 +124,7 @@ def overhead(config: str, batch: int, precision: str = "fp32", mask_ratio: float
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="demo", help="model preset (maskdit.model.MODEL_PRESETS)")
+    parser.add_argument("--config", default="demo", help="model preset (maskdit.method.model.MODEL_PRESETS)")
     parser.add_argument("--batch", type=int, default=64, help="global batch (split over torchrun ranks)")
     parser.add_argument("--precision", choices=sorted(BARE_DTYPES), default="fp32")
     parser.add_argument("--mask-ratio", type=float, default=0.5)

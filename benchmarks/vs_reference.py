@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import sampling  # noqa: E402
 from throughput import DTYPES, Step, sync, time_interleaved  # noqa: E402
 
-from maskdit.model import model_config  # noqa: E402
+from maskdit.method.model import model_config  # noqa: E402
 
 
 class _Anything(type):

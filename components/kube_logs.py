@@ -20,7 +20,7 @@ from pathlib import Path
 
 from components.kube_calls import Calls, describe, http_status
 from components.pytorchjob import CONTAINER, JOB_SELECTOR
-from maskdit import storage
+from maskdit.core import storage
 
 MASTER_SELECTOR = JOB_SELECTOR + ",training.kubeflow.org/replica-type=master"
 IDLE_FACTOR = 10  # a follow stream silent for 10 per-call timeouts is re-opened (a half-dead connection)

@@ -29,7 +29,7 @@ from components.launch_base import (
     sigterm_raises,
 )
 from components.pytorchjob import TrainJob
-from maskdit import storage
+from maskdit.core import storage
 
 
 def _executable(name: str) -> str:

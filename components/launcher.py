@@ -63,7 +63,8 @@ from components.pytorchjob import (
     label_value,
     step_pod_owner,
 )
-from maskdit import storage
+from maskdit.core import storage
+
 
 def _iso(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
 RUN_ID_LABEL = "pipeline/runid"  # the label KFP itself puts on a run's pods

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from maskdit.config import StrictModel
-from maskdit.tracking import environment
+from maskdit.core.config import StrictModel
+from maskdit.core.tracking import environment
 
 S3_SECRET = "maskdit-s3"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
 MLFLOW_SECRET = "maskdit-mlflow"  # MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD (may be empty)
@@ -109,7 +109,7 @@ def step_env(kfp_run_id: str, kfp_run_name: str, experiment: str) -> dict[str, s
 
 def _encode_config(images: str, out: str, resolution: int, vae: str, pixel_space: bool, grayscale: bool,
                    device: str):
-    from maskdit.encode import EncodeConfig
+    from maskdit.data.encode import EncodeConfig
 
     return EncodeConfig(input=images, out=out, resolution=resolution, vae=vae, pixel_space=pixel_space,
                         grayscale=grayscale, device=device)
@@ -118,7 +118,7 @@ def _encode_config(images: str, out: str, resolution: int, vae: str, pixel_space
 def fingerprint_step(images: str, resolution: int, vae: str, pixel_space: bool, grayscale: bool) -> str:
     """The identity (sha256) of the dataset encode would make, from a listing of `images`: the encode
     step's cache key, so that new images at the same URI are encoded and unchanged ones are not."""
-    from maskdit.encode import fingerprint
+    from maskdit.data.encode import fingerprint
 
     identity = fingerprint(_encode_config(images, "", resolution, vae, pixel_space, grayscale, "cpu"))
     print(f"dataset {identity.name}: {identity.files} files, {identity.bytes} bytes, sha256 {identity.digest}")
@@ -129,12 +129,12 @@ def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_sp
                 device: str, dataset, dataset_id: str = ""):
     """`maskdit encode` into `<store>/datasets/<name>-<identity[:12]>`; 'mnist' = the bundled digits.
 
-    The folder is named by the dataset's identity (maskdit.identity), so an unchanged source finds
+    The folder is named by the dataset's identity (maskdit.data.identity), so an unchanged source finds
     the dataset it already made (nothing is encoded) and a changed one gets a new folder. With
     `dataset_id` (the fingerprint step's output, the step's cache key) a source that changed since
     then is an error: the cache entry would describe other data.
     """
-    from maskdit.encode import EncodeError, fingerprint, run
+    from maskdit.data.encode import EncodeError, fingerprint, run
 
     identity = fingerprint(_encode_config(images, "", resolution, vae, pixel_space, grayscale, device))
     if dataset_id and identity.digest != dataset_id:
@@ -191,8 +191,8 @@ def train_step(step: TrainStep):
     """`maskdit train` as a PyTorchJob (or torchrun here): (its result.json, the MLflow parent run id, log URIs)."""
     from components.launcher import launch
     from components.pytorchjob import TrainJob
-    from maskdit.result import read_result, result_uri
-    from maskdit.train import TrainResult
+    from maskdit.core.result import read_result, result_uri
+    from maskdit.train.loop import TrainResult
 
     command = ["maskdit", "train", "--config", step.config, f"data.uri={step.dataset}",
                f"checkpoint.dir={step.checkpoint_dir}"]
@@ -253,7 +253,7 @@ def mlflow_run_link(tracking_uri: str | None, experiment_id: str | None, run_id:
 
 def training_card(result, title: str) -> str:
     """Markdown for the KFP UI: the MLflow run (link and ids), the numbers, and the last sample grid (embedded PNG)."""
-    from maskdit import storage
+    from maskdit.core import storage
 
     link = mlflow_run_link(result.tracking_uri, result.experiment_id, result.run_id)
     run = f"[{result.run_id}]({link})" if link else (f"`{result.run_id}`" if result.run_id else "not tracked")
@@ -301,7 +301,7 @@ def close_stale_runs(kfp_run_id: str, experiment: str, reason: str, step: str | 
     """
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         return []
-    from maskdit import tracking
+    from maskdit.core import tracking
 
     closed = tracking.close_stale_runs(parent_run(kfp_run_id, "", experiment), reason, step=step)
     if closed:
@@ -313,9 +313,10 @@ def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_sam
                   device: str, store_uri: str, kfp_run_id: str, kfp_run_name: str, experiment: str, metrics, samples,
                   evaluation):
     """`maskdit evaluate` into `<run dir>/evaluate` (FID + grid); shown in KFP. Empty ref_stats = the dataset's own."""
-    from maskdit import fid, storage
-    from maskdit.diffusion import SamplerConfig
-    from maskdit.evaluate import EvaluateConfig, run
+    from maskdit.core import storage
+    from maskdit.evaluation import fid
+    from maskdit.evaluation.evaluate import EvaluateConfig, run
+    from maskdit.method.diffusion import SamplerConfig
 
     out = f"{run_dir(store_uri, kfp_run_id)}/evaluate"
     close_stale_runs(kfp_run_id, experiment, "training finished; this attempt's process ended without closing it "
@@ -346,7 +347,7 @@ def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_sam
 def register_step(evaluation_uri: str, dataset_uri: str, model_name: str, kfp_run_id: str, kfp_run_name: str,
                   experiment: str, report):
     """`maskdit register` of what the evaluation scored: a new version (alias candidate), champion when best."""
-    from maskdit.registry import RegisterConfig, run
+    from maskdit.registry.register import RegisterConfig, run
 
     with environment(step_env(kfp_run_id, kfp_run_name, experiment)):
         result = run(RegisterConfig(evaluation=evaluation_uri, name=model_name, dataset=dataset_uri,

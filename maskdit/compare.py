@@ -8,7 +8,7 @@ Two arms train on the same data for the same training time on the same machine:
 
 Every `budget_s / eval_points` seconds of training, both arms are scored: FID of `fid_samples`
 images (fixed labels i mod K and seeds seed + i, so both arms draw the same noise) against
-held-out real data, and the accuracy of a digit classifier (maskdit.classifier) trained on the
+held-out real data, and the accuracy of a digit classifier (maskdit.evaluation.classifier) trained on the
 training data. Evaluation time does not count: training runs in segments of `maskdit train`
 itself (`train.run` with `max_wall_s`, resuming from the arm's checkpoint), and the clock is the
 sum of the segments' loop times (TrainResult.seconds). The arms alternate segment by segment
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from maskdit import storage
-from maskdit.config import ConfigError, StrictModel, build_config, deep_merge
-from maskdit.diffusion import SamplerConfig
-from maskdit.trainconfig import TrackingConfig, TrainConfig
+from maskdit.core import storage
+from maskdit.core.config import ConfigError, StrictModel, build_config, deep_merge
+from maskdit.method.diffusion import SamplerConfig
+from maskdit.train.config import TrackingConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 ARMS = ("maskdit", "dit")
@@ -108,7 +108,7 @@ class CompareResult(StrictModel):
 
 def _train_config(cfg: CompareConfig, source: str, what: str, extra: dict[str, Any]) -> TrainConfig:
     """The train config `source` (file or preset) with compare's settings; errors name `what`."""
-    from maskdit.cli.train import preset_path
+    from maskdit.train.config import preset_path
 
     path = preset_path(source)
     if not path.is_file():
@@ -186,8 +186,8 @@ def _tune_steps(arms: dict[str, Arm], tune: Phase) -> int:
 def advance(arm: Arm, target_s: float, arms: dict[str, Arm], parent_run: str | None, final: bool = False) -> None:
     """Train `arm` in segments (one per phase) until it has trained `target_s` seconds in all; at the `final`
     point a phase that a long step of the one before left no time gets one step (the tuning always runs)."""
-    from maskdit.tracking import environment
-    from maskdit.train import run as train
+    from maskdit.core.tracking import environment
+    from maskdit.train.loop import run as train
 
     while not arm.done and (arm.wall_s < target_s or (final and arm.phase_steps == 0)):
         phase = arm.phase
@@ -224,14 +224,14 @@ class Judge:
 
     ref: Any  # fid.FIDStats
     inception: Any  # fid.InceptionFeatures
-    classifier: Any | None  # maskdit.classifier.Classifier
+    classifier: Any | None  # maskdit.evaluation.classifier.Classifier
     classifier_accuracy: float | None
     reference_n: int
 
 
 def _real_images(uri: str, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, H, W, 3) images and labels (N,) of a dataset, decoded as the pipeline decodes samples."""
-    from maskdit.shards import load_dataset
+    from maskdit.data.shards import load_dataset
 
     data = load_dataset(uri)
     idx = torch.arange(min(limit or len(data), len(data)))
@@ -241,8 +241,8 @@ def _real_images(uri: str, limit: int | None, seed: int) -> tuple[np.ndarray, np
 
 def make_judge(cfg: CompareConfig, device: torch.device) -> Judge:
     """Reference statistics of the held-out data and, when asked, the digit classifier trained on `data`."""
-    from maskdit import fid
-    from maskdit.classifier import train_classifier
+    from maskdit.evaluation import fid
+    from maskdit.evaluation.classifier import train_classifier
 
     inception = fid.InceptionFeatures(cfg.inception, device)
     if cfg.reference.endswith(".npz"):
@@ -272,9 +272,9 @@ def _batches(images: np.ndarray, size: int):
 
 def evaluate_arm(cfg: CompareConfig, arm: Arm, judge: Judge, point: int, device: torch.device) -> EvalPoint:
     """FID (and accuracy) of the arm's newest EMA weights; a 10-row grid (one class a row) beside."""
-    from maskdit import fid
-    from maskdit.sample import generate, save_grid
-    from maskdit.sources import load_sampler_source
+    from maskdit.evaluation import fid
+    from maskdit.evaluation.sample import generate, save_grid
+    from maskdit.evaluation.sources import load_sampler_source
 
     started = time.perf_counter()
     source = load_sampler_source(arm.phase.cfg.checkpoint.dir if arm.phase_steps else
@@ -333,7 +333,7 @@ class _Tracker:
     """The comparison's MLflow parent run, written through the client (the arms' training runs nest under it)."""
 
     def __init__(self, cfg: CompareConfig):
-        from maskdit.tracking import check_reachable, connect, tracking_uri
+        from maskdit.core.tracking import check_reachable, connect, tracking_uri
 
         uri = tracking_uri(cfg.tracking.uri)
         self.client = self.run_id = None
@@ -352,7 +352,7 @@ class _Tracker:
         self.run_id = self.client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=tags).info.run_id
         from mlflow.entities import Param
 
-        from maskdit.config import flatten
+        from maskdit.core.config import flatten
 
         params = [Param(k, str(v)[:6000]) for k, v in storage.redact(flatten(cfg.model_dump(mode="json"))).items()]
         for i in range(0, len(params), 100):
@@ -390,7 +390,7 @@ def run(cfg: CompareConfig) -> CompareResult:
 
     from tqdm import tqdm
 
-    from maskdit.distributed import resolve_device
+    from maskdit.core.distributed import resolve_device
 
     started = time.perf_counter()
     arms = build_arms(cfg)
@@ -420,7 +420,7 @@ def run(cfg: CompareConfig) -> CompareResult:
                     tqdm.write(f"{name:8s} {p.wall_s:7.1f} s  {p.steps:6d} steps  {p.images:8d} images  "
                                f"FID {p.fid:7.2f}{acc}  ({p.phase}, load {p.load:.1f})")
         masked = arms["maskdit"].phases[0].cfg
-        from maskdit.model import MaskDiT
+        from maskdit.method.model import MaskDiT
 
         params = sum(t.numel() for t in MaskDiT(masked.model).parameters())
         result = CompareResult(

@@ -13,9 +13,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from maskdit.errors import exit_on_user_error
-from pipelines.kfp_backend import NEWEST_BACKEND, OPTIONAL_ENV_SINCE, SUPPORTED_BACKENDS, check_backend, \
-    rewrite_for_backend
+from maskdit.core.errors import exit_on_user_error
+from pipelines.kfp_backend import (
+    NEWEST_BACKEND,
+    OPTIONAL_ENV_SINCE,
+    SUPPORTED_BACKENDS,
+    check_backend,
+    rewrite_for_backend,
+)
 from pipelines.maskdit_pipeline import PIPELINE_YAML, compile_pipeline, maskdit_pipeline
 
 pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit, schedule; the local demo.",
@@ -142,7 +147,7 @@ def schedule_cmd(
 # --- `maskdit-pipeline demo` ---
 
 DEMO_MODEL, DEMO_EXPERIMENT = "maskdit-mnist", "maskdit-demo"
-# FID reference: the held-out digits (40 a class) that the demo never trains on (maskdit.mnist);
+# FID reference: the held-out digits (40 a class) that the demo never trains on (maskdit.data.mnist);
 # Inception on CPU costs about 0.25 s an image.
 DEMO_REF_SPLIT = "heldout"
 DEMO_SAMPLES = 200
@@ -156,8 +161,8 @@ DEMO_NPROC = min(2, os.cpu_count() or 1)
 
 def _reference_stats(out: Path, limit: int | None = None) -> Path:
     """FID statistics of the held-out real digits (never trained on; `limit` of them), computed once."""
-    from maskdit import fid
-    from maskdit.mnist import write_mnist
+    from maskdit.data.mnist import write_mnist
+    from maskdit.evaluation import fid
 
     stats = out / "ref_stats_heldout.npz"
     if not stats.exists():
@@ -176,7 +181,7 @@ def demo(
     """The whole pipeline on this machine: MNIST digits, pixel space, local store and sqlite MLflow."""
     import mlflow
 
-    from maskdit import fid
+    from maskdit.evaluation import fid
 
     started = time.time()
     out = out_dir.resolve()
@@ -188,7 +193,7 @@ def demo(
     mlflow.set_tracking_uri(tracking)
     if mlflow.get_experiment_by_name(DEMO_EXPERIMENT) is None:
         mlflow.create_experiment(DEMO_EXPERIMENT, artifact_location=artifacts.as_uri())
-    from maskdit.errors import exit_on_user_error
+    from maskdit.core.errors import exit_on_user_error
 
     with exit_on_user_error():  # e.g. the demo extra missing: one line, not a traceback
         ref_stats = _reference_stats(out)
@@ -215,8 +220,8 @@ demo finished in {(time.time() - started) / 60:.1f} min
 
 
 def _newest_evaluation(store: Path):
-    from maskdit.evaluate import EvaluateResult
-    from maskdit.result import read_result
+    from maskdit.core.result import read_result
+    from maskdit.evaluation.evaluate import EvaluateResult
 
     found = sorted(store.glob("runs/*/evaluate/result.json"), key=lambda p: p.stat().st_mtime)
     if not found:
@@ -234,7 +239,7 @@ def _accuracy_line(store: Path) -> str:
 
 def _grid_png(store: Path, dest: Path) -> Path:
     """The sample grid of the newest run's evaluation (its result.json names it), copied to `dest`."""
-    from maskdit import storage
+    from maskdit.core import storage
 
     dest.write_bytes(storage.get_bytes(_newest_evaluation(store).grid))
     return dest

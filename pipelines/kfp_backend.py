@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from maskdit.errors import UserError
+from maskdit.core.errors import UserError
 
 SUPPORTED_BACKENDS = ("2.14", "2.15", "2.16", "2.17")
 MINIMUM_BACKEND, NEWEST_BACKEND = SUPPORTED_BACKENDS[0], SUPPORTED_BACKENDS[-1]

@@ -24,11 +24,11 @@ from kfp import compiler, dsl, kubernetes
 
 from components import IMAGE
 from components.cleanup import cleanup
-from components.pytorchjob import TrainJob
 from components.encode import encode
 from components.evaluate import evaluate
 from components.fingerprint import fingerprint
 from components.pretrain import pretrain
+from components.pytorchjob import TrainJob
 from components.register import register
 from components.steps import CONFIG_MAP, MLFLOW_SECRET, S3_SECRET
 from components.tune import tune

@@ -1,16 +1,16 @@
-"""What a registered model carries (maskdit.bundle): pinned requirements, its own maskdit code, the model card."""
+"""What a registered model carries (maskdit.registry.bundle): pinned requirements, its own maskdit code, the model card."""
 
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from maskdit.bundle import copy_code, model_card, preset_name, requirements
-from maskdit.diffusion import SamplerConfig
-from maskdit.evaluate import EvaluateResult
-from maskdit.identity import DatasetId
-from maskdit.model import model_config
-from maskdit.shards import Manifest
+from maskdit.data.identity import DatasetId
+from maskdit.data.shards import Manifest
+from maskdit.evaluation.evaluate import EvaluateResult
+from maskdit.method.diffusion import SamplerConfig
+from maskdit.method.model import model_config
+from maskdit.registry.bundle import copy_code, model_card, preset_name, requirements
 
 
 def test_requirements_pin_what_inference_imports_as_installed_and_no_maskdit():
@@ -32,7 +32,7 @@ def test_the_models_code_is_the_imported_maskdit_without_bytecode(tmp_path):
     source = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                     if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
     assert sorted(p.relative_to(code).as_posix() for p in code.rglob("*") if p.is_file()) == source
-    assert "registry.py" in source and "configs/mnist_pretrain.yaml" in source
+    assert "registry/register.py" in source and "configs/mnist_pretrain.yaml" in source
 
 
 @pytest.mark.parametrize("name", ["XL/2", "B/4", "tiny"])

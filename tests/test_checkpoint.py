@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskdit import checkpoint, storage
-from maskdit.diffusion import EDMPrecond
-from maskdit.model import MaskDiT, model_config
+from maskdit.core import storage
+from maskdit.method import checkpoint
+from maskdit.method.diffusion import EDMPrecond
+from maskdit.method.model import MaskDiT, model_config
 
 
 def tiny_state(step: int, **changes) -> dict:
@@ -75,7 +76,7 @@ def test_corrupt_newest_is_skipped_and_reported(tmp_path, caplog):
     data = Path(good).read_bytes()
     (tmp_path / "ckpt-000000006.pt").write_bytes(data[: len(data) // 2])  # truncated
     torch.save([1, 2, 3], tmp_path / "ckpt-000000007.pt")  # not a maskdit checkpoint
-    with caplog.at_level(logging.WARNING, logger="maskdit.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="maskdit.method.checkpoint"):
         uri, state = checkpoint.load_latest(str(tmp_path))
     assert uri == good and state["step"] == 5
     assert "ckpt-000000006.pt is corrupt" in caplog.text and "ckpt-000000007.pt lacks" in caplog.text
@@ -131,7 +132,7 @@ def test_checkpoints_on_s3(bucket):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from maskdit import checkpoint
+    from maskdit.method import checkpoint
     sys.path.insert(0, sys.argv[2])
     from test_checkpoint import tiny_state
     checkpoint.save_checkpoint(sys.argv[1], tiny_state(1))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from maskdit import classifier as C
-from maskdit.mnist import HELDOUT_PER_CLASS, mnist_arrays, split_indices, write_mnist
+from maskdit.data.mnist import HELDOUT_PER_CLASS, mnist_arrays, split_indices, write_mnist
+from maskdit.evaluation import classifier as C
 
 
 def test_split_holds_out_the_last_digits_of_each_class(tmp_path):
@@ -62,7 +62,7 @@ def test_only_digit_data_sets_have_a_reference_classifier():
 def test_no_accuracy_rather_than_a_failure_without_the_demo_extra(tmp_path, monkeypatch, caplog):
     import sys
 
-    from maskdit.shards import Manifest, write_manifest
+    from maskdit.data.shards import Manifest, write_manifest
 
     write_manifest(str(tmp_path), Manifest(space="pixel", count=0, images=0, channels=1, resolution=32,
                                            shape=(1, 32, 32), dtype="uint8", scale_factor=1.0,
@@ -74,7 +74,7 @@ def test_no_accuracy_rather_than_a_failure_without_the_demo_extra(tmp_path, monk
 
 def test_the_demo_scores_fid_against_held_out_digits_only(tmp_path):
     """`maskdit-pipeline demo`'s FID reference: statistics of held-out digits, none of which it trains on."""
-    from maskdit import fid
+    from maskdit.evaluation import fid
     from pipelines.cli import _reference_stats
 
     stats = _reference_stats(tmp_path, limit=10)

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from maskdit.compare import CompareConfig, run
-from maskdit.config import ConfigError, build_config, load_config
-from maskdit.errors import UserError
-from maskdit.shards import Manifest, write_manifest, write_shard
+from maskdit.core.config import ConfigError, build_config, load_config
+from maskdit.core.errors import UserError
+from maskdit.data.shards import Manifest, write_manifest, write_shard
 
 
 def digits_dataset(root: Path, images: np.ndarray, labels: np.ndarray) -> str:

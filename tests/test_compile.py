@@ -1,4 +1,4 @@
-"""torch.compile in training (`compile: model | step`, maskdit/compiled.py).
+"""torch.compile in training (`compile: model | step`, maskdit/method/compiled.py).
 
 The fast tests compile with the "aot_eager" backend: dynamo traces, guards and recompiles exactly as
 with inductor, and AOTAutograd builds the backward, but no C++ is generated (seconds instead of
@@ -15,12 +15,13 @@ import torch
 from test_train import build, make_data, one_thread, states_equal, tiny_config  # noqa: F401 (fixture)
 from torch._dynamo.utils import counters
 
-from maskdit import checkpoint, distributed
-from maskdit.compiled import training_loss
-from maskdit.diffusion import EDMPrecond, maskdit_loss
-from maskdit.model import MaskDiT, model_config
-from maskdit.train import Trainer
-from maskdit.trainconfig import MaskConfig
+from maskdit.core import distributed
+from maskdit.method import checkpoint
+from maskdit.method.compiled import training_loss
+from maskdit.method.diffusion import EDMPrecond, maskdit_loss
+from maskdit.method.model import MaskDiT, model_config
+from maskdit.train.config import MaskConfig
+from maskdit.train.loop import Trainer
 
 
 def graphs() -> int:

@@ -1,6 +1,6 @@
 import pytest
 
-from maskdit.config import ConfigError, StrictModel, flatten, load_config, parse_overrides
+from maskdit.core.config import ConfigError, StrictModel, flatten, load_config, parse_overrides
 
 
 class Inner(StrictModel):

@@ -4,9 +4,9 @@ import yaml
 from typer.testing import CliRunner
 
 from maskdit.cli import app
-from maskdit.configref import render_reference
-from maskdit.model import ModelConfig
-from maskdit.trainconfig import TrainConfig
+from maskdit.cli.configref import render_reference
+from maskdit.method.model import ModelConfig
+from maskdit.train.config import TrainConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 

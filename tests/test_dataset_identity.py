@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 from kfp.dsl import Dataset
 from PIL import Image
+from test_encode import RES, make_images, run, tiny_vae  # noqa: F401 (tiny_vae is a fixture)
 
 from components.steps import encode_step, fingerprint_step
-from maskdit import encode as encode_mod
-from maskdit import shards, storage
-from maskdit.encode import EncodeConfig, EncodeError, fingerprint
-from maskdit.identity import listing_digest
-from maskdit.shards import read_manifest
-from test_encode import RES, make_images, run, tiny_vae  # noqa: F401 (tiny_vae is a fixture)
+from maskdit.core import storage
+from maskdit.data import encode as encode_mod
+from maskdit.data import shards
+from maskdit.data.encode import EncodeConfig, EncodeError, fingerprint
+from maskdit.data.identity import listing_digest
+from maskdit.data.shards import read_manifest
 
 
 def step(images, store, vae, artifact_dir: Path, **kw):
@@ -216,7 +217,7 @@ def test_the_fingerprint_sees_files_resolution_vae_and_options_but_opens_no_imag
 def test_a_hub_vae_counts_with_its_revision(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from maskdit.vae import VAEError, vae_identity
+    from maskdit.data.vae import VAEError, vae_identity
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -230,27 +231,27 @@ def test_a_hub_vae_counts_with_its_revision(tmp_path, monkeypatch):
 
 
 def test_the_bundled_digits_count_as_their_file(tmp_path, monkeypatch):
-    import maskdit.mnist
+    import maskdit.data.mnist
 
-    monkeypatch.setattr(maskdit.mnist, "write_mnist", lambda *a, **k: pytest.fail("no PNG for a fingerprint"))
+    monkeypatch.setattr(maskdit.data.mnist, "write_mnist", lambda *a, **k: pytest.fail("no PNG for a fingerprint"))
     cfg = EncodeConfig(input="mnist", out="", resolution=32, pixel_space=True, grayscale=True)
     identity = fingerprint(cfg)
     assert identity.files == 4600 and identity.name == f"mnist-{identity.digest[:12]}"  # the training split
     assert fingerprint(cfg) == identity and fingerprint(cfg.model_copy(update={"resolution": 28})) != identity
-    monkeypatch.setattr(maskdit.mnist, "HELDOUT_PER_CLASS", 30)  # another split is another dataset
+    monkeypatch.setattr(maskdit.data.mnist, "HELDOUT_PER_CLASS", 30)  # another split is another dataset
     assert fingerprint(cfg).digest != identity.digest
 
 
 def test_the_bundled_digits_are_encoded_once(tmp_path, monkeypatch):
-    import maskdit.mnist
+    import maskdit.data.mnist
 
-    real = maskdit.mnist.write_mnist
-    monkeypatch.setattr(maskdit.mnist, "write_mnist", lambda out: real(out, limit=20))  # the real digits, fewer
+    real = maskdit.data.mnist.write_mnist
+    monkeypatch.setattr(maskdit.data.mnist, "write_mnist", lambda out: real(out, limit=20))  # the real digits, fewer
     artifact = Dataset(name="dataset", uri=str(tmp_path / "a" / "dataset"), metadata={})
     first = encode_step("mnist", str(tmp_path / "store"), 32, "unused", True, True, "cpu", artifact)
     assert not first.reused and first.count == 20 and Path(first.dataset).name == f"mnist-{first.dataset_id[:12]}"
     nothing_may_be_encoded(monkeypatch)
-    monkeypatch.setattr(maskdit.mnist, "write_mnist", lambda out: pytest.fail("re-use writes no digit"))
+    monkeypatch.setattr(maskdit.data.mnist, "write_mnist", lambda out: pytest.fail("re-use writes no digit"))
     again = encode_step("mnist", str(tmp_path / "store"), 32, "unused", True, True, "cpu", artifact)
     assert again.reused and again.dataset == first.dataset
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from maskdit.diffusion import (
+from maskdit.method.diffusion import (
     EDMPrecond,
     LossOutput,
     SeededNoise,
@@ -18,7 +18,7 @@ from maskdit.diffusion import (
     maskdit_loss,
     sample_latents,
 )
-from maskdit.model import MaskDiT, model_config, random_masking
+from maskdit.method.model import MaskDiT, model_config, random_masking
 
 
 def randomized_precond(name: str = "tiny", seed: int = 0, **overrides) -> EDMPrecond:

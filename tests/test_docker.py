@@ -7,18 +7,17 @@ dependency versions pinned to the ones the tests ran with.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
 import sys
-import importlib.util
 from pathlib import Path
 
 import pytest
+from fixtures.image_venv import build_context, dockerignore_excludes
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-from fixtures.image_venv import build_context, dockerignore_excludes
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "mlflow.Dockerfile"]
@@ -162,7 +161,7 @@ def test_build_context_holds_only_what_the_package_needs() -> None:
                  "k8s/secrets/s3.env", "maskdit/__pycache__/model.cpython-311.pyc", "maskdit.egg-info/PKG-INFO",
                  ".pytest_cache/v/cache", "docker/Dockerfile"]:
         assert dockerignore_excludes(path, lines), f".dockerignore lets {path} into the build context"
-    for path in ["pyproject.toml", "README.md", "maskdit/model.py", "maskdit/configs/mnist_tiny.yaml",
+    for path in ["pyproject.toml", "README.md", "maskdit/method/model.py", "maskdit/configs/mnist_tiny.yaml",
                  "components/launcher.py", "pipelines/maskdit_pipeline.py", "docker/constraints.txt",
                  "docker/install.sh"]:
         assert not dockerignore_excludes(path, lines), f".dockerignore keeps {path} out, but the build needs it"

@@ -13,10 +13,10 @@ import time
 import pytest
 import typer
 
-from maskdit.checkpoint import CheckpointError
-from maskdit.config import ConfigError
-from maskdit.elastic import StopOnSignal, exit_code
-from maskdit.errors import EXIT_RETRYABLE, EXIT_USER_ERROR, Interrupted, exit_for_restart_policy
+from maskdit.core.config import ConfigError
+from maskdit.core.elastic import StopOnSignal, exit_code
+from maskdit.core.errors import EXIT_RETRYABLE, EXIT_USER_ERROR, Interrupted, exit_for_restart_policy
+from maskdit.method.checkpoint import CheckpointError
 
 
 @pytest.mark.parametrize("codes, expected", [
@@ -62,7 +62,7 @@ def test_stop_on_signal_sets_a_flag_and_restores_the_handlers():
 
 WATCHED = textwrap.dedent("""
     import sys, time
-    from maskdit.elastic import StopOnSignal
+    from maskdit.core.elastic import StopOnSignal
     with StopOnSignal(grace_period_s=float(sys.argv[1])) as stop:
         print("ready", flush=True)
         while not stop.requested:

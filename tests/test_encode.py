@@ -13,13 +13,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from maskdit import encode as encode_mod
-from maskdit import images, shards, storage
 from maskdit.cli import app
-from maskdit.encode import EncodeConfig, EncodeError, EncodeResult, encode
-from maskdit.images import center_crop_arr, load_image, to_tensor
-from maskdit.result import read_result
-from maskdit.shards import ShardError, load_dataset, read_manifest
+from maskdit.core import storage
+from maskdit.core.result import read_result
+from maskdit.data import encode as encode_mod
+from maskdit.data import images, shards
+from maskdit.data.encode import EncodeConfig, EncodeError, EncodeResult, encode
+from maskdit.data.images import center_crop_arr, load_image, to_tensor
+from maskdit.data.shards import ShardError, load_dataset, read_manifest
 
 RES = 32  # tiny VAE: factor 2, so latents are 4 x 16 x 16
 
@@ -241,7 +242,7 @@ def test_empty_input_and_single_class_are_errors(tmp_path, tiny_vae):
 
 def test_missing_vae_is_a_clear_error(tmp_path):
     make_images(tmp_path / "in", per_class=1)
-    from maskdit.vae import VAEError
+    from maskdit.data.vae import VAEError
 
     with pytest.raises(VAEError, match="cannot load the VAE 'no-such/vae'"):
         run(tmp_path / "in", tmp_path / "out", "no-such/vae")

@@ -3,20 +3,20 @@
 import pytest
 import typer
 
-from maskdit.checkpoint import CheckpointError, ModelMismatchError
-from maskdit.config import ConfigError
-from maskdit.distributed import DeviceError
-from maskdit.encode import EncodeError
-from maskdit.errors import UsageError, UserError, exit_on_user_error
-from maskdit.evaluate import EvalError
-from maskdit.fid import FIDError
-from maskdit.reference import ReferenceCheckpointError
-from maskdit.registry import RegistryError
-from maskdit.sample import SampleError
-from maskdit.shards import ShardError
-from maskdit.storage import StorageError
-from maskdit.tracking import TrackingError
-from maskdit.train import NonFiniteError
+from maskdit.core.config import ConfigError
+from maskdit.core.distributed import DeviceError
+from maskdit.core.errors import UsageError, UserError, exit_on_user_error
+from maskdit.core.storage import StorageError
+from maskdit.core.tracking import TrackingError
+from maskdit.data.encode import EncodeError
+from maskdit.data.shards import ShardError
+from maskdit.evaluation.evaluate import EvalError
+from maskdit.evaluation.fid import FIDError
+from maskdit.evaluation.sample import SampleError
+from maskdit.method.checkpoint import CheckpointError, ModelMismatchError
+from maskdit.method.reference import ReferenceCheckpointError
+from maskdit.registry.register import RegistryError
+from maskdit.train.loop import NonFiniteError
 
 
 @pytest.mark.parametrize("cls", [CheckpointError, ModelMismatchError, ConfigError, DeviceError, EncodeError, EvalError,
@@ -52,7 +52,7 @@ def test_device_errors_are_one_line(name, message, monkeypatch):
     """Issue 16.10: device=cuda without CUDA, or an unknown device, gave a RuntimeError traceback."""
     import torch
 
-    from maskdit.distributed import resolve_device
+    from maskdit.core.distributed import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=message) as error:
@@ -62,10 +62,10 @@ def test_device_errors_are_one_line(name, message, monkeypatch):
 
 def test_train_on_missing_cuda_exits_2(tmp_path, monkeypatch):
     import torch
+    from test_train import make_data
     from typer.testing import CliRunner
 
     from maskdit.cli import app
-    from test_train import make_data
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("MASKDIT_DATA_CACHE", str(tmp_path / "cache"))

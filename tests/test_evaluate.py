@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from maskdit import fid
 from maskdit.cli import app
-from maskdit.evaluate import EvaluateResult
-from maskdit.result import read_result
+from maskdit.core.result import read_result
+from maskdit.evaluation import fid
+from maskdit.evaluation.evaluate import EvaluateResult
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning"),
@@ -86,7 +86,7 @@ def test_evaluate_bad_input(tiny_sampler, ref_stats, tmp_path):
 
 def test_evaluate_checks_every_input_before_the_first_sample(tiny_sampler, ref_stats, tmp_path, monkeypatch):
     """Issue 16.11: a bad grid class or an unwritable out fails in seconds, before any image is sampled."""
-    from maskdit import sample
+    from maskdit.evaluation import sample
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before checking the inputs")
@@ -104,11 +104,11 @@ def test_evaluate_checks_every_input_before_the_first_sample(tiny_sampler, ref_s
 def test_evaluate_scores_digits_with_the_reference_classifier(ref_stats, tmp_path, monkeypatch):
     import torch
 
-    from maskdit.classifier import mnist_classifier
-    from maskdit.diffusion import EDMPrecond, SamplerConfig
-    from maskdit.model import MaskDiT, model_config
-    from maskdit.sample import generate, random_labels
-    from maskdit.shards import load_decoder, read_manifest
+    from maskdit.data.shards import load_decoder, read_manifest
+    from maskdit.evaluation.classifier import mnist_classifier
+    from maskdit.evaluation.sample import generate, random_labels
+    from maskdit.method.diffusion import EDMPrecond, SamplerConfig
+    from maskdit.method.model import MaskDiT, model_config
     from tests.fixtures.tiny_sampler import _pixel_manifest
 
     monkeypatch.setenv("MASKDIT_CLASSIFIER_CACHE", str(tmp_path / "classifiers"))
@@ -141,7 +141,7 @@ def test_evaluate_scores_digits_with_the_reference_classifier(ref_stats, tmp_pat
 def test_the_grid_shows_every_class_of_a_ten_class_data_set(tiny_sampler, ref_stats, tmp_path):
     from PIL import Image
 
-    from maskdit.evaluate import default_grid_classes
+    from maskdit.evaluation.evaluate import default_grid_classes
 
     assert default_grid_classes(10) == list(range(10)) and default_grid_classes(1000) == list(range(10))
     assert default_grid_classes(3) == [0, 1, 2]

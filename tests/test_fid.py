@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskdit import fid
+from maskdit.evaluation import fid
 
 # torch 2.13 deprecates TorchScript; the bundled Inception network is a TorchScript file
 pytestmark = [
@@ -237,7 +237,7 @@ def test_fid_stats_command_from_image_folder(tmp_path, mnist):
     out = tmp_path / "stats.npz"
     result = CliRunner().invoke(app, ["fid-stats", f"source={folder}", f"out={out}", "features=true"])
     assert result.exit_code == 0, result.output
-    from maskdit.result import read_result
+    from maskdit.core.result import read_result
 
     written = read_result(fid.FIDStatsResult, f"{out}.result.json")
     assert (written.stats, written.n, written.features, written.source) == (str(out), 6, True, str(folder))
@@ -255,7 +255,7 @@ def test_fid_stats_command_from_dataset_uri(inception, tmp_path):
     from typer.testing import CliRunner
 
     from maskdit.cli import app
-    from maskdit.shards import load_dataset
+    from maskdit.data.shards import load_dataset
 
     runner = CliRunner()
     digits, dataset, out = tmp_path / "digits", tmp_path / "ds", tmp_path / "stats.npz"

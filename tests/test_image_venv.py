@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from fixtures.image_venv import REPO, image_env
+from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

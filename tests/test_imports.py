@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md, checked on the source: who may import whom, and no import cycles.
+"""The layers of docs/design.md, checked on the source: who may import whom, and no import cycles.
 
 Every import counts, also those inside function bodies (the CLI keeps heavy imports there): a
 cycle through a lazy import is still a cycle, it only fails later.
@@ -56,6 +56,27 @@ def test_components_know_nothing_of_the_dag(name):
     assert "pipelines" not in external(name), name
 
 
+# Inside maskdit/, packages by concern form a ladder: a module imports only from its own rung or below.
+LADDER = ("core", "method", "data", "evaluation", "train", "registry", "compare", "elastic", "cli")
+
+
+def rung(module: str) -> int:
+    """The ladder position of a maskdit module; `maskdit` itself (the version) sits under every rung."""
+    parts = module.split(".")
+    return -1 if parts == ["maskdit"] else LADDER.index(parts[1])
+
+
+def test_every_maskdit_module_sits_on_a_rung_of_the_ladder():
+    strays = [m for m in modules() if m.startswith("maskdit.") and m.split(".")[1] not in LADDER]
+    assert strays == [], f"modules outside the ladder's packages {LADDER}: {strays}"
+
+
+def test_no_import_runs_back_up_the_ladder():
+    upward = sorted(f"{a} -> {b}" for a, deps in graph().items() if a.startswith("maskdit")
+                    for b in deps if b.startswith("maskdit") and rung(b) > rung(a))
+    assert upward == [], "imports that run up the ladder " + " < ".join(LADDER) + ":\n" + "\n".join(upward)
+
+
 def test_no_import_cycles():
     edges = graph()
     index: dict[str, int] = {}
@@ -98,8 +119,11 @@ def test_every_step_is_run_config_to_result():
     import inspect
     import typing
 
-    from maskdit import encode, evaluate, fid, registry, sample, train
-    from maskdit.result import StepResult
+    from maskdit.core.result import StepResult
+    from maskdit.data import encode
+    from maskdit.evaluation import evaluate, fid, sample
+    from maskdit.registry import register as registry
+    from maskdit.train import loop as train
 
     for module, config, result in ((encode, "EncodeConfig", "EncodeResult"), (fid, "FIDStatsConfig", "FIDStatsResult"),
                                    (train, "TrainConfig", "TrainResult"),

@@ -23,7 +23,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
 from fixtures.k8s_manifests import K8S_INSTALLS, copy_k8s, kustomize_build
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,13 +13,9 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-
 from pathlib import Path
 
 import pytest
-
-from components.launcher import LaunchError, delete_run_jobs, launch_kubernetes, training_client
-from components.pytorchjob import TrainJob
 from fixtures.k8s_api import K8sApiServer
 from fixtures.k8s_manifests import K8S_INSTALLS
 from fixtures.k8s_rbac import (
@@ -32,6 +28,9 @@ from fixtures.k8s_rbac import (
     request_info,
     service_account,
 )
+
+from components.launcher import LaunchError, delete_run_jobs, launch_kubernetes, training_client
+from components.pytorchjob import TrainJob
 
 RBAC_V1 = "rbac.authorization.k8s.io/v1"
 

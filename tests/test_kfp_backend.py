@@ -15,7 +15,7 @@ from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 from typer.testing import CliRunner
 
-from maskdit.errors import EXIT_USER_ERROR
+from maskdit.core.errors import EXIT_USER_ERROR
 from pipelines.cli import pipeline_app
 from pipelines.kfp_backend import NEWEST_BACKEND, SUPPORTED_BACKENDS, known_fields, unknown_fields
 from pipelines.maskdit_pipeline import PIPELINE_YAML

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fixtures.k8s_api import UNSCHEDULABLE, Fault, JobScript, crd_validator, manifest_errors, restricted_violations
 
 from components.kube_calls import is_transient
 from components.kube_logs import stamp_ns
@@ -38,7 +39,6 @@ from components.pytorchjob import (
     job_name,
     label_value,
 )
-from fixtures.k8s_api import UNSCHEDULABLE, Fault, JobScript, crd_validator, manifest_errors, restricted_violations
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "3f2c9a1e-7b4d-4c55-9d0e-1a2b3c4d5e6f"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskdit.config import ConfigError, build_config
-from maskdit.diffusion import EDMPrecond
-from maskdit.model import (
+from maskdit.core.config import ConfigError, build_config
+from maskdit.method.diffusion import EDMPrecond
+from maskdit.method.model import (
     MODEL_PRESETS,
     MaskDiT,
     ModelConfig,

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from fixtures.image_venv import REPO
 from fixtures.tiny_sampler import digits_checkpoint
+from PIL import Image
 
 pytestmark = pytest.mark.slow  # builds a venv (minutes the first time), a real MLflow server
 NAME = "maskdit-test-env"
@@ -40,8 +39,8 @@ def champion(tmp_path_factory, mlflow_server):
     """A tiny pixel-space model registered as `NAME@champion` on the session's MLflow server."""
     import mlflow
 
-    from maskdit.diffusion import SamplerConfig
-    from maskdit.registry import register
+    from maskdit.method.diffusion import SamplerConfig
+    from maskdit.registry.register import register
 
     ckpt, _ = digits_checkpoint(tmp_path_factory.mktemp("model-env"))
     with pytest.MonkeyPatch.context() as patch:

@@ -17,17 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from maskdit.config import build_config
-from maskdit.monitor import FID_METRIC, GRID_KEY, MonitorError
-from maskdit.result import read_result, result_uri
-from maskdit.shards import Manifest, write_manifest, write_shard
-from maskdit.shards import manifest_sha256
-from maskdit.train import TrainResult, Trainer
-from maskdit.train import run as train
-from maskdit.trainconfig import TrainConfig
-
 from test_train import one_thread  # noqa: F401 (autouse: one thread, no tracking, a private shard cache)
+
+from maskdit.core.config import build_config
+from maskdit.core.result import read_result, result_uri
+from maskdit.data.shards import Manifest, manifest_sha256, write_manifest, write_shard
+from maskdit.train.config import TrainConfig
+from maskdit.train.loop import Trainer, TrainResult
+from maskdit.train.loop import run as train
+from maskdit.train.monitor import FID_METRIC, GRID_KEY, MonitorError
 
 CLI = "from maskdit.cli import app; app()"
 ENV1 = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -167,7 +165,7 @@ def test_fid_from_features_equals_the_full_frechet_distance():
     """The n x n route of the quick FID gives the D x D formula's number (here D = 64, n below and above D)."""
     import numpy as np
 
-    from maskdit import fid
+    from maskdit.evaluation import fid
 
     rng = np.random.default_rng(0)
     real = rng.normal(1.0, 2.0, size=(200, 64))
@@ -181,8 +179,8 @@ def test_fid_from_features_equals_the_full_frechet_distance():
 
 def test_monitor_is_idle_between_its_steps(pixels, tmp_path):
     """Steps where nothing is due return at once: no sampling (the EMA network is not called)."""
-    from maskdit import distributed
-    from maskdit.monitor import Monitor
+    from maskdit.core import distributed
+    from maskdit.train.monitor import Monitor
 
     cfg = config(pixels, tmp_path / "ck", grid_every=3, fid_samples=0)
     trainer = Trainer(build_config(TrainConfig, cfg), distributed.setup("cpu"))
@@ -195,9 +193,10 @@ def test_monitor_is_idle_between_its_steps(pixels, tmp_path):
 
 def test_latents_without_a_vae_are_not_watched(tmp_path, caplog):
     """Test latents name no VAE: such a run trains as before, without grids or FID, and says so."""
-    from maskdit import distributed
-    from maskdit.monitor import Monitor
     from test_train import make_data
+
+    from maskdit.core import distributed
+    from maskdit.train.monitor import Monitor
 
     data = make_data(tmp_path / "latents", n=16)
     cfg = build_config(TrainConfig, {"model": "tiny", "data": {"uri": data}, "checkpoint": {"dir": str(tmp_path)},

@@ -1,6 +1,7 @@
 """The compiled pipeline: up to date, valid KFP IR, and the cluster settings where they belong."""
 
 import json
+
 import yaml
 from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from maskdit import storage
+from maskdit.core import storage
 from pipelines.cli import run_local
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -29,7 +29,7 @@ TINY = ["batch.global_batch=16", "log_every=1",
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from maskdit.mnist import write_mnist
+    from maskdit.data.mnist import write_mnist
 
     root = tmp_path_factory.mktemp("digits") / "mnist"
     write_mnist(str(root), 50)
@@ -53,17 +53,17 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     tags = version.tags
     assert 0 < float(tags["fid"]) <= 1e6 and tags["cfg_scale"] == "1.5" and tags["num_steps"] == "3"
     assert tags["checkpoint_uri"].startswith(f"s3://{bucket}/runs/") and "/tune/" in tags["checkpoint_uri"]
-    from maskdit.encode import EncodeConfig, fingerprint  # the dataset's folder is named by its identity
+    from maskdit.data.encode import EncodeConfig, fingerprint  # the dataset's folder is named by its identity
 
     identity = fingerprint(EncodeConfig(input=digits, out="", resolution=32, pixel_space=True, grayscale=True))
     assert tags["dataset_manifest"] == f"s3://{bucket}/datasets/{identity.name}/manifest.json"
     assert storage.exists(tags["checkpoint_uri"])
 
     # each step's typed result lies beside its outputs on the store; the DAG read them, not logs
-    from maskdit.evaluate import EvaluateResult
-    from maskdit.registry import RegisterResult
-    from maskdit.result import read_result
-    from maskdit.train import TrainResult
+    from maskdit.core.result import read_result
+    from maskdit.evaluation.evaluate import EvaluateResult
+    from maskdit.registry.register import RegisterResult
+    from maskdit.train.loop import TrainResult
 
     run_dir = tags["checkpoint_uri"].split("/tune/")[0]
     assert read_result(TrainResult, f"{run_dir}/pretrain/result.json").step == 6
@@ -117,7 +117,7 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
 @pytest.fixture(scope="module")
 def ref_stats(digits, tmp_path_factory):
     """Reference statistics of 8 of the digits, computed once: the runs below compare FIDs or only gate on one."""
-    from maskdit import fid
+    from maskdit.evaluation import fid
 
     out = tmp_path_factory.mktemp("ref") / "ref.npz"
     return fid.run(fid.FIDStatsConfig(source=digits, out=str(out), limit=8, device="cpu", progress=False)).stats
@@ -138,11 +138,10 @@ def _untrained_checkpoint(folder) -> str:
     """Initial weights of mnist_tune's model as a checkpoint (no pretraining: the first test covers that)."""
     import torch
 
-    from maskdit import checkpoint
-    from maskdit.cli.train import preset_path
-    from maskdit.config import load_config
-    from maskdit.model import MaskDiT
-    from maskdit.trainconfig import TrainConfig
+    from maskdit.core.config import load_config
+    from maskdit.method import checkpoint
+    from maskdit.method.model import MaskDiT
+    from maskdit.train.config import TrainConfig, preset_path
 
     model = load_config(TrainConfig, preset_path("mnist_tune"), ["data.uri=unused", "checkpoint.dir=unused"]).model
     torch.manual_seed(0)
@@ -155,8 +154,8 @@ def test_a_weekly_retrain_warm_starts_from_the_champion(digits, bucket, tracking
     """The DAG twice, as a recurring retrain runs it. Both skip pretraining (tune_init_from): the first tunes a
     given checkpoint and registers the champion; the second tunes models:/<name>@champion for its own steps
     and registers again. MLflow shows the second run's steps and where its weights came from."""
-    from maskdit.result import read_result
-    from maskdit.train import TrainResult
+    from maskdit.core.result import read_result
+    from maskdit.train.loop import TrainResult
 
     name, experiment = "maskdit-local-retrain", "pipeline-local-retrain"
     first = {**_arguments(digits, bucket, name, experiment, fid_threshold=1e6), "ref_stats": ref_stats,

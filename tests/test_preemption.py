@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from maskdit import checkpoint
-from maskdit.config import build_config
-from maskdit.errors import EXIT_RETRYABLE, EXIT_USER_ERROR, UserError
-from maskdit.result import read_result, result_uri
-from maskdit.train import CheckpointWriteError, TrainResult
-from maskdit.train import run as train
-from maskdit.trainconfig import TrainConfig
 from test_train import CLI, ENV1, data, one_thread, states_equal, tiny_config  # noqa: F401 (fixtures)
+
+from maskdit.core.config import build_config
+from maskdit.core.errors import EXIT_RETRYABLE, EXIT_USER_ERROR, UserError
+from maskdit.core.result import read_result, result_uri
+from maskdit.method import checkpoint
+from maskdit.train.config import TrainConfig
+from maskdit.train.loop import CheckpointWriteError, TrainResult
+from maskdit.train.loop import run as train
 
 MASKDIT = str(Path(sys.executable).with_name("maskdit"))  # the console script, as the PyTorchJob runs it
 STOPPED = re.compile(r"stopped on SIGTERM after step (\d+) of")

@@ -66,11 +66,11 @@ def _check_options(command, rest: list[str], what: str) -> list[str]:
 
 def _step_configs() -> dict[str, type]:
     """The config model behind each step command (`maskdit <step> key=value ...`)."""
-    from maskdit.encode import EncodeConfig
-    from maskdit.evaluate import EvaluateConfig
-    from maskdit.fid import FIDStatsConfig
-    from maskdit.registry import RegisterConfig
-    from maskdit.sample import SampleConfig
+    from maskdit.data.encode import EncodeConfig
+    from maskdit.evaluation.evaluate import EvaluateConfig
+    from maskdit.evaluation.fid import FIDStatsConfig
+    from maskdit.evaluation.sample import SampleConfig
+    from maskdit.registry.register import RegisterConfig
 
     return {"encode": EncodeConfig, "fid-stats": FIDStatsConfig, "evaluate": EvaluateConfig, "sample": SampleConfig,
             "register": RegisterConfig}
@@ -83,18 +83,17 @@ def _maskdit(words: list[str]) -> None:
     positional = _check_options(command, rest, "maskdit " + " ".join(words[:2]))
     overrides = [w for w in positional if "=" in w]
     if words[0] == "train":
-        from maskdit.cli.train import preset_path
-        from maskdit.config import load_config
-        from maskdit.trainconfig import TrainConfig
+        from maskdit.core.config import load_config
+        from maskdit.train.config import TrainConfig, preset_path
 
         config = words[words.index("--config") + 1]
         load_config(TrainConfig, preset_path(config), overrides)
     elif words[0] in _step_configs():
-        from maskdit.config import load_config
+        from maskdit.core.config import load_config
 
         load_config(_step_configs()[words[0]], None, overrides)
     elif words[:2] == ["config", "show"]:
-        from maskdit.cli.train import preset_path
+        from maskdit.train.config import preset_path
 
         assert preset_path(positional[0]).is_file(), f"README names a preset that does not exist: {positional[0]}"
 
@@ -155,7 +154,7 @@ def _check_invocation(words: list[str]) -> None:
     from mlflow.models.utils import validate_schema
     from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
-    from maskdit.registry import SIGNATURE
+    from maskdit.registry.register import SIGNATURE
 
     assert words[words.index("-H") + 1] == "Content-Type: application/json"
     assert next(w for w in words if w.startswith("http")).endswith("/invocations")
@@ -181,8 +180,9 @@ def test_quick_start_is_two_make_commands():
 
 
 def test_readme_pipeline_parameters_exist():
-    from pipelines.maskdit_pipeline import maskdit_pipeline
     import inspect
+
+    from pipelines.maskdit_pipeline import maskdit_pipeline
 
     names = set(inspect.signature(maskdit_pipeline.pipeline_func).parameters)
     section = README.read_text().split("## Run from the KFP UI", 1)[1].split("##", 1)[0]

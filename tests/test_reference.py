@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskdit.diffusion import EDMPrecond
-from maskdit.model import MaskDiT, ModelConfig, model_config, random_masking
-from maskdit.reference import (
+from maskdit.method.diffusion import EDMPrecond
+from maskdit.method.model import MaskDiT, ModelConfig, model_config, random_masking
+from maskdit.method.reference import (
     ReferenceCheckpointError,
     from_reference,
     load_reference,
@@ -20,7 +20,7 @@ from maskdit.reference import (
     to_reference,
 )
 
-# --- the reference layout, written out independently of maskdit.model -------------------
+# --- the reference layout, written out independently of maskdit.method.model -------------------
 
 
 def mae_pos_embed(dim: int, grid: int) -> np.ndarray:

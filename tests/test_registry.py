@@ -7,19 +7,18 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.tiny_sampler import digits_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
 
-from maskdit.checkpoint import save_checkpoint
 from maskdit.cli import app
-from maskdit.diffusion import SamplerConfig
-from maskdit.evaluate import EvaluateResult
-from maskdit.model import MaskDiT, model_config
-from maskdit.fid import BUNDLED_SHA256
-from maskdit.registry import CANDIDATE, CHAMPION, LOCK_SUFFIX, RegisterResult, register
-from maskdit.result import read_result
-
-from fixtures.tiny_sampler import digits_checkpoint
+from maskdit.core.result import read_result
+from maskdit.evaluation.evaluate import EvaluateResult
+from maskdit.evaluation.fid import BUNDLED_SHA256
+from maskdit.method.checkpoint import save_checkpoint
+from maskdit.method.diffusion import SamplerConfig
+from maskdit.method.model import MaskDiT, model_config
+from maskdit.registry.register import CANDIDATE, CHAMPION, LOCK_SUFFIX, RegisterResult, register
 
 pytestmark = pytest.mark.slow  # a real MLflow server process
 
@@ -95,7 +94,7 @@ def _race(uri: str, rounds: list[tuple[str, str, float, dict]], barrier, results
     """
     import time
 
-    from maskdit.registry import promote
+    from maskdit.registry.register import promote
 
     client = mlflow.MlflowClient(uri)
     read = client.get_model_version_by_alias
@@ -149,7 +148,7 @@ def test_concurrent_registrations_end_with_one_champion_the_better_one(tracking,
 
 
 def test_a_dead_holders_lock_is_broken_a_live_one_waited_for(tracking, monkeypatch):
-    from maskdit import registry
+    from maskdit.registry import register as registry
 
     name = "maskdit-test-lock"
     run_id = tracking.create_run(tracking.create_experiment("lock")).info.run_id
@@ -247,7 +246,7 @@ def test_the_version_comes_from_the_training_run_with_its_card_metrics_code_and_
 
     import torch
 
-    from maskdit.bundle import requirements
+    from maskdit.registry.bundle import requirements
 
     _, dataset = trained
     experiment = tracking.create_experiment("train-and-evaluate")
@@ -302,8 +301,8 @@ def test_a_latent_models_vae_is_inside_it(tracking, tmp_path, monkeypatch):
     import torch
     from diffusers import AutoencoderKL
 
-    from maskdit.encode import EncodeConfig, encode
-    from maskdit.sources import load_registered
+    from maskdit.data.encode import EncodeConfig, encode
+    from maskdit.evaluation.sources import load_registered
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from maskdit import sample, sources
 from maskdit.cli import app
-from maskdit.diffusion import SamplerConfig
-from maskdit.result import read_result, result_uri
-from maskdit.shards import to_uint8_images
+from maskdit.core.result import read_result, result_uri
+from maskdit.data.shards import to_uint8_images
+from maskdit.evaluation import sample, sources
+from maskdit.method.diffusion import SamplerConfig
 
 STEPS = 3
 SAMPLER = SamplerConfig(cfg_scale=1.5, num_steps=STEPS)
@@ -100,8 +100,8 @@ def test_sample_bad_input(tiny_sampler, tmp_path):
     result = runner.invoke(app, ["sample", f"checkpoint={tiny_sampler.checkpoint}", f"out={tmp_path}/a-file/g.png"])
     assert result.exit_code == 2 and "cannot write the output (out)" in result.output
 
-    from maskdit.model import model_config
-    from maskdit.shards import read_manifest
+    from maskdit.data.shards import read_manifest
+    from maskdit.method.model import model_config
 
     with pytest.raises(sample.SampleError, match=r"x0 of shape \(1, 8, 8\).*takes \(3, 8, 8\)"):
         sources.check_decoder_fits(model_config("tiny", in_channels=1), read_manifest(tiny_sampler.dataset), "ckpt")
@@ -131,7 +131,7 @@ def test_two_ranks_give_the_same_images(tiny_sampler, tmp_path):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*An input example was not provided")  # registry.register
 def test_sample_from_registered_model(tiny_sampler, tmp_path, mlflow_server, monkeypatch):
-    from maskdit.registry import register
+    from maskdit.registry.register import register
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     registration = register(tiny_sampler.checkpoint, fid=12.5, name="tiny-sampler-test", sampler=SAMPLER)
@@ -166,7 +166,7 @@ def test_a_crafted_model_version_runs_no_code(tiny_sampler, tmp_path, mlflow_ser
 
     import mlflow
 
-    from maskdit.registry import register
+    from maskdit.registry.register import register
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)

@@ -10,8 +10,9 @@ import threading
 import pytest
 import torch
 
-from maskdit import shards, storage
-from maskdit.shards import LatentSet, Manifest, ShardError, load_dataset, read_manifest
+from maskdit.core import storage
+from maskdit.data import shards
+from maskdit.data.shards import LatentSet, Manifest, ShardError, load_dataset, read_manifest
 
 
 def write_latent_dataset(uri: str, sizes=(5, 5, 3), shape=(4, 2, 2), scale=0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,11 +11,11 @@ import textwrap
 import mlflow
 import pytest
 
-from maskdit.tracking import close_stale_runs, tracking_run
+from maskdit.core.tracking import close_stale_runs, tracking_run
 
 STEP = textwrap.dedent("""
     import sys, time
-    from maskdit import tracking
+    from maskdit.core import tracking
     with tracking.tracking_run("attempt", tags={"maskdit.step": sys.argv[1]}) as run_id:
         print(run_id, flush=True)
         time.sleep(300)

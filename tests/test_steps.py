@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_train import make_data, tiny_config
 
 from components.steps import TrainStep, train_step
-from maskdit.result import ResultError, read_result, result_uri
-from maskdit.train import TrainResult
-from test_train import make_data, tiny_config
+from maskdit.core.result import ResultError, read_result, result_uri
+from maskdit.train.loop import TrainResult
 
 # What a library, another rank's teardown or a deprecation notice may print after the result:
 # a process-wide exit hook that writes lines (one of them JSON) once `maskdit train` has finished.
@@ -62,7 +62,7 @@ def test_results_name_their_step_and_their_problems(tmp_path):
     written = TrainResult(checkpoint="c.pt", checkpoint_dir=str(tmp_path), step=3).write(uri)
     assert read_result(TrainResult, written).step == 3 and written == result_uri(str(tmp_path))
     assert result_uri("s3://b/ref.npz", is_file=True) == "s3://b/ref.npz.result.json"
-    assert sys.modules["maskdit.result"].RESULT_FILE == "result.json"
+    assert sys.modules["maskdit.core.result"].RESULT_FILE == "result.json"
 
 
 @pytest.mark.slow
@@ -92,7 +92,7 @@ def test_training_shows_metrics_and_a_card_with_the_run_link_and_the_last_grid(t
     from kfp.dsl import Markdown, Metrics
 
     from components.steps import show_training
-    from maskdit.sample import png_bytes
+    from maskdit.evaluation.sample import png_bytes
 
     png = png_bytes(np.full((4, 6, 3), 200, dtype="uint8"))
     (tmp_path / "grid.png").write_bytes(png)

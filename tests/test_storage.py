@@ -1,4 +1,4 @@
-"""maskdit.storage against local paths and a real S3 server (SeaweedFS on loopback)."""
+"""maskdit.core.storage against local paths and a real S3 server (SeaweedFS on loopback)."""
 
 import io
 import os
@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from maskdit import storage
-from maskdit.storage import MiB, ObjectNotFound, StorageError
+from maskdit.core import storage
+from maskdit.core.storage import MiB, ObjectNotFound, StorageError
 
 
 class FailingReader(io.RawIOBase):
@@ -190,7 +190,7 @@ def test_s3_unreachable_endpoint(monkeypatch):
 
 def test_redact_masks_userinfo_and_secret_query_values():
     """Issue 16.5: credentials in URIs must not reach logs, MLflow params or stored configs."""
-    from maskdit.storage import redact
+    from maskdit.core.storage import redact
 
     assert redact("http://alice:pa%40ss@mlflow:5000/x") == "http://***@mlflow:5000/x"
     presigned = "https://h/o?X-Amz-Signature=ab&X-Amz-Date=1&token=t"

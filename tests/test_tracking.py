@@ -9,12 +9,12 @@ import time
 import mlflow
 import pytest
 import torch
-
-from maskdit import tracking
-from maskdit.config import build_config
-from maskdit.train import run as train
-from maskdit.trainconfig import TrainConfig
 from test_train import make_data, tiny_config
+
+from maskdit.core import tracking
+from maskdit.core.config import build_config
+from maskdit.train.config import TrainConfig
+from maskdit.train.loop import run as train
 
 METRICS = {"loss", "dsm", "mae", "lr", "mask_ratio", "grad_norm", "img_per_s", "skipped_steps"}
 
@@ -173,7 +173,7 @@ def test_mlflow_outage_during_training_is_buffered_and_replayed(mlflow_server_pr
             "steps=6", "log_every=1", "batch.global_batch=16", "device=cpu", f"tracking.uri={server.uri}",
             "tracking.experiment=outage", "tracking.retry_s=0.5", "tracking.flush_s=30"]
     try:
-        with caplog.at_level(logging.WARNING, logger="maskdit.tracking"):
+        with caplog.at_level(logging.WARNING, logger="maskdit.core.tracking"):
             result = CliRunner().invoke(app, args)
     finally:
         if not server.running:  # the other tests of the session need it

@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 
-from maskdit import checkpoint
-from maskdit.config import ConfigError, build_config, load_config
-from maskdit.shards import Manifest, write_manifest, write_shard
-from maskdit.result import read_result, result_uri
-from maskdit.train import BatchPlan, NonFiniteError, Trainer, TrainResult
-from maskdit.train import run as train
-from maskdit.trainconfig import MaskConfig, TrainConfig
+from maskdit.core.config import ConfigError, build_config, load_config
+from maskdit.core.result import read_result, result_uri
+from maskdit.data.shards import Manifest, write_manifest, write_shard
+from maskdit.method import checkpoint
+from maskdit.train.config import MaskConfig, TrainConfig
+from maskdit.train.loop import BatchPlan, NonFiniteError, Trainer, TrainResult
+from maskdit.train.loop import run as train
 
 CLI = "from maskdit.cli import app; app()"
 ENV1 = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -121,7 +121,7 @@ PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "maskdit" / "confi
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_shipped_presets_load(preset):
-    from maskdit.cli.train import preset_path
+    from maskdit.train.config import preset_path
 
     cfg = load_config(TrainConfig, preset_path(preset))
     assert cfg.steps > 0 and cfg.checkpoint.dir
@@ -142,7 +142,7 @@ def test_cosine_schedule_values():
 
 
 def test_lr_schedule_values():
-    from maskdit.trainconfig import OptimConfig
+    from maskdit.train.config import OptimConfig
 
     constant = OptimConfig(lr=1e-3, warmup_steps=4)
     assert [constant.lr_at(i, 20) for i in (0, 1, 3, 4, 19)] == [2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3]
@@ -244,7 +244,7 @@ def test_cosine_tuning_from_pretraining(data, tmp_path):
     pre = train(build(tiny_config(data, tmp_path / "pre", steps=4)))
     tune_cfg = build(tiny_config(data, tmp_path / "tune", steps=5, log_every=1, init_from=str(tmp_path / "pre"),
                                  mask={"ratio": 0.5, "schedule": "cosine"}, **{"optim.lr": 5e-4}))
-    from maskdit import distributed
+    from maskdit.core import distributed
 
     trainer = Trainer(tune_cfg, distributed.setup("cpu"))
     pre_state = checkpoint.load_checkpoint(pre.checkpoint)
@@ -274,7 +274,7 @@ def _record(step_fn, seen):
 
 
 def test_nonfinite_loss_is_skipped_and_counted(data, tmp_path, monkeypatch):
-    import maskdit.train as train_module
+    import maskdit.train.loop as train_module
 
     real, calls = train_module.maskdit_loss, []
 

@@ -1,4 +1,4 @@
-"""Warm starts and resumes across runs (maskdit/warmstart.py): init_from a registered model, resume_from
+"""Warm starts and resumes across runs (maskdit/train/warmstart.py): init_from a registered model, resume_from
 another run's folder. The tiny model and data of tests/test_train.py, on the CPU."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from maskdit import checkpoint, distributed
-from maskdit.result import read_result, result_uri
-from maskdit.train import Trainer, TrainResult
-from maskdit.train import run as train
-from maskdit.warmstart import PIN_FILE, InitError
 from test_train import build, make_data, one_thread, states_equal, tiny_config  # noqa: F401 (one_thread: autouse)
+
+from maskdit.core import distributed
+from maskdit.core.result import read_result, result_uri
+from maskdit.method import checkpoint
+from maskdit.train.loop import Trainer, TrainResult
+from maskdit.train.loop import run as train
+from maskdit.train.warmstart import PIN_FILE, InitError
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_init_from_and_resume_from_together_are_refused(data, tmp_path):
 def test_init_from_a_registered_model(data, tmp_path, tracking):
     """models:/<name>@champion on a real MLflow server: the registered version's weights (its EMA, as model and
     EMA), resolved once and pinned, recorded as lineage in the result, the checkpoint and the MLflow run."""
-    from maskdit.registry import register
+    from maskdit.registry.register import register
 
     name = "warmstart-tiny"
     pre = train(build(tiny_config(data, tmp_path / "pre", steps=4)))

@@ -14,7 +14,7 @@ from typing import Annotated, Optional, TypeVar
 
 import typer
 
-from maskdit.errors import exit_on_user_error
+from maskdit.core.errors import exit_on_user_error
 
 R = TypeVar("R")
 
@@ -26,7 +26,7 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value settin
 
 def run_step(config_cls: type, run: Callable[..., R], config: Path | None, overrides: list[str] | None) -> R:
     """Load the step's config (file + overrides) and run it; a user error becomes one line and exit code 2."""
-    from maskdit.config import load_config
+    from maskdit.core.config import load_config
 
     with exit_on_user_error():
         return run(load_config(config_cls, config, overrides or []))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from maskdit.errors import exit_on_user_error
+from maskdit.core.errors import exit_on_user_error
 
 config_app = typer.Typer(help="Inspect training configs and the configuration reference.", no_args_is_help=True)
 
@@ -17,13 +17,12 @@ def show(
     """Print a training config with presets resolved, overrides applied and defaults filled in."""
     import yaml
 
-    from maskdit.cli.train import preset_path
-    from maskdit.config import load_config
-    from maskdit.trainconfig import TrainConfig
+    from maskdit.core.config import load_config
+    from maskdit.train.config import TrainConfig, preset_path
 
     with exit_on_user_error():
         cfg = load_config(TrainConfig, preset_path(config), overrides or [])
-    from maskdit.storage import redact
+    from maskdit.core.storage import redact
 
     typer.echo(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip())
 
@@ -31,6 +30,6 @@ def show(
 @config_app.command("reference")
 def reference() -> None:
     """Print the configuration reference (Markdown) generated from the pydantic models."""
-    from maskdit.configref import render_reference
+    from maskdit.cli.configref import render_reference
 
     typer.echo(render_reference().rstrip())

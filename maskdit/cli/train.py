@@ -7,22 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-from importlib import resources
-from pathlib import Path
 
 import typer
 
 from maskdit.cli.common import Overrides
-from maskdit.errors import exit_for_restart_policy
-
-
-def preset_path(config: str) -> Path:
-    """A YAML path, or the name of a preset shipped in maskdit/configs (e.g. `mnist_pretrain`)."""
-    path = Path(config)
-    if path.is_file():
-        return path
-    shipped = resources.files("maskdit") / "configs" / f"{Path(config).stem}.yaml"
-    return Path(str(shipped)) if shipped.is_file() else path
+from maskdit.core.errors import exit_for_restart_policy
+from maskdit.train.config import preset_path
 
 
 def train(
@@ -31,9 +21,9 @@ def train(
     overrides: Overrides = None,
 ) -> None:
     """Masked pretraining or unmasking tuning; resumes from the newest checkpoint in checkpoint.dir."""
-    from maskdit.config import load_config
-    from maskdit.train import run
-    from maskdit.trainconfig import TrainConfig
+    from maskdit.core.config import load_config
+    from maskdit.train.config import TrainConfig
+    from maskdit.train.loop import run
 
     main = int(os.environ.get("RANK", 0)) == 0
     logging.basicConfig(level=logging.INFO if main else logging.WARNING,

@@ -1,0 +1,1 @@
+"""Infrastructure every step shares: configs, errors, results, storage, ranks, MLflow tracking."""

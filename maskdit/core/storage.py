@@ -1,0 +1,415 @@
+"""One storage API over URIs: local paths, `file://...` and `s3://bucket/key`.
+
+Everything that writes or reads artifacts (latents, checkpoints, samples, statistics) goes
+through these functions, so the laptop and the cluster differ only in the URI.
+
+S3 goes through boto3, which finds the endpoint and credentials the standard AWS way (env,
+profile, IRSA; `AWS_ENDPOINT_URL` for S3-compatible stores such as MinIO or SeaweedFS; path-style
+addressing is used whenever an endpoint is set). Retries with backoff follow botocore's retry
+config: mode `standard` and 5 attempts unless `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` say otherwise.
+
+Writes are atomic: a reader never sees half an object.
+- local: write a temporary file in the same folder, fsync, then `os.replace`;
+- S3: one PUT, or a multipart upload whose object appears only at CompleteMultipartUpload;
+  a failed multipart upload is aborted (boto3's managed transfer does this), so nothing is left.
+  A process killed mid-upload leaves an invisible incomplete upload: an
+  `AbortIncompleteMultipartUpload` lifecycle rule on the bucket cleans those up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlparse
+
+from maskdit.core.errors import UserError
+
+MiB = 1024 * 1024
+_PARTIAL = ".partial"  # suffix of in-flight local writes; never listed
+
+
+class StorageError(UserError, RuntimeError):
+    """An object store or file system refused an operation; the message names URI and endpoint."""
+
+
+class ObjectNotFound(StorageError):
+    """The URI names no object (the bucket or folder exists)."""
+
+
+@dataclass
+class S3Settings:
+    """Knobs of the S3 path; tests lower them to exercise multipart and pagination cheaply."""
+
+    multipart_threshold: int = 64 * MiB  # objects at least this big go through multipart upload
+    multipart_chunksize: int = 64 * MiB  # part size (S3 minimum: 5 MiB)
+    max_concurrency: int = 8  # parallel parts / ranged GETs per transfer
+    list_page_size: int = 1000  # MaxKeys of each ListObjectsV2 call
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+
+
+SETTINGS = S3Settings()
+
+
+# ------------------------------------------------------------------------------------------
+# URIs
+# ------------------------------------------------------------------------------------------
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(str(uri))
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} names no bucket; write s3://BUCKET/KEY")
+    return bucket, key
+
+
+def local_path(uri: str | os.PathLike) -> Path:
+    """The file system path of a local path or `file://` URI."""
+    text = str(uri)
+    if is_s3(text):
+        raise StorageError(f"{text!r} is an S3 URI, not a local path")
+    if text.startswith("file://"):
+        return Path(unquote(urlparse(text).path))
+    return Path(text).expanduser()
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    """`join("s3://b/run", "shards", "x.safetensors")` -> `"s3://b/run/shards/x.safetensors"`."""
+    text = str(uri)
+    if is_s3(text) or text.startswith("file://"):
+        pieces = [text.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
+        return "/".join(pieces)
+    return str(Path(text, *parts))
+
+
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<name>[?&;][^=&#\s]*(?:pass|pwd|secret|token|key|signature|credential|auth|sig)"
+                           r"[^=&#\s]*=)[^&#\s]+")
+REDACTED = "***"
+
+
+def redact(value: Any) -> Any:
+    """`value` with URI credentials masked, for logs, prints and stored configs.
+
+    In every string: userinfo (`http://user:pass@host` -> `http://***@host`) and query values
+    whose name says secret (`?token=`, `&X-Amz-Signature=`, `password`, `key`, ...). Dicts, lists
+    and tuples are redacted value by value; anything else is returned as is.
+    """
+    if isinstance(value, str):
+        return _SECRET_QUERY.sub(rf"\g<name>{REDACTED}", _USERINFO.sub(rf"\g<scheme>{REDACTED}@", value))
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------
+# S3 client and errors
+# ------------------------------------------------------------------------------------------
+
+_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+             "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS",
+             "AWS_RETRY_MODE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN")
+_clients: dict[tuple, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _client():
+    """A boto3 S3 client for the current environment (cached per process and environment)."""
+    import boto3
+    from botocore.config import Config
+
+    key = (os.getpid(), tuple(os.environ.get(k) for k in _ENV_KEYS),
+           SETTINGS.connect_timeout, SETTINGS.read_timeout)
+    with _clients_lock:
+        if key not in _clients:
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            config = Config(
+                retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                         "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))},
+                connect_timeout=SETTINGS.connect_timeout,
+                read_timeout=SETTINGS.read_timeout,
+                max_pool_connections=max(10, SETTINGS.max_concurrency * 2),
+                s3={"addressing_style": "path" if endpoint else "auto"},
+            )
+            session = boto3.session.Session()  # region: env, then profile, then us-east-1
+            region = os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
+            _clients[key] = session.client("s3", config=config, region_name=region)
+        return _clients[key]
+
+
+def _endpoint() -> str:
+    try:
+        return _client().meta.endpoint_url
+    except Exception:  # noqa: BLE001 - only used inside error messages
+        return "<unknown endpoint>"
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=SETTINGS.multipart_threshold,
+                          multipart_chunksize=SETTINGS.multipart_chunksize,
+                          max_concurrency=SETTINGS.max_concurrency)
+
+
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+                     "ExpiredToken", "InvalidClientTokenId", "403", "Forbidden"}
+
+
+@contextmanager
+def _s3_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn botocore's many exceptions into one `StorageError` naming URI, endpoint and the fix."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    try:
+        yield
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        bucket = _split_s3(uri)[0]
+        where = f"{uri} (endpoint {_endpoint()})"
+        if code == "NoSuchBucket":
+            raise StorageError(f"cannot {action} {where}: bucket {bucket!r} does not exist; "
+                               "create it or fix the URI") from None
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise ObjectNotFound(f"cannot {action} {where}: no such object") from None
+        if code in _CREDENTIAL_CODES:
+            raise StorageError(f"cannot {action} {where}: the credentials were rejected ({code}); check "
+                               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile / service "
+                               "account) and the bucket policy") from None
+        raise StorageError(f"cannot {action} {where}: {code}: {error}") from None
+    except (NoCredentialsError, PartialCredentialsError) as error:
+        raise StorageError(f"cannot {action} {uri} (endpoint {_endpoint()}): {error}; set AWS_ACCESS_KEY_ID "
+                           "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a service account role") from None
+    except ConnectionError as error:
+        raise StorageError(f"cannot {action} {uri}: endpoint {_endpoint()} is unreachable ({error}); check "
+                           "AWS_ENDPOINT_URL and the network") from None
+    except S3UploadFailedError as error:
+        raise StorageError(f"cannot {action} {uri} (endpoint {_endpoint()}): {error}") from None
+    except BotoCoreError as error:
+        raise StorageError(f"cannot {action} {uri} (endpoint {_endpoint()}): {error}") from None
+
+
+def _missing_bucket_check(uri: str, action: str) -> None:
+    """After a bare 404 (HEAD has no body): raise if the bucket itself is missing."""
+    from botocore.exceptions import ClientError
+
+    bucket = _split_s3(uri)[0]
+    try:
+        _client().head_bucket(Bucket=bucket)
+    except ClientError as error:
+        if str(error.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket", "NotFound"):
+            raise StorageError(f"cannot {action} {uri} (endpoint {_endpoint()}): bucket {bucket!r} does not "
+                               "exist; create it or fix the URI") from None
+        with _s3_errors(uri, action):
+            raise
+
+
+# ------------------------------------------------------------------------------------------
+# Local atomic writes
+# ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _atomic_local(path: Path) -> Iterator[IO[bytes]]:
+    """Yield a temp file next to `path`; on success fsync and rename it over `path`, else delete it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_PARTIAL, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy_stream(src: IO[bytes], dst: IO[bytes]) -> None:
+    while chunk := src.read(8 * MiB):
+        dst.write(chunk)
+
+
+# ------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------
+
+
+def put_fileobj(fileobj: IO[bytes], uri: str | os.PathLike) -> None:
+    """Write everything `fileobj` yields to `uri`, atomically (managed multipart on S3 when large)."""
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        with _s3_errors(uri, "write"):
+            _client().upload_fileobj(fileobj, bucket, key, Config=_transfer_config())
+        return
+    try:
+        with _atomic_local(local_path(uri)) as handle:
+            _copy_stream(fileobj, handle)
+    except OSError as error:
+        raise StorageError(f"cannot write {uri}: {error}") from None
+
+
+def put_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `uri` atomically."""
+    import io
+
+    put_fileobj(io.BytesIO(data), uri)
+
+
+def put_file(path: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy the local file `path` to `uri` atomically."""
+    with open(path, "rb") as handle:
+        put_fileobj(handle, uri)
+
+
+def get_bytes(uri: str | os.PathLike) -> bytes:
+    """The whole object at `uri`; `ObjectNotFound` when it does not exist."""
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        with _s3_errors(uri, "read"):
+            return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        return local_path(uri).read_bytes()
+    except FileNotFoundError:
+        raise ObjectNotFound(f"cannot read {uri}: no such file") from None
+    except OSError as error:
+        raise StorageError(f"cannot read {uri}: {error}") from None
+
+
+def get_file(uri: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Download `uri` to the local file `path` (parallel ranged GETs on S3); atomic on disk."""
+    uri, path = str(uri), Path(path)
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        try:
+            with _atomic_local(path) as handle, _s3_errors(uri, "read"):
+                _client().download_fileobj(bucket, key, handle, Config=_transfer_config())
+        except ObjectNotFound:
+            _missing_bucket_check(uri, "read")
+            raise
+        return
+    try:
+        with open(local_path(uri), "rb") as src, _atomic_local(path) as dst:
+            _copy_stream(src, dst)
+    except FileNotFoundError:
+        raise ObjectNotFound(f"cannot read {uri}: no such file") from None
+    except OSError as error:
+        raise StorageError(f"cannot copy {uri} to {path}: {error}") from None
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    """Whether an object (or local file) is at `uri`; a missing bucket is an error, not False."""
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        try:
+            with _s3_errors(uri, "check"):
+                _client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ObjectNotFound:
+            _missing_bucket_check(uri, "check")
+            return False
+    return local_path(uri).is_file()
+
+
+def list_uris(prefix_uri: str | os.PathLike) -> list[str]:
+    """Every object under the folder `prefix_uri` (recursively), sorted; [] when there is none."""
+    return [found.uri for found in list_objects(prefix_uri)]
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object of a listing: its URI, size and version (the S3 ETag, or a local file's mtime in ns)."""
+
+    uri: str
+    size: int
+    version: str
+
+
+def list_objects(prefix_uri: str | os.PathLike) -> list[StoredObject]:
+    """`list_uris` with each object's size and version, from the listing alone (no object is read)."""
+    uri = str(prefix_uri)
+    if is_s3(uri):
+        bucket, prefix = _split_s3(uri)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        found: list[StoredObject] = []
+        with _s3_errors(uri, "list"):
+            pages = _client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": SETTINGS.list_page_size})
+            for page in pages:
+                found += [StoredObject(f"s3://{bucket}/{item['Key']}", int(item["Size"]), item["ETag"].strip('"'))
+                          for item in page.get("Contents", []) if not item["Key"].endswith("/")]
+        return sorted(found, key=lambda o: o.uri)
+    root = local_path(uri)
+    if not root.is_dir():
+        return []
+    scheme = "file://" if str(uri).startswith("file://") else ""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.name.endswith(_PARTIAL):
+            info = path.stat()
+            found.append(StoredObject(f"{scheme}{path}", info.st_size, str(info.st_mtime_ns)))
+    return sorted(found, key=lambda o: o.uri)
+
+
+def delete(uri: str | os.PathLike) -> None:
+    """Remove the object at `uri`; no error when it is already gone."""
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        with _s3_errors(uri, "delete"):
+            _client().delete_object(Bucket=bucket, Key=key)
+        return
+    local_path(uri).unlink(missing_ok=True)
+
+
+def check_writable(uri: str | os.PathLike, what: str = "output") -> None:
+    """Fail now, not after hours of work, when nothing can be written at `uri` (a file or folder URI).
+
+    Writes and deletes a small probe object beside `uri`: the only check that is true for every
+    store (permissions, a read-only mount, a missing bucket, a policy that denies PutObject).
+    """
+    probe = f"{str(uri).rstrip('/')}.maskdit-write-probe"
+    try:
+        put_bytes(probe, b"")
+        delete(probe)
+    except StorageError as error:
+        raise StorageError(f"cannot write the {what} {uri}: {error}") from None
+    except OSError as error:  # a local path under a file, or a folder we may not create
+        raise StorageError(f"cannot write the {what} {uri}: {error.strerror or error}; pick a writable location") from None
+
+
+def get_tree(prefix_uri: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """Download every object under `prefix_uri` into `directory`, keeping relative paths."""
+    uri, directory = str(prefix_uri).rstrip("/"), Path(directory)
+    found = list_uris(uri)
+    if not found:
+        raise ObjectNotFound(f"nothing under {uri}; check the URI")
+    for item in found:
+        relative = item[len(uri):].lstrip("/")
+        get_file(item, directory / relative)
+    return directory

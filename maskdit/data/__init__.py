@@ -1,0 +1,1 @@
+"""Data: images in, VAE latents (or pixels) out as checksummed shards, and their identity."""

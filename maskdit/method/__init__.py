@@ -1,0 +1,1 @@
+"""The method of the paper: the MaskDiT network, EDM diffusion (preconditioning, loss, sampler), checkpoints."""

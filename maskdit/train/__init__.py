@@ -1,0 +1,1 @@
+"""Training: the config, the loop (masked pretraining and unmasking tuning), warm starts, monitoring."""
