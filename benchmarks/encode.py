@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskdit.core import storage
-from maskdit.data import shards
-from maskdit.data.encode import encode, vae_moments
+from maskdit.data import latents, shards
+from maskdit.data.encode import encode
+from maskdit.data.encodeworker import vae_moments
 
 
 def tiny_vae(path: Path) -> str:
@@ -64,7 +64,7 @@ def bench_encode(work: Path, args) -> dict:
 
 def encode_img_s(vae, resolution: int, batch: int, device: torch.device, autocast: torch.dtype | None,
                  repeats: int = 3, warmup: int = 1) -> float:
-    """img/s of the VAE encoder alone (`maskdit.data.encode.vae_moments`, as `maskdit encode` calls it) on random
+    """img/s of the VAE encoder alone (`maskdit.data.encodeworker.vae_moments`, as `maskdit encode` calls it) on random
     images in [-1, 1]: the GPU part of encoding, without JPEG decoding and cropping."""
     x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1  # (B, 3, H, W)
     times = []
@@ -102,10 +102,10 @@ def bench_reads(work: Path, args) -> dict:
             shard_size=args.shard_samples, shards=infos))
         total = sum(i.bytes for i in infos)
         start = time.perf_counter()
-        data = shards.load_dataset(uri, cache_dir=work / "cache")
+        data = latents.load_dataset(uri, cache_dir=work / "cache")
         fetch = time.perf_counter() - start
         start = time.perf_counter()
-        shards.load_dataset(uri, cache_dir=work / "cache")
+        latents.load_dataset(uri, cache_dir=work / "cache")
         cached = time.perf_counter() - start
         idx = torch.randint(0, count, (args.draw_batch,), generator=g)
         data.draw(idx)

@@ -16,7 +16,7 @@ Sections (the functions of throughput.py, train_step.py, sampling.py and encode.
 - sample: EDM Heun with CFG 1.5, fp32 / bf16 / bf16 + compiled network; the 40-step rate is
   batch / (79 x seconds per network call), measured over --sample-steps steps.
 - encode: the SD-VAE encoder (diffusers AutoencoderKL, block_out_channels 128/256/512/512, 4 latent
-  channels, random weights) at 256 px through `maskdit.data.encode.vae_moments` with fp16 autocast, as
+  channels, random weights) at 256 px through `maskdit.data.encodeworker.vae_moments` with fp16 autocast, as
   `maskdit encode` runs on CUDA.
 - fid: SD-VAE decode and Inception img/s, the 2048-d square root; FID-50K wall time on 8 GPUs
   = 50000 / 8 x (1/sample + 1/decode + 1/inception) + sqrtm, with the best sampler measured here.

@@ -113,9 +113,9 @@ def decode_img_s(vae, latent_size: int, batch: int, repeats: int, warmup: int, d
 
 def inception_img_s(side: int, batch: int, repeats: int, device: torch.device, weights: str | None = None) -> float:
     """Inception-v3 pool3 features (the bundled TF 2015-12-05 network, or `weights`) of uint8 images, resize included."""
-    from maskdit.evaluation import fid
+    from maskdit.evaluation.inception import InceptionFeatures
 
-    inception = fid.InceptionFeatures(weights, device=device)
+    inception = InceptionFeatures(weights, device=device)
     images = torch.randint(0, 256, (batch, side, side, 3), dtype=torch.uint8)
     # three warm-up calls: TorchScript's profiling executor optimises the graph after its first runs
     return batch / timed(lambda: inception(images), repeats, 3, device)
@@ -124,8 +124,9 @@ def inception_img_s(side: int, batch: int, repeats: int, device: torch.device, w
 def sqrtm_s() -> float:
     """The 2048-d matrix square root of FID (on the CPU, once per evaluation)."""
     from maskdit.evaluation import fid
+    from maskdit.evaluation.inception import FEATURE_DIM
 
-    feats = np.random.default_rng(0).standard_normal((4096, fid.FEATURE_DIM))
+    feats = np.random.default_rng(0).standard_normal((4096, FEATURE_DIM))
     a, b = fid.feature_stats(feats[:2048] * 1.1), fid.feature_stats(feats[2048:])
     start = time.perf_counter()
     fid.fid_from_stats(a, b)

@@ -1,4 +1,4 @@
-"""The pretrain step: a light pod that launches masked pretraining (`maskdit train`) as a PyTorchJob."""
+"""The pretrain step: a light pod that launches masked pretraining (`maskdit train`) as a training job."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
@@ -8,16 +8,14 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def pretrain(dataset: Input[Dataset], config: str, overrides: list, store_uri: str, kfp_run_id: str,
-             kfp_run_name: str, experiment: str, image: str, backend: str, nodes: int, gpus_per_node: int,
-             cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str, shm_size: str,
-             node_selector: dict, tolerations: list, namespace: str, backoff_limit: int, queue_name: str,
-             priority_class_name: str, timeout_hours: float, pending_timeout_hours: float, local_nproc: int,
-             model: Output[Model], metrics: Output[Metrics], card: Output[Markdown], init_from: str = "",
-             resume_from: str = "", pretrained: str = ""):
-    """Masked pretraining (`maskdit train`) as a PyTorchJob, or with torchrun here (backend "local").
+             kfp_run_name: str, experiment: str, timeout_hours: float, cluster: dict, model: Output[Model],
+             metrics: Output[Metrics], card: Output[Markdown], init_from: str = "", resume_from: str = "",
+             pretrained: str = ""):
+    """Masked pretraining (`maskdit train`) as a training job, or with torchrun here (backend "local").
 
     The checkpoints go to <store_uri>/runs/<run id>/pretrain; the Model artifact points at the final one;
-    metrics and card (the MLflow run, the last sample grid) show it in the KFP UI.
+    metrics and card (the MLflow run, the last sample grid) show it in the KFP UI. `cluster`: the checked
+    cluster settings (the settings step's output, components/cluster.py).
     `init_from`: weights to start from (checkpoint or models:/ URI); `resume_from`: a failed run's pretraining
     folder to continue; `pretrained`: no pretraining, the Model artifact points at this URI instead.
     """
@@ -30,13 +28,7 @@ def pretrain(dataset: Input[Dataset], config: str, overrides: list, store_uri: s
 
     step = TrainStep(stage="pretrain", config=config, overrides=overrides, dataset=pointed(dataset),
                      store_uri=store_uri, kfp_run_id=kfp_run_id, kfp_run_name=kfp_run_name, experiment=experiment,
-                     image=image, backend=backend, namespace=namespace, nodes=nodes, gpus_per_node=gpus_per_node,
-                     cpu_request=cpu_request, cpu_limit=cpu_limit, memory_request=memory_request,
-                     memory_limit=memory_limit, shm_size=shm_size, node_selector=node_selector,
-                     tolerations=tolerations, backoff_limit=backoff_limit, queue_name=queue_name,
-                     priority_class_name=priority_class_name, timeout_hours=timeout_hours,
-                     pending_timeout_hours=pending_timeout_hours, local_nproc=local_nproc, init_from=init_from,
-                     resume_from=resume_from)
+                     timeout_hours=timeout_hours, cluster=cluster, init_from=init_from, resume_from=resume_from)
     result, parent, logs = train_step(step)
     point(model, result.checkpoint, dataset=step.dataset, config=config, stage=step.stage,
           mlflow_parent_run_id=parent, logs=logs)

@@ -12,6 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.cluster import ClusterSettings
+
+_DEFAULTS = ClusterSettings()  # the one declaration of the defaults (components/cluster.py)
+
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
 RUN_ID_LABEL = "pipeline/runid"  # the label KFP itself puts on a run's pods
@@ -47,19 +51,19 @@ class TrainJob:
     image: str
     command: list[str]
     checkpoint_uri: str
-    nodes: int = 1
-    gpus_per_node: int = 8
-    cpu_request: str = "80"
-    cpu_limit: str = "90"
-    memory_request: str = "480Gi"
-    memory_limit: str = "580Gi"
-    shm_size: str = "64Gi"
+    nodes: int = _DEFAULTS.nodes
+    gpus_per_node: int = _DEFAULTS.gpus_per_node
+    cpu_request: str = _DEFAULTS.cpu_request
+    cpu_limit: str = _DEFAULTS.cpu_limit
+    memory_request: str = _DEFAULTS.memory_request
+    memory_limit: str = _DEFAULTS.memory_limit
+    shm_size: str = _DEFAULTS.shm_size
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     secrets: list[str] = field(default_factory=list)
     config_maps: list[str] = field(default_factory=list)
-    backoff_limit: int = 3
+    backoff_limit: int = _DEFAULTS.backoff_limit
     queue_name: str = ""
     priority_class_name: str = ""
 
@@ -72,6 +76,12 @@ class TrainJob:
             raise ValueError(f"backoff_limit={self.backoff_limit}: use 0 for no restarts")
         if not self.command:
             raise ValueError("command is empty: pass the maskdit command to run, e.g. ['maskdit', 'train', ...]")
+
+    @classmethod
+    def from_settings(cls, settings: ClusterSettings, **fields) -> TrainJob:
+        """A job placed and sized by the pipeline's cluster settings; `fields`: what, where, env."""
+        placement = settings.model_dump(exclude={"backend", "namespace", "pending_timeout_hours", "local_nproc"})
+        return cls(**placement, **fields)
 
     @property
     def procs_per_node(self) -> int:

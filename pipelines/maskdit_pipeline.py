@@ -24,19 +24,17 @@ from kfp import compiler, dsl, kubernetes
 
 from components import IMAGE
 from components.cleanup import cleanup
+from components.cluster import GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATIONS, with_cluster_parameters
 from components.encode import encode
 from components.evaluate import evaluate
 from components.fingerprint import fingerprint
 from components.pretrain import pretrain
-from components.pytorchjob import TrainJob
 from components.register import register
+from components.settings import settings
 from components.steps import CONFIG_MAP, MLFLOW_SECRET, S3_SECRET
 from components.tune import tune
 
 PIPELINE_YAML = Path(__file__).with_name("maskdit_pipeline.yaml")
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # the label NVIDIA's GPU feature discovery sets
-GPU_TOLERATIONS = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -83,6 +81,7 @@ def _launcher(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     name="maskdit",
     description="MaskDiT: encode -> masked pretraining (PyTorchJob) -> unmasking tuning -> FID -> MLflow registry.",
 )
+@with_cluster_parameters
 def maskdit_pipeline(
     images: str = "s3://maskdit/data/imagenet/train",
     store_uri: str = "s3://maskdit",
@@ -97,25 +96,8 @@ def maskdit_pipeline(
     pretrain_init_from: str = "",
     pretrain_resume_from: str = "",
     tune_init_from: str = "",
-    image: str = IMAGE,
-    backend: str = "kubernetes",
-    namespace: str = "",
-    nodes: int = 1,
-    gpus_per_node: int = 8,
-    cpu_request: str = TrainJob.cpu_request,
-    cpu_limit: str = TrainJob.cpu_limit,
-    memory_request: str = TrainJob.memory_request,
-    memory_limit: str = TrainJob.memory_limit,
-    shm_size: str = TrainJob.shm_size,
-    node_selector: dict = GPU_NODE_SELECTOR,
-    tolerations: list = GPU_TOLERATIONS,
-    backoff_limit: int = TrainJob.backoff_limit,
-    queue_name: str = "",
-    priority_class_name: str = "",
     pretrain_timeout_hours: float = 336.0,
     tune_timeout_hours: float = 48.0,
-    pending_timeout_hours: float = 1.0,
-    local_nproc: int = 1,
     step_gpus: int = 1,
     step_node_selector: dict = GPU_NODE_SELECTOR,
     ref_stats: str = "s3://maskdit/fid/VIRTUAL_imagenet256_labeled.npz",
@@ -124,6 +106,8 @@ def maskdit_pipeline(
     fid_threshold: float = 3.0,
     model_name: str = "maskdit-xl2-imagenet256",
     experiment: str = "maskdit",
+    *,
+    cluster: dict,
 ):
     """Train, evaluate and register a MaskDiT (defaults: the paper's ImageNet-256 XL/2 recipe).
 
@@ -141,25 +125,8 @@ def maskdit_pipeline(
         pretrain_init_from: Start pretraining from these weights: a checkpoint (file or folder) or models:/<name>@<alias> (or /<version>); empty = from scratch.
         pretrain_resume_from: Continue a failed run's pretraining from its checkpoint folder (<store>/runs/<run id>/pretrain) with its optimizer, step and RNG; empty = none.
         tune_init_from: Skip pretraining and tune from this model: a checkpoint or models:/<name>@champion (a weekly retrain); empty = this run's pretraining.
-        image: Container image of the PyTorchJob pods.
-        backend: "kubernetes" (a PyTorchJob per training step) or "local" (torchrun in the step itself).
-        namespace: Namespace for the PyTorchJobs; empty = the pipeline's own.
-        nodes: Nodes per PyTorchJob (one torchrun each).
-        gpus_per_node: GPUs per node (= processes per node); 0 = one CPU process per node.
-        cpu_request: CPU request of each training pod (defaults fit a 96-vCPU / 680 GB 8xA100 node).
-        cpu_limit: CPU limit of each training pod ("" = none).
-        memory_request: Memory request of each training pod.
-        memory_limit: Memory limit of each training pod (the memory-backed /dev/shm counts against it).
-        shm_size: Size of /dev/shm (a memory-backed emptyDir) for data-loader workers and NCCL.
-        node_selector: Node labels the training pods must match.
-        tolerations: Tolerations of the training pods (for tainted GPU nodes).
-        backoff_limit: Restarts of a PyTorchJob (preemption, retryable exit codes) before it fails; user errors never restart.
-        queue_name: Kueue LocalQueue that admits the PyTorchJobs ("" = no Kueue).
-        priority_class_name: PriorityClass of the training pods ("" = the cluster's default).
         pretrain_timeout_hours: Delete the pretraining job and fail after this long (2M steps: about 257 h on 8 A100).
         tune_timeout_hours: Delete the tuning job and fail after this long.
-        pending_timeout_hours: Fail (with the scheduler's reason) when a training pod stays Pending this long.
-        local_nproc: Processes for the local backend's torchrun.
         step_gpus: GPUs of the encode and evaluate pods (1 for VAE latents; 0 in pixel space).
         step_node_selector: Node labels of the encode and evaluate pods ({} with step_gpus=0, for CPU nodes).
         ref_stats: FID reference statistics (.npz with mu and sigma, ADM's VIRTUAL_imagenet256_labeled.npz); empty = the dataset's own.
@@ -168,13 +135,17 @@ def maskdit_pipeline(
         fid_threshold: Register only when FID <= this.
         model_name: Registered model name in the MLflow Model Registry.
         experiment: MLflow experiment of the run's parent run.
-    """
+    """  # the cluster settings' parameters and their lines here come from components/cluster.py
     run_id, run_name = dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-    exit_task = cleanup(kfp_run_id=run_id, backend=backend, namespace=namespace, experiment=experiment)
+    exit_task = cleanup(kfp_run_id=run_id, backend=cluster["backend"], namespace=cluster["namespace"],
+                        experiment=experiment)
     exit_task.set_display_name("delete PyTorchJobs, close MLflow run").set_caching_options(False).set_retry(3)
     _with_credentials(exit_task.set_cpu_limit("500m").set_memory_limit("1Gi"))
 
     with dsl.ExitHandler(exit_task, name="train and register"):
+        checked = settings(**cluster)  # a bad cluster parameter fails here, before any work
+        checked.set_display_name("check settings").set_caching_options(False)
+        _with_credentials(checked.set_cpu_limit("500m").set_memory_limit("1Gi"))
         # encode is cached on the data's identity (a listing: sizes, ETags, mtimes), not on the URI string
         identity = fingerprint(images=images, resolution=resolution, vae=vae, pixel_space=pixel_space,
                                grayscale=grayscale)
@@ -185,20 +156,16 @@ def maskdit_pipeline(
         encoded.set_display_name("encode images").set_caching_options(True).set_retry(2, backoff_duration="60s")
         _sized(_with_credentials(encoded), "16", "64Gi", step_gpus, step_node_selector)
 
-        cluster = dict(store_uri=store_uri, kfp_run_id=run_id, kfp_run_name=run_name, experiment=experiment,
-                       image=image, backend=backend, nodes=nodes, gpus_per_node=gpus_per_node, cpu_request=cpu_request,
-                       cpu_limit=cpu_limit, memory_request=memory_request, memory_limit=memory_limit,
-                       shm_size=shm_size, node_selector=node_selector, tolerations=tolerations, namespace=namespace,
-                       backoff_limit=backoff_limit, queue_name=queue_name, priority_class_name=priority_class_name,
-                       pending_timeout_hours=pending_timeout_hours, local_nproc=local_nproc)
+        run = dict(store_uri=store_uri, kfp_run_id=run_id, kfp_run_name=run_name, experiment=experiment,
+                   cluster=checked.output)
         pretrained = pretrain(dataset=encoded.outputs["dataset"], config=pretrain_config,
                               overrides=pretrain_overrides, timeout_hours=pretrain_timeout_hours,
                               init_from=pretrain_init_from, resume_from=pretrain_resume_from,
-                              pretrained=tune_init_from, **cluster)
+                              pretrained=tune_init_from, **run)
         _launcher(pretrained, "masked pretraining (PyTorchJob)")
 
         tuned = tune(dataset=encoded.outputs["dataset"], pretrained=pretrained.outputs["model"], config=tune_config,
-                     overrides=tune_overrides, timeout_hours=tune_timeout_hours, **cluster)
+                     overrides=tune_overrides, timeout_hours=tune_timeout_hours, **run)
         _launcher(tuned, "unmasking tuning (PyTorchJob)")
 
         evaluated = evaluate(model=tuned.outputs["model"], dataset=encoded.outputs["dataset"], ref_stats=ref_stats,

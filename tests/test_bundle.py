@@ -83,3 +83,12 @@ def test_the_model_card_names_data_recipe_fid_settings_and_how_to_sample(tmp_pat
                       sampler=SamplerConfig(), evaluation=None)
     assert "| decoder | none recorded: latents it cannot decode to images |" in bare  # synthetic latents
     assert "| training run | - |" in pixel and "reference statistics" not in pixel and "dataset id" not in pixel
+
+
+def test_the_model_class_name_of_the_flat_layout_still_resolves():
+    """A version registered by maskdit <= 0.2 pickled its python_model as `maskdit.registry.MaskDiTModel`."""
+    import pickle
+
+    from maskdit.registry.pyfunc import MaskDiTModel
+
+    assert pickle.loads(b"cmaskdit.registry\nMaskDiTModel\n.") is MaskDiTModel

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from maskdit.compare import CompareConfig, run
+from maskdit.compare.command import run
+from maskdit.compare.config import CompareConfig
 from maskdit.core.config import ConfigError, build_config, load_config
 from maskdit.core.errors import UserError
 from maskdit.data.shards import Manifest, write_manifest, write_shard

@@ -14,9 +14,10 @@ from test_encode import RES, make_images, run, tiny_vae  # noqa: F401 (tiny_vae 
 from components.steps import encode_step, fingerprint_step
 from maskdit.core import storage
 from maskdit.data import encode as encode_mod
-from maskdit.data import shards
-from maskdit.data.encode import EncodeConfig, EncodeError, fingerprint
+from maskdit.data import encodeworker, latents, nodecache, shards
+from maskdit.data.encode import EncodeConfig, fingerprint
 from maskdit.data.identity import listing_digest
+from maskdit.data.imagefolders import EncodeError
 from maskdit.data.shards import read_manifest
 
 
@@ -32,11 +33,11 @@ def nothing_may_be_encoded(monkeypatch):
         raise AssertionError("re-used data must not be encoded again")
 
     for name in ("load_vae", "load_image", "_encode_shard"):
-        monkeypatch.setattr(encode_mod, name, refuse)
+        monkeypatch.setattr(encodeworker, name, refuse)
 
 
 def shard_files(dataset: str) -> dict[str, tuple[int, str]]:
-    return {p.name: (p.stat().st_mtime_ns, shards.file_sha256(p)) for p in (Path(dataset) / "shards").iterdir()}
+    return {p.name: (p.stat().st_mtime_ns, nodecache.file_sha256(p)) for p in (Path(dataset) / "shards").iterdir()}
 
 
 def repaint(path: Path, seed: int) -> None:
@@ -126,21 +127,21 @@ def test_images_changed_within_the_encode_step_never_land_in_the_folder_of_anoth
 
 def test_images_changed_during_encoding_fail_and_keep_nothing(tmp_path, tiny_vae, monkeypatch):
     files = make_images(tmp_path / "in", per_class=3)
-    real = encode_mod._encode_shard
+    real = encodeworker._encode_shard
 
     def change_one_image(shard, *args):
         if shard[0].relative == "cat/000.png":
             repaint(files[8], seed=7)  # owl/002.webp: a shard still to come
         return real(shard, *args)
 
-    monkeypatch.setattr(encode_mod, "_encode_shard", change_one_image)
+    monkeypatch.setattr(encodeworker, "_encode_shard", change_one_image)
     with pytest.raises(EncodeError, match=r"changed during encoding \(1 image files .* 'owl/002.webp'.*re-run"):
         run(tmp_path / "in", tmp_path / "out", tiny_vae)
     assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "encode.json").exists()
     assert not list((tmp_path / "out" / "shards").glob("*.json"))  # no shard counts as done any more
 
     encoded = []
-    monkeypatch.setattr(encode_mod, "_encode_shard", lambda shard, *a: (encoded.append(shard[0].relative),
+    monkeypatch.setattr(encodeworker, "_encode_shard", lambda shard, *a: (encoded.append(shard[0].relative),
                                                                          real(shard, *a))[1])
     manifest = run(tmp_path / "in", tmp_path / "out", tiny_vae)
     assert len(encoded) == 3  # every shard again
@@ -154,8 +155,8 @@ def test_a_half_written_dataset_is_completed_not_reused(tmp_path, tiny_vae, monk
     (tmp_path / "out" / "manifest.json").unlink()  # as if the run died before its manifest
     (tmp_path / "out" / "shards" / shards.shard_name(2)).unlink()  # ... while writing shard 2
     encoded = []
-    real = encode_mod._encode_shard
-    monkeypatch.setattr(encode_mod, "_encode_shard", lambda shard, *a: (encoded.append(shard[0].relative),
+    real = encodeworker._encode_shard
+    monkeypatch.setattr(encodeworker, "_encode_shard", lambda shard, *a: (encoded.append(shard[0].relative),
                                                                          real(shard, *a))[1])
     result = encode_mod.run(EncodeConfig(input=str(tmp_path / "in"), out=str(tmp_path / "out"), vae=tiny_vae,
                                          resolution=RES, batch_size=3, shard_size=4, device="cpu", workers=2,
@@ -169,7 +170,7 @@ def test_a_half_written_dataset_is_completed_not_reused(tmp_path, tiny_vae, monk
                                            resolution=RES, batch_size=3, shard_size=4, device="cpu", workers=2,
                                            progress=False)).reused
     assert encoded == ["dog/001.jpg"]
-    assert len(shards.load_dataset(str(tmp_path / "out"), cache_dir=tmp_path / "c")) == 9
+    assert len(latents.load_dataset(str(tmp_path / "out"), cache_dir=tmp_path / "c")) == 9
 
 
 # --- the digest ------------------------------------------------------------------------------

@@ -16,11 +16,12 @@ from typer.testing import CliRunner
 from maskdit.cli import app
 from maskdit.core import storage
 from maskdit.core.result import read_result
-from maskdit.data import encode as encode_mod
-from maskdit.data import images, shards
-from maskdit.data.encode import EncodeConfig, EncodeError, EncodeResult, encode
+from maskdit.data import encodeworker, images, nodecache, shards
+from maskdit.data.encode import EncodeConfig, EncodeResult, encode
+from maskdit.data.imagefolders import EncodeError
 from maskdit.data.images import center_crop_arr, load_image, to_tensor
-from maskdit.data.shards import ShardError, load_dataset, read_manifest
+from maskdit.data.latents import load_dataset
+from maskdit.data.shards import ShardError, read_manifest
 
 RES = 32  # tiny VAE: factor 2, so latents are 4 x 16 x 16
 
@@ -126,7 +127,7 @@ def test_moments_match_direct_encode_and_manifest_is_complete(tmp_path, tiny_vae
     assert manifest.dtype == "float16" and manifest.skipped == []
     assert [s.count for s in manifest.shards] == [8, 8, 8, 6]  # 4 images + 4 flipped copies per shard
     for info in manifest.shards:
-        assert shards.file_sha256(tmp_path / "out" / "shards" / info.name) == info.sha256
+        assert nodecache.file_sha256(tmp_path / "out" / "shards" / info.name) == info.sha256
 
     data = load_dataset(str(tmp_path / "out"), cache_dir=tmp_path / "cache")
     originals = torch.cat([torch.arange(8 * k, 8 * k + n) for k, n in enumerate([4, 4, 4, 3])])
@@ -156,8 +157,8 @@ def test_resume_skips_finished_shards(tmp_path, tiny_vae, monkeypatch):
     corrupt.write_bytes(corrupt.read_bytes()[:-1] + b"!")  # and shard 3 rotted on disk
 
     encoded = []
-    real = encode_mod._encode_shard
-    monkeypatch.setattr(encode_mod, "_encode_shard", lambda files, *a: (encoded.append(files[0].relative), real(files, *a))[1])
+    real = encodeworker._encode_shard
+    monkeypatch.setattr(encodeworker, "_encode_shard", lambda files, *a: (encoded.append(files[0].relative), real(files, *a))[1])
     manifest = run(tmp_path / "in", tmp_path / "out", tiny_vae)
     assert encoded == ["cat/004.jpg", "owl/002.webp"]  # shards 1 and 3 only
     for k in (0, 2):

@@ -7,15 +7,15 @@ from maskdit.core.config import ConfigError
 from maskdit.core.distributed import DeviceError
 from maskdit.core.errors import UsageError, UserError, exit_on_user_error
 from maskdit.core.storage import StorageError
-from maskdit.core.tracking import TrackingError
-from maskdit.data.encode import EncodeError
+from maskdit.core.tracking_server import TrackingError
+from maskdit.data.imagefolders import EncodeError
 from maskdit.data.shards import ShardError
 from maskdit.evaluation.evaluate import EvalError
-from maskdit.evaluation.fid import FIDError
+from maskdit.evaluation.inception import FIDError
 from maskdit.evaluation.sample import SampleError
 from maskdit.method.checkpoint import CheckpointError, ModelMismatchError
 from maskdit.method.reference import ReferenceCheckpointError
-from maskdit.registry.register import RegistryError
+from maskdit.registry.champion import RegistryError
 from maskdit.train.loop import NonFiniteError
 
 

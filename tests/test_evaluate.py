@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from maskdit.cli import app
 from maskdit.core.result import read_result
-from maskdit.evaluation import fid
+from maskdit.evaluation import fid, inception
 from maskdit.evaluation.evaluate import EvaluateResult
 
 pytestmark = [
@@ -48,7 +48,7 @@ def test_evaluate_writes_result_grid_and_logs_to_mlflow(tiny_sampler, ref_stats,
     assert result.num_samples == 6 and result.sampler.cfg_scale == 1.5 and result.sampler.num_steps == 2
     assert result.checkpoint == tiny_sampler.checkpoint and result.step == 10 and result.ref_stats == ref_stats
     assert result.ref_stats_sha256 == hashlib.sha256(Path(ref_stats).read_bytes()).hexdigest()
-    assert result.inception_sha256 == fid.BUNDLED_SHA256  # with the ref digest and settings: what register compares
+    assert result.inception_sha256 == inception.BUNDLED_SHA256  # with the ref digest and settings: what register compares
     assert result.dataset == tiny_sampler.dataset and result.grid == str(out / "grid.png")
     assert np.isfinite(result.fid) and result.fid > 0 and result.seconds > 0
     assert f"FID {result.fid:.4g}" in output
@@ -104,7 +104,8 @@ def test_evaluate_checks_every_input_before_the_first_sample(tiny_sampler, ref_s
 def test_evaluate_scores_digits_with_the_reference_classifier(ref_stats, tmp_path, monkeypatch):
     import torch
 
-    from maskdit.data.shards import load_decoder, read_manifest
+    from maskdit.data.decode import load_decoder
+    from maskdit.data.shards import read_manifest
     from maskdit.evaluation.classifier import mnist_classifier
     from maskdit.evaluation.sample import generate, random_labels
     from maskdit.method.diffusion import EDMPrecond, SamplerConfig

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from maskdit.evaluation import fid
+from maskdit.evaluation.inception import BUNDLED_SHA256, FEATURE_DIM, FIDError, InceptionFeatures, bundled_weights_path
 
 # torch 2.13 deprecates TorchScript; the bundled Inception network is a TorchScript file
 pytestmark = [
@@ -21,7 +22,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def inception():
-    return fid.InceptionFeatures()
+    return InceptionFeatures()
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_frechet_distance_against_40_digit_arithmetic(n):
 
 
 def test_frechet_distance_rejects_mismatched_stats():
-    with pytest.raises(fid.FIDError, match=r"\(3,\) vs \(4,\)"):
+    with pytest.raises(FIDError, match=r"\(3,\) vs \(4,\)"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
@@ -127,7 +128,7 @@ def _fid_helper_preprocess(images: np.ndarray) -> torch.Tensor:
 
     # The package's __init__ and _resample_func import cv2 (OpenCV is not installed here); the
     # torch resample path used below never touches it, so a stand-in module lets the file load.
-    path = fid.bundled_weights_path().parent / "_resample_func.py"
+    path = bundled_weights_path().parent / "_resample_func.py"
     spec = importlib.util.spec_from_file_location("fid_helper_resample", path)
     module = importlib.util.module_from_spec(spec)
     with _stand_in_modules("cv2"):
@@ -145,14 +146,14 @@ def test_features_equal_bundled_network_called_directly(inception):
     photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket(),
               np.repeat(skimage.data.camera()[..., None], 3, -1)]
     batch = np.stack([p[:280, :300] for p in photos])  # (5, 280, 300, 3) uint8: not 299, not square
-    net = torch.jit.load(str(fid.bundled_weights_path()), map_location="cpu").eval()
+    net = torch.jit.load(str(bundled_weights_path()), map_location="cpu").eval()
     with torch.inference_mode():
         direct = net(_fid_helper_preprocess(batch)).double().numpy()  # (5, 2048)
         # an independent TF-1 resize (float64 gather) checks the sampling positions themselves; the
         # grid_sample path computes them in float32, hence the looser tolerance
         legacy = net(torch.from_numpy((_tf_legacy_resize(batch) - 128) / 128).permute(0, 3, 1, 2).float())
     ours = inception(batch)
-    assert ours.shape == (5, fid.FEATURE_DIM) and ours.dtype == np.float64
+    assert ours.shape == (5, FEATURE_DIM) and ours.dtype == np.float64
     np.testing.assert_allclose(ours, direct, atol=1e-5, rtol=0)
     np.testing.assert_allclose(ours, legacy.double().numpy(), atol=2e-4, rtol=0)
     # one-channel input (MNIST pixel space) is replicated to RGB
@@ -194,33 +195,33 @@ def test_stats_roundtrip_and_bad_files(tmp_path):
         assert set(npz.files) == {"mu", "sigma", "n"}
 
     np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
-    with pytest.raises(fid.FIDError, match=r"mu has shape \(64,\) and sigma \(64, 64\), expected \(2048,\)"):
+    with pytest.raises(FIDError, match=r"mu has shape \(64,\) and sigma \(64, 64\), expected \(2048,\)"):
         fid.load_stats(str(tmp_path / "small.npz"))
     np.savez(tmp_path / "keys.npz", m=np.zeros(2048))
-    with pytest.raises(fid.FIDError, match=r"keys \['m'\]"):
+    with pytest.raises(FIDError, match=r"keys \['m'\]"):
         fid.load_stats(str(tmp_path / "keys.npz"))
-    with pytest.raises(fid.FIDError, match="cannot read reference statistics"):
+    with pytest.raises(FIDError, match="cannot read reference statistics"):
         fid.load_stats(str(tmp_path / "missing.npz"))
 
 
 def test_bad_images_and_weights(inception, tmp_path):
-    with pytest.raises(fid.FIDError, match="uint8"):
+    with pytest.raises(FIDError, match="uint8"):
         inception(np.zeros((1, 8, 8, 3), np.float32))
-    with pytest.raises(fid.FIDError, match=r"\(1, 8, 8, 2\)"):
+    with pytest.raises(FIDError, match=r"\(1, 8, 8, 2\)"):
         inception(np.zeros((1, 8, 8, 2), np.uint8))
-    with pytest.raises(fid.FIDError, match="do not exist"):
-        fid.InceptionFeatures(str(tmp_path / "nope.pt"))
+    with pytest.raises(FIDError, match="do not exist"):
+        InceptionFeatures(str(tmp_path / "nope.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not torchscript")
-    with pytest.raises(fid.FIDError, match="TorchScript"):
-        fid.InceptionFeatures(str(tmp_path / "junk.pt"))
+    with pytest.raises(FIDError, match="TorchScript"):
+        InceptionFeatures(str(tmp_path / "junk.pt"))
 
 
 def test_inception_weights_digest(inception, tmp_path):
     """What registration compares: the bundled file's pinned digest, another file's own."""
-    assert inception.sha256 == fid.BUNDLED_SHA256
+    assert inception.sha256 == BUNDLED_SHA256
     torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "other.pt"))
-    other = fid.InceptionFeatures(str(tmp_path / "other.pt"))
-    assert other.sha256 == hashlib.sha256((tmp_path / "other.pt").read_bytes()).hexdigest() != fid.BUNDLED_SHA256
+    other = InceptionFeatures(str(tmp_path / "other.pt"))
+    assert other.sha256 == hashlib.sha256((tmp_path / "other.pt").read_bytes()).hexdigest() != BUNDLED_SHA256
 
 
 def test_fid_stats_command_from_image_folder(tmp_path, mnist):
@@ -255,7 +256,7 @@ def test_fid_stats_command_from_dataset_uri(inception, tmp_path):
     from typer.testing import CliRunner
 
     from maskdit.cli import app
-    from maskdit.data.shards import load_dataset
+    from maskdit.data.latents import load_dataset
 
     runner = CliRunner()
     digits, dataset, out = tmp_path / "digits", tmp_path / "ds", tmp_path / "stats.npz"

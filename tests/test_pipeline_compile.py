@@ -44,13 +44,16 @@ def test_spec_parses_and_wires_the_dag(tmp_path, monkeypatch):
     assert root["cleanup"].trigger_policy.strategy == \
         pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.TriggerStrategy.ALL_UPSTREAM_TASKS_COMPLETED
     inner = spec.components[root["exit-handler-1"].component_ref.name].dag.tasks
-    assert set(inner) == {"fingerprint", "encode", "pretrain", "tune", "evaluate", "condition-2"}
+    assert set(inner) == {"settings", "fingerprint", "encode", "pretrain", "tune", "evaluate", "condition-2"}
+    # the training steps take the checked cluster settings: the settings step runs before them
+    assert "settings" in inner["pretrain"].dependent_tasks and "settings" in inner["tune"].dependent_tasks
+    cluster = inner["pretrain"].inputs.parameters["cluster"].task_output_parameter
+    assert (cluster.producer_task, cluster.output_parameter_key) == ("settings", "Output")
     # encode's cache key holds the data's identity: the uncached fingerprint step's output is one of its inputs
     assert not inner["fingerprint"].caching_options.enable_cache
     identity = inner["encode"].inputs.parameters["dataset_id"].task_output_parameter
     assert (identity.producer_task, identity.output_parameter_key) == ("fingerprint", "Output")
-    assert list(inner["tune"].dependent_tasks) == ["encode", "pretrain"] or \
-        set(inner["tune"].dependent_tasks) == {"encode", "pretrain"}
+    assert set(inner["tune"].dependent_tasks) == {"encode", "pretrain", "settings"}
     condition = inner["condition-2"].trigger_policy.condition
     assert "pipelinechannel--evaluate-Output" in condition and "<=" in condition and "fid_threshold" in condition
     # like types on both sides of the comparison (a float output against a float parameter)
@@ -145,3 +148,25 @@ def test_warm_start_parameters_reach_pretraining(tmp_path, monkeypatch):
     assert wired["init_from"] == "pipelinechannel--pretrain_init_from"
     assert wired["resume_from"] == "pipelinechannel--pretrain_resume_from"
     assert wired["pretrained"] == "pipelinechannel--tune_init_from"
+
+
+def test_the_cluster_settings_are_declared_once():
+    """ClusterSettings is the declaration: the pipeline's parameters are generated from it, and the settings
+    step's signature (which KFP needs written out) names the same fields with the same types."""
+    import inspect
+
+    from components.cluster import ClusterSettings, cluster_parameters
+    from components.settings import settings
+    from pipelines.maskdit_pipeline import maskdit_pipeline
+
+    declared = {p.name: p.annotation for p in cluster_parameters()}
+    step = inspect.signature(settings.python_func).parameters
+    assert {name: p.annotation for name, p in step.items()} == declared, (
+        "components/settings.py's parameters differ from ClusterSettings (components/cluster.py): add the field there")
+    pipeline = inspect.signature(maskdit_pipeline.pipeline_func).parameters
+    defaults = ClusterSettings()
+    for name in declared:
+        assert pipeline[name].default == getattr(defaults, name), name
+    spec = maskdit_pipeline.pipeline_spec.root.input_definitions.parameters
+    for name, field in ClusterSettings.model_fields.items():
+        assert spec[name].description == field.description, name

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from test_train import CLI, ENV1, data, one_thread, states_equal, tiny_config  # noqa: F401 (fixtures)
 
@@ -27,8 +26,9 @@ from maskdit.core.errors import EXIT_RETRYABLE, EXIT_USER_ERROR, UserError
 from maskdit.core.result import read_result, result_uri
 from maskdit.method import checkpoint
 from maskdit.train.config import TrainConfig
-from maskdit.train.loop import CheckpointWriteError, TrainResult
+from maskdit.train.loop import TrainResult
 from maskdit.train.loop import run as train
+from maskdit.train.state import CheckpointWriteError
 
 MASKDIT = str(Path(sys.executable).with_name("maskdit"))  # the console script, as the PyTorchJob runs it
 STOPPED = re.compile(r"stopped on SIGTERM after step (\d+) of")

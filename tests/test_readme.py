@@ -154,7 +154,7 @@ def _check_invocation(words: list[str]) -> None:
     from mlflow.models.utils import validate_schema
     from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
-    from maskdit.registry.register import SIGNATURE
+    from maskdit.registry.pyfunc import SIGNATURE
 
     assert words[words.index("-H") + 1] == "Content-Type: application/json"
     assert next(w for w in words if w.startswith("http")).endswith("/invocations")

@@ -14,11 +14,12 @@ from typer.testing import CliRunner
 from maskdit.cli import app
 from maskdit.core.result import read_result
 from maskdit.evaluation.evaluate import EvaluateResult
-from maskdit.evaluation.fid import BUNDLED_SHA256
+from maskdit.evaluation.inception import BUNDLED_SHA256
 from maskdit.method.checkpoint import save_checkpoint
 from maskdit.method.diffusion import SamplerConfig
 from maskdit.method.model import MaskDiT, model_config
-from maskdit.registry.register import CANDIDATE, CHAMPION, LOCK_SUFFIX, RegisterResult, register
+from maskdit.registry.champion import CANDIDATE, CHAMPION, LOCK_SUFFIX
+from maskdit.registry.register import RegisterResult, register
 
 pytestmark = pytest.mark.slow  # a real MLflow server process
 
@@ -94,7 +95,7 @@ def _race(uri: str, rounds: list[tuple[str, str, float, dict]], barrier, results
     """
     import time
 
-    from maskdit.registry.register import promote
+    from maskdit.registry.champion import promote
 
     client = mlflow.MlflowClient(uri)
     read = client.get_model_version_by_alias
@@ -148,7 +149,7 @@ def test_concurrent_registrations_end_with_one_champion_the_better_one(tracking,
 
 
 def test_a_dead_holders_lock_is_broken_a_live_one_waited_for(tracking, monkeypatch):
-    from maskdit.registry import register as registry
+    from maskdit.registry import champion as registry
 
     name = "maskdit-test-lock"
     run_id = tracking.create_run(tracking.create_experiment("lock")).info.run_id
@@ -286,7 +287,8 @@ def test_the_version_comes_from_the_training_run_with_its_card_metrics_code_and_
         ("fid", 7.5, evaluate_run, 30), ("precision", 0.25, evaluate_run, 30), ("recall", 0.5, evaluate_run, 30)}
 
     files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{result.version}", dst_path=str(tmp_path / "m")))
-    assert (files / "code" / "maskdit" / "registry.py").read_text() == Path(register.__code__.co_filename).read_text()
+    copied = files / "code" / "maskdit" / "registry" / "register.py"
+    assert copied.read_text() == Path(register.__code__.co_filename).read_text()
     assert not list((files / "code").rglob("__pycache__")) and (files / "code" / "maskdit" / "configs").is_dir()
     assert (files / "requirements.txt").read_text().split() == requirements(latent=False)
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements(latent=False)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from maskdit.cli import app
 from maskdit.core.result import read_result, result_uri
-from maskdit.data.shards import to_uint8_images
+from maskdit.data.decode import to_uint8_images
 from maskdit.evaluation import sample, sources
 from maskdit.method.diffusion import SamplerConfig
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from maskdit.core import storage
-from maskdit.data import shards
-from maskdit.data.shards import LatentSet, Manifest, ShardError, load_dataset, read_manifest
+from maskdit.data import nodecache, shards
+from maskdit.data.latents import LatentSet, load_dataset
+from maskdit.data.shards import Manifest, ShardError, read_manifest
 
 
 def write_latent_dataset(uri: str, sizes=(5, 5, 3), shape=(4, 2, 2), scale=0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,10 +56,10 @@ def test_tensors_are_memory_mapped(tmp_path):
     uri = str(tmp_path / "ds")
     write_latent_dataset(uri)
     path = tmp_path / "ds" / "shards" / shards.shard_name(0)
-    tensors = shards.mmap_safetensors(path)
+    tensors = nodecache.mmap_safetensors(path)
     before = tensors["mean"].clone()
     tensors["mean"].zero_()  # copy-on-write: the file is untouched
-    assert torch.equal(shards.mmap_safetensors(path)["mean"], before)
+    assert torch.equal(nodecache.mmap_safetensors(path)["mean"], before)
 
 
 def test_checksum_mismatch_names_the_shard(tmp_path):
@@ -78,8 +79,8 @@ def test_ranks_of_one_launch_share_the_check(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")  # as under torchrun: this process is one local rank
     load_dataset(uri, cache_dir=tmp_path / "cache")
     calls = []
-    real = shards.file_sha256
-    monkeypatch.setattr(shards, "file_sha256", lambda *a: (calls.append(a[0]), real(*a))[1])
+    real = nodecache.file_sha256
+    monkeypatch.setattr(nodecache, "file_sha256", lambda *a: (calls.append(a[0]), real(*a))[1])
     load_dataset(uri, cache_dir=tmp_path / "cache")  # another rank of the same launch
     assert calls == []
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")  # a restart: a new launch hashes again
@@ -150,11 +151,11 @@ def test_damaged_header_with_verify_off_is_one_line(tmp_path, damage):
 def test_cache_is_private_and_ignores_planted_links(tmp_path, monkeypatch):
     """Issue 16.4: a world-readable shared cache; a symlink planted at .lock got truncated."""
     monkeypatch.delenv("MASKDIT_DATA_CACHE", raising=False)
-    monkeypatch.setattr(shards.tempfile, "gettempdir", lambda: str(tmp_path / "shared"))
-    monkeypatch.setattr(shards, "SHM", tmp_path / "no-shm")
+    monkeypatch.setattr(nodecache.tempfile, "gettempdir", lambda: str(tmp_path / "shared"))
+    monkeypatch.setattr(nodecache, "SHM", tmp_path / "no-shm")
     uri = str(tmp_path / "ds")
     write_latent_dataset(uri)
-    base = shards.default_cache_dir()
+    base = nodecache.default_cache_dir()
     assert base == tmp_path / "shared" / f"maskdit-data-{os.getuid()}"
     target = tmp_path / "victim"
     target.write_text("precious")
@@ -226,7 +227,7 @@ def test_s3_corrupt_shard_is_detected(bucket, tmp_path):
 def test_too_small_cache_fails_before_downloading(bucket, tmp_path, monkeypatch):
     uri = f"s3://{bucket}/ds"
     write_latent_dataset(uri)
-    monkeypatch.setattr(shards.shutil, "disk_usage", lambda p: type("U", (), {"free": 100})())
+    monkeypatch.setattr(nodecache.shutil, "disk_usage", lambda p: type("U", (), {"free": 100})())
     with pytest.raises(ShardError, match="needs .* GiB more: enlarge /dev/shm"):
         load_dataset(uri, cache_dir=tmp_path / "c")
     assert not list((tmp_path / "c").rglob("*.safetensors"))

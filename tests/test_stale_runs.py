@@ -11,7 +11,8 @@ import textwrap
 import mlflow
 import pytest
 
-from maskdit.core.tracking import close_stale_runs, tracking_run
+from maskdit.core.parent_run import close_stale_runs
+from maskdit.core.tracking import tracking_run
 
 STEP = textwrap.dedent("""
     import sys, time

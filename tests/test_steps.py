@@ -38,10 +38,10 @@ def test_a_training_step_that_prints_after_its_result(tmp_path, monkeypatch):
     config = tmp_path / "tiny.yaml"
     cfg = tiny_config(data, "set-by-the-step", steps=3, **{"checkpoint.every": 3})
     config.write_text(yaml.safe_dump(cfg))
+    cluster = dict(image="unused", backend="local", nodes=1, gpus_per_node=0, cpu_request="1", cpu_limit="1",
+                   memory_request="1Gi", memory_limit="1Gi", shm_size="1Gi", backoff_limit=0, pending_timeout_hours=0.1)
     step = TrainStep(stage="pretrain", config=str(config), dataset=data, store_uri=str(tmp_path / "store"),
-                     kfp_run_id="run-1", experiment="x", image="unused", backend="local", nodes=1, gpus_per_node=0,
-                     cpu_request="1", cpu_limit="1", memory_request="1Gi", memory_limit="1Gi", shm_size="1Gi",
-                     backoff_limit=0, timeout_hours=0.1, pending_timeout_hours=0.1)
+                     kfp_run_id="run-1", experiment="x", cluster=cluster, timeout_hours=0.1)
     result, parent, logs = train_step(step)
     assert result.checkpoint == f"{step.checkpoint_dir}/ckpt-000000003.pt" and result.step == 3
     assert Path(result.checkpoint).is_file() and parent == ""

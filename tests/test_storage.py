@@ -7,8 +7,9 @@ import threading
 
 import pytest
 
-from maskdit.core import storage
-from maskdit.core.storage import MiB, ObjectNotFound, StorageError
+from maskdit.core import s3, storage
+from maskdit.core.s3 import MiB
+from maskdit.core.storage import ObjectNotFound, StorageError
 
 
 class FailingReader(io.RawIOBase):
@@ -94,13 +95,13 @@ def test_s3_round_trip(bucket, tmp_path):
 
 @pytest.mark.slow
 def test_s3_multipart(bucket, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage.SETTINGS, "multipart_threshold", 5 * MiB)
-    monkeypatch.setattr(storage.SETTINGS, "multipart_chunksize", 5 * MiB)
+    monkeypatch.setattr(s3.SETTINGS, "multipart_threshold", 5 * MiB)
+    monkeypatch.setattr(s3.SETTINGS, "multipart_chunksize", 5 * MiB)
     data = os.urandom(12 * MiB)  # 3 parts
     (tmp_path / "big").write_bytes(data)
     uri = f"s3://{bucket}/big.bin"
     storage.put_file(tmp_path / "big", uri)
-    head = storage._client().head_object(Bucket=bucket, Key="big.bin")
+    head = s3.client().head_object(Bucket=bucket, Key="big.bin")
     assert head["ETag"].strip('"').endswith("-3")  # really went through a 3-part upload
     storage.get_file(uri, tmp_path / "back")
     assert (tmp_path / "back").read_bytes() == data
@@ -109,8 +110,8 @@ def test_s3_multipart(bucket, tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [1 * MiB, 12 * MiB], ids=["single-put", "multipart"])
 def test_s3_interrupted_upload_leaves_nothing(bucket, monkeypatch, size):
-    monkeypatch.setattr(storage.SETTINGS, "multipart_threshold", 5 * MiB)
-    monkeypatch.setattr(storage.SETTINGS, "multipart_chunksize", 5 * MiB)
+    monkeypatch.setattr(s3.SETTINGS, "multipart_threshold", 5 * MiB)
+    monkeypatch.setattr(s3.SETTINGS, "multipart_chunksize", 5 * MiB)
     uri = f"s3://{bucket}/partial.bin"
     calls = []
     part_sent = threading.Event()  # the crash waits for a part in flight: the abort must clean it up
@@ -120,7 +121,7 @@ def test_s3_interrupted_upload_leaves_nothing(bucket, monkeypatch, size):
         if op == "UploadPart":
             part_sent.set()
 
-    events = storage._client().meta.events
+    events = s3.client().meta.events
     for op in ("CreateMultipartUpload", "UploadPart", "AbortMultipartUpload"):
         events.register(f"before-call.s3.{op}", lambda op=op, **kw: record(op, **kw), unique_id=f"count-{op}")
     wait = (lambda: part_sent.wait(timeout=30)) if size > 5 * MiB else None
@@ -134,15 +135,15 @@ def test_s3_interrupted_upload_leaves_nothing(bucket, monkeypatch, size):
         assert calls[0] == "CreateMultipartUpload" and "UploadPart" in calls and calls[-1] == "AbortMultipartUpload"
     assert not storage.exists(uri)
     assert storage.list_uris(f"s3://{bucket}") == []
-    uploads = storage._client().list_multipart_uploads(Bucket=bucket)
+    uploads = s3.client().list_multipart_uploads(Bucket=bucket)
     assert not uploads.get("Uploads")  # the failed multipart upload was aborted
 
 
 @pytest.mark.slow
 def test_s3_listing_paginates(bucket, monkeypatch):
-    monkeypatch.setattr(storage.SETTINGS, "list_page_size", 3)
+    monkeypatch.setattr(s3.SETTINGS, "list_page_size", 3)
     calls = []
-    client = storage._client()
+    client = s3.client()
     client.meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append(1), unique_id="count-list")
     try:
         names = [f"s3://{bucket}/p/{i:02d}" for i in range(10)]

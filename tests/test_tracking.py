@@ -13,6 +13,7 @@ from test_train import make_data, tiny_config
 
 from maskdit.core import tracking
 from maskdit.core.config import build_config
+from maskdit.core.tracking_server import TrackingError
 from maskdit.train.config import TrainConfig
 from maskdit.train.loop import run as train
 
@@ -106,7 +107,7 @@ def test_unreachable_server_is_one_line_and_quick():
     import time
 
     started = time.monotonic()
-    with pytest.raises(tracking.TrackingError) as error:
+    with pytest.raises(TrackingError) as error:
         with tracking.tracking_run("x", {"a": 1}, uri=f"http://u:pw-123@127.0.0.1:{_free_port()}"):
             pass
     assert time.monotonic() - started < 30
@@ -173,7 +174,7 @@ def test_mlflow_outage_during_training_is_buffered_and_replayed(mlflow_server_pr
             "steps=6", "log_every=1", "batch.global_batch=16", "device=cpu", f"tracking.uri={server.uri}",
             "tracking.experiment=outage", "tracking.retry_s=0.5", "tracking.flush_s=30"]
     try:
-        with caplog.at_level(logging.WARNING, logger="maskdit.core.tracking"):
+        with caplog.at_level(logging.WARNING, logger="maskdit.core.metric_logger"):
             result = CliRunner().invoke(app, args)
     finally:
         if not server.running:  # the other tests of the session need it

@@ -23,8 +23,9 @@ from maskdit.core.result import read_result, result_uri
 from maskdit.data.shards import Manifest, write_manifest, write_shard
 from maskdit.method import checkpoint
 from maskdit.train.config import MaskConfig, TrainConfig
-from maskdit.train.loop import BatchPlan, NonFiniteError, Trainer, TrainResult
+from maskdit.train.loop import NonFiniteError, Trainer, TrainResult
 from maskdit.train.loop import run as train
+from maskdit.train.step import BatchPlan
 
 CLI = "from maskdit.cli import app; app()"
 ENV1 = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -274,7 +275,7 @@ def _record(step_fn, seen):
 
 
 def test_nonfinite_loss_is_skipped_and_counted(data, tmp_path, monkeypatch):
-    import maskdit.train.loop as train_module
+    import maskdit.train.step as train_module
 
     real, calls = train_module.maskdit_loss, []
 

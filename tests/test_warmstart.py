@@ -152,10 +152,11 @@ def test_the_pretrain_step_resumes_a_failed_runs_folder(data, tmp_path, monkeypa
     failed = train(build(tiny_config(data, f"{run_dir(store, 'run-1')}/pretrain", steps=2)))
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config(data, "set-by-the-step", steps=4)))
+    cluster = dict(image="unused", backend="local", nodes=1, gpus_per_node=0, cpu_request="1", cpu_limit="1",
+                   memory_request="1Gi", memory_limit="1Gi", shm_size="1Gi", backoff_limit=0, pending_timeout_hours=0.1)
     step = TrainStep(stage="pretrain", config=str(config), dataset=data, store_uri=store, kfp_run_id="run-2",
-                     experiment="x", image="unused", backend="local", nodes=1, gpus_per_node=0, cpu_request="1",
-                     cpu_limit="1", memory_request="1Gi", memory_limit="1Gi", shm_size="1Gi", backoff_limit=0,
-                     timeout_hours=0.1, pending_timeout_hours=0.1, resume_from=f"{run_dir(store, 'run-1')}/pretrain")
+                     experiment="x", cluster=cluster, timeout_hours=0.1,
+                     resume_from=f"{run_dir(store, 'run-1')}/pretrain")
     result, _, _ = train_step(step)
     assert result.step == 4 and result.resumed_from == failed.checkpoint
     assert result.checkpoint == f"{run_dir(store, 'run-2')}/pretrain/ckpt-000000004.pt"

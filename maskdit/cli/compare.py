@@ -15,7 +15,8 @@ def compare(config: ConfigOption = None, overrides: Overrides = None) -> None:
     Keys: data=, reference= (held-out data), out= (required), budget_s=, eval_points=, tune_share=,
     fid_samples=, train.model.patch_size=2, ... (`maskdit config reference` lists them all).
     """
-    from maskdit.compare import CompareConfig, run, summary
+    from maskdit.compare.command import run, summary
+    from maskdit.compare.config import CompareConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run_step(CompareConfig, run, config, overrides)

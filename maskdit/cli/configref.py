@@ -118,7 +118,7 @@ def render_presets() -> str:
 
 def sections() -> list[tuple[str, type[BaseModel], str]]:
     """The configs users write, in the order of the pipeline: one per step command."""
-    from maskdit.compare import CompareConfig
+    from maskdit.compare.config import CompareConfig
     from maskdit.data.encode import EncodeConfig
     from maskdit.evaluation.evaluate import EvaluateConfig
     from maskdit.evaluation.fid import FIDStatsConfig

@@ -3,10 +3,8 @@
 Everything that writes or reads artifacts (latents, checkpoints, samples, statistics) goes
 through these functions, so the laptop and the cluster differ only in the URI.
 
-S3 goes through boto3, which finds the endpoint and credentials the standard AWS way (env,
-profile, IRSA; `AWS_ENDPOINT_URL` for S3-compatible stores such as MinIO or SeaweedFS; path-style
-addressing is used whenever an endpoint is set). Retries with backoff follow botocore's retry
-config: mode `standard` and 5 attempts unless `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` say otherwise.
+S3 goes through boto3; the client (endpoint, credentials, retries) and the transfer settings
+are in `maskdit/core/s3.py`. Here: URIs, atomic writes, and botocore's errors as `StorageError`.
 
 Writes are atomic: a reader never sees half an object.
 - local: write a temporary file in the same folder, fsync, then `os.replace`;
@@ -21,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,10 +26,11 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
+from maskdit.core import s3
 from maskdit.core.errors import UserError
 
-MiB = 1024 * 1024
 _PARTIAL = ".partial"  # suffix of in-flight local writes; never listed
+_COPY_CHUNK = 8 * 1024 * 1024  # bytes a local copy reads at a time
 
 
 class StorageError(UserError, RuntimeError):
@@ -41,21 +39,6 @@ class StorageError(UserError, RuntimeError):
 
 class ObjectNotFound(StorageError):
     """The URI names no object (the bucket or folder exists)."""
-
-
-@dataclass
-class S3Settings:
-    """Knobs of the S3 path; tests lower them to exercise multipart and pagination cheaply."""
-
-    multipart_threshold: int = 64 * MiB  # objects at least this big go through multipart upload
-    multipart_chunksize: int = 64 * MiB  # part size (S3 minimum: 5 MiB)
-    max_concurrency: int = 8  # parallel parts / ranged GETs per transfer
-    list_page_size: int = 1000  # MaxKeys of each ListObjectsV2 call
-    connect_timeout: float = 10.0
-    read_timeout: float = 120.0
-
-
-SETTINGS = S3Settings()
 
 
 # ------------------------------------------------------------------------------------------
@@ -117,57 +100,8 @@ def redact(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------
-# S3 client and errors
+# S3 errors
 # ------------------------------------------------------------------------------------------
-
-_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-             "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS",
-             "AWS_RETRY_MODE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN")
-_clients: dict[tuple, Any] = {}
-_clients_lock = threading.Lock()
-
-
-def _client():
-    """A boto3 S3 client for the current environment (cached per process and environment)."""
-    import boto3
-    from botocore.config import Config
-
-    key = (os.getpid(), tuple(os.environ.get(k) for k in _ENV_KEYS),
-           SETTINGS.connect_timeout, SETTINGS.read_timeout)
-    with _clients_lock:
-        if key not in _clients:
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            config = Config(
-                retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-                         "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))},
-                connect_timeout=SETTINGS.connect_timeout,
-                read_timeout=SETTINGS.read_timeout,
-                max_pool_connections=max(10, SETTINGS.max_concurrency * 2),
-                s3={"addressing_style": "path" if endpoint else "auto"},
-            )
-            session = boto3.session.Session()  # region: env, then profile, then us-east-1
-            region = os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
-            _clients[key] = session.client("s3", config=config, region_name=region)
-        return _clients[key]
-
-
-def _endpoint() -> str:
-    try:
-        return _client().meta.endpoint_url
-    except Exception:  # noqa: BLE001 - only used inside error messages
-        return "<unknown endpoint>"
-
-
-def _transfer_config():
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(multipart_threshold=SETTINGS.multipart_threshold,
-                          multipart_chunksize=SETTINGS.multipart_chunksize,
-                          max_concurrency=SETTINGS.max_concurrency)
-
-
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
-                     "ExpiredToken", "InvalidClientTokenId", "403", "Forbidden"}
 
 
 @contextmanager
@@ -187,27 +121,27 @@ def _s3_errors(uri: str, action: str) -> Iterator[None]:
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", ""))
         bucket = _split_s3(uri)[0]
-        where = f"{uri} (endpoint {_endpoint()})"
+        where = f"{uri} (endpoint {s3.endpoint()})"
         if code == "NoSuchBucket":
             raise StorageError(f"cannot {action} {where}: bucket {bucket!r} does not exist; "
                                "create it or fix the URI") from None
         if code in ("NoSuchKey", "404", "NotFound"):
             raise ObjectNotFound(f"cannot {action} {where}: no such object") from None
-        if code in _CREDENTIAL_CODES:
+        if code in s3.CREDENTIAL_CODES:
             raise StorageError(f"cannot {action} {where}: the credentials were rejected ({code}); check "
                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile / service "
                                "account) and the bucket policy") from None
         raise StorageError(f"cannot {action} {where}: {code}: {error}") from None
     except (NoCredentialsError, PartialCredentialsError) as error:
-        raise StorageError(f"cannot {action} {uri} (endpoint {_endpoint()}): {error}; set AWS_ACCESS_KEY_ID "
+        raise StorageError(f"cannot {action} {uri} (endpoint {s3.endpoint()}): {error}; set AWS_ACCESS_KEY_ID "
                            "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a service account role") from None
     except ConnectionError as error:
-        raise StorageError(f"cannot {action} {uri}: endpoint {_endpoint()} is unreachable ({error}); check "
+        raise StorageError(f"cannot {action} {uri}: endpoint {s3.endpoint()} is unreachable ({error}); check "
                            "AWS_ENDPOINT_URL and the network") from None
     except S3UploadFailedError as error:
-        raise StorageError(f"cannot {action} {uri} (endpoint {_endpoint()}): {error}") from None
+        raise StorageError(f"cannot {action} {uri} (endpoint {s3.endpoint()}): {error}") from None
     except BotoCoreError as error:
-        raise StorageError(f"cannot {action} {uri} (endpoint {_endpoint()}): {error}") from None
+        raise StorageError(f"cannot {action} {uri} (endpoint {s3.endpoint()}): {error}") from None
 
 
 def _missing_bucket_check(uri: str, action: str) -> None:
@@ -216,10 +150,10 @@ def _missing_bucket_check(uri: str, action: str) -> None:
 
     bucket = _split_s3(uri)[0]
     try:
-        _client().head_bucket(Bucket=bucket)
+        s3.client().head_bucket(Bucket=bucket)
     except ClientError as error:
         if str(error.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket", "NotFound"):
-            raise StorageError(f"cannot {action} {uri} (endpoint {_endpoint()}): bucket {bucket!r} does not "
+            raise StorageError(f"cannot {action} {uri} (endpoint {s3.endpoint()}): bucket {bucket!r} does not "
                                "exist; create it or fix the URI") from None
         with _s3_errors(uri, action):
             raise
@@ -247,7 +181,7 @@ def _atomic_local(path: Path) -> Iterator[IO[bytes]]:
 
 
 def _copy_stream(src: IO[bytes], dst: IO[bytes]) -> None:
-    while chunk := src.read(8 * MiB):
+    while chunk := src.read(_COPY_CHUNK):
         dst.write(chunk)
 
 
@@ -262,7 +196,7 @@ def put_fileobj(fileobj: IO[bytes], uri: str | os.PathLike) -> None:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         with _s3_errors(uri, "write"):
-            _client().upload_fileobj(fileobj, bucket, key, Config=_transfer_config())
+            s3.client().upload_fileobj(fileobj, bucket, key, Config=s3.transfer_config())
         return
     try:
         with _atomic_local(local_path(uri)) as handle:
@@ -290,7 +224,7 @@ def get_bytes(uri: str | os.PathLike) -> bytes:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         with _s3_errors(uri, "read"):
-            return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     try:
         return local_path(uri).read_bytes()
     except FileNotFoundError:
@@ -306,7 +240,7 @@ def get_file(uri: str | os.PathLike, path: str | os.PathLike) -> None:
         bucket, key = _split_s3(uri)
         try:
             with _atomic_local(path) as handle, _s3_errors(uri, "read"):
-                _client().download_fileobj(bucket, key, handle, Config=_transfer_config())
+                s3.client().download_fileobj(bucket, key, handle, Config=s3.transfer_config())
         except ObjectNotFound:
             _missing_bucket_check(uri, "read")
             raise
@@ -327,7 +261,7 @@ def exists(uri: str | os.PathLike) -> bool:
         bucket, key = _split_s3(uri)
         try:
             with _s3_errors(uri, "check"):
-                _client().head_object(Bucket=bucket, Key=key)
+                s3.client().head_object(Bucket=bucket, Key=key)
             return True
         except ObjectNotFound:
             _missing_bucket_check(uri, "check")
@@ -358,8 +292,8 @@ def list_objects(prefix_uri: str | os.PathLike) -> list[StoredObject]:
             prefix += "/"
         found: list[StoredObject] = []
         with _s3_errors(uri, "list"):
-            pages = _client().get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": SETTINGS.list_page_size})
+            pages = s3.client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": s3.SETTINGS.list_page_size})
             for page in pages:
                 found += [StoredObject(f"s3://{bucket}/{item['Key']}", int(item["Size"]), item["ETag"].strip('"'))
                           for item in page.get("Contents", []) if not item["Key"].endswith("/")]
@@ -382,7 +316,7 @@ def delete(uri: str | os.PathLike) -> None:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         with _s3_errors(uri, "delete"):
-            _client().delete_object(Bucket=bucket, Key=key)
+            s3.client().delete_object(Bucket=bucket, Key=key)
         return
     local_path(uri).unlink(missing_ok=True)
 

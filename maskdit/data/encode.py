@@ -4,10 +4,11 @@ Run once per dataset so that training never runs the VAE:
 
     images/<class>/<file>  --ADM crop, [-1, 1]-->  VAE encoder  -->  mean, logvar (float16)
 
-- Classes are the sorted folder names; files are taken in sorted order and cut into shards of
-  `shard_size` images, so a shard's content depends only on the input and the options.
-- Under torchrun rank r encodes shards r, r + W, r + 2W, ...; rank 0 shows progress and writes
-  the manifest after a barrier, last.
+- Classes are the sorted folder names; files are taken in sorted order (maskdit.data.imagefolders)
+  and cut into shards of `shard_size` images, so a shard's content depends only on the input and
+  the options.
+- Under torchrun rank r encodes shards r, r + W, r + 2W, ... (maskdit.data.encodeworker); rank 0
+  shows progress and writes the manifest after a barrier, last.
 - Resumable: each shard is written atomically, then a sidecar `shard-N.json` with its sha256;
   a re-run skips every shard whose sidecar exists and whose bytes still match it. `encode.json`
   holds the options and a digest of the file list, so a re-run with other inputs is refused.
@@ -20,28 +21,24 @@ Run once per dataset so that training never runs the VAE:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-import numpy as np
-import torch
 from pydantic import Field
 
 from maskdit.core import storage
 from maskdit.core.config import StrictModel
 from maskdit.core.distributed import resolve_device
-from maskdit.core.errors import UserError
 from maskdit.core.result import StepResult, result_uri
+from maskdit.data.encodeworker import EncodeOptions, encode_shards, sidecar_uri
 from maskdit.data.identity import DatasetId, dataset_digest, dataset_name, listing_digest
-from maskdit.data.images import IMAGE_EXTENSIONS, BadImage, load_image, to_tensor
+from maskdit.data.imagefolders import EncodeError, ImageFile, discover
 from maskdit.data.mnist import MNIST
 from maskdit.data.shards import (
     FORMAT_VERSION,
@@ -51,196 +48,11 @@ from maskdit.data.shards import (
     ShardInfo,
     Skipped,
     read_manifest,
-    shard_name,
-    shard_uri,
     write_manifest,
-    write_shard,
 )
-from maskdit.data.vae import DEFAULT_VAE, load_vae, vae_identity
+from maskdit.data.vae import DEFAULT_VAE, vae_identity
 
 ENCODE_JOB = "encode.json"
-
-
-class EncodeError(UserError, ValueError):
-    """The input or the options cannot make a dataset; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    vae: str | None = DEFAULT_VAE  # None in pixel space
-    resolution: int = 256
-    shard_size: int = 4096
-    flip: bool = False
-    pixel_space: bool = False
-    grayscale: bool = False
-    dtype: str | None = None  # the encoder's precision (None in pixel space)
-
-
-# ------------------------------------------------------------------------------------------
-# Input discovery
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageFile:
-    uri: str
-    label: int
-    relative: str  # "<class>/<name>", what the file-list digest and the manifest show
-    size: int = 0  # bytes, from the listing
-    version: str = ""  # S3 ETag or local mtime (ns), from the listing
-
-
-def discover(input_uri: str) -> tuple[list[str], list[ImageFile], list[Skipped]]:
-    """(class names, image files in order, skipped entries) of a folder or URI of class folders."""
-    root = str(input_uri).rstrip("/")
-    if storage.is_s3(root):
-        listed = {item.uri[len(root) + 1 :]: item for item in storage.list_objects(root)}
-        folders: set[str] = set()
-    else:
-        base = storage.local_path(root)
-        if not base.is_dir():
-            raise EncodeError(f"input {root!r} is not a folder; pass a folder (or s3:// prefix) of class folders")
-        listed = {Path(item.uri).relative_to(base).as_posix(): item for item in storage.list_objects(base)}
-        folders = {p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    skipped: list[Skipped] = []
-    by_class: dict[str, list[tuple[str, str]]] = {name: [] for name in folders}
-    for relative, uri in sorted((relative, item.uri) for relative, item in listed.items()):
-        parts = PurePosixPath(relative).parts
-        if any(part.startswith(".") for part in parts):
-            skipped.append(Skipped(path=uri, reason="hidden file"))
-        elif len(parts) < 2:
-            skipped.append(Skipped(path=uri, reason="not inside a class folder"))
-        elif PurePosixPath(relative).suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append(Skipped(path=uri, reason=f"not an image file (extension {PurePosixPath(relative).suffix!r}; "
-                                                    f"expected one of {sorted(IMAGE_EXTENSIONS)})"))
-        else:
-            by_class.setdefault(parts[0], []).append((relative, uri))
-    for name in sorted(by_class):
-        if not by_class[name]:
-            skipped.append(Skipped(path=storage.join(root, name), reason="empty class folder: no images, not a class"))
-            del by_class[name]
-    class_names = sorted(by_class)
-    if not class_names:
-        raise EncodeError(f"no images under {root}: expected one folder per class holding "
-                          f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files")
-    if len(class_names) == 1:
-        raise EncodeError(f"only one class ({class_names[0]!r}) under {root}: a class-conditional model needs "
-                          "at least two class folders")
-    files = [ImageFile(uri=uri, label=label, relative=relative, size=listed[relative].size,
-                       version=listed[relative].version)
-             for label, name in enumerate(class_names) for relative, uri in by_class[name]]
-    return class_names, files, skipped
-
-
-def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-
-
-@torch.no_grad()
-def vae_moments(vae, x: torch.Tensor, autocast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, logvar) of q(z | x), each (B, C, h, w) float32; reduced precision falls back to float32
-    for a batch whose moments are not finite."""
-    device = next(vae.parameters()).device
-    x = x.to(device)
-    if autocast is not None:
-        with torch.autocast(device.type, dtype=autocast):
-            dist = vae.encode(x).latent_dist
-        mean, logvar = dist.mean.float(), dist.logvar.float()
-        if torch.isfinite(mean).all() and torch.isfinite(logvar).all():
-            return mean, logvar
-    dist = vae.encode(x).latent_dist
-    return dist.mean.float(), dist.logvar.float()
-
-
-# ------------------------------------------------------------------------------------------
-# Distributed helpers (no-ops in a single process)
-# ------------------------------------------------------------------------------------------
-
-
-def _dist_setup() -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")  # only barriers are needed: gloo works on every node
-    return dist.get_rank(), dist.get_world_size(), created
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-# ------------------------------------------------------------------------------------------
-# Encoding
-# ------------------------------------------------------------------------------------------
-
-
-def _sidecar_uri(out: str, index: int) -> str:
-    return shard_uri(out, shard_name(index).replace(".safetensors", ".json"))
-
-
-def _shard_done(out: str, index: int) -> bool:
-    """Whether shard `index` and its sidecar exist and the shard still matches the sidecar's sha256."""
-    try:
-        side = json.loads(storage.get_bytes(_sidecar_uri(out, index)))
-        data = storage.get_bytes(shard_uri(out, shard_name(index)))
-    except storage.ObjectNotFound:
-        return False
-    return hashlib.sha256(data).hexdigest() == side["shard"]["sha256"]
-
-
-def _read_one(item: ImageFile, options: EncodeOptions) -> np.ndarray | Skipped:
-    try:
-        return load_image(storage.get_bytes(item.uri), options.resolution, options.grayscale)
-    except BadImage as error:
-        return Skipped(path=item.uri, reason=str(error))
-
-
-def _encode_shard(files: list[ImageFile], options: EncodeOptions, vae, autocast, batch_size: int,
-                  pool: ThreadPoolExecutor, progress) -> tuple[dict[str, torch.Tensor], list[Skipped]]:
-    """Tensors of one shard: originals first, then (with `flip`) their mirrored copies."""
-    batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-    pending: list[Future] = [pool.submit(_read_one, f, options) for f in batches[0]] if batches else []
-    outputs: dict[str, list[torch.Tensor]] = {}
-    labels: list[int] = []
-    skipped: list[Skipped] = []
-    for b, batch in enumerate(batches):
-        results = [future.result() for future in pending]
-        if b + 1 < len(batches):  # decode the next batch while this one runs through the VAE
-            pending = [pool.submit(_read_one, f, options) for f in batches[b + 1]]
-        arrays = [r for r in results if isinstance(r, np.ndarray)]
-        skipped += [r for r in results if isinstance(r, Skipped)]
-        labels += [f.label for f, r in zip(batch, results) if isinstance(r, np.ndarray)]
-        if progress is not None:
-            progress.update(len(batch))
-        if not arrays:
-            continue
-        views = {"": np.stack(arrays)}  # (B, H, W, C) uint8
-        if options.flip:
-            views["flip"] = views[""][:, :, ::-1]
-        for view, images in views.items():
-            if options.pixel_space:
-                outputs.setdefault(f"pixels{view}", []).append(torch.from_numpy(images.copy()).permute(0, 3, 1, 2))
-            else:
-                mean, logvar = vae_moments(vae, to_tensor(images), autocast)
-                outputs.setdefault(f"mean{view}", []).append(mean.half().cpu())
-                outputs.setdefault(f"logvar{view}", []).append(logvar.half().cpu())
-    names = ["pixels"] if options.pixel_space else ["mean", "logvar"]
-    tensors = {}
-    for name in names:
-        parts = outputs.get(name, []) + outputs.get(f"{name}flip", [])
-        tensors[name] = torch.cat(parts).contiguous() if parts else torch.empty(0)
-    tensors["labels"] = torch.tensor(labels * (2 if options.flip else 1), dtype=torch.int64)
-    return tensors, skipped
 
 
 class EncodeConfig(StrictModel):
@@ -372,6 +184,33 @@ def _reusable(out: str, identity: DatasetId) -> Manifest | None:
 
 
 # ------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in a single process)
+# ------------------------------------------------------------------------------------------
+# Not maskdit.core.distributed.setup: encode needs barriers only, so gloo on every node (no NCCL, no
+# GPU bound to the group), and it destroys the process group only when it created it.
+
+
+def _dist_setup() -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo")  # only barriers are needed: gloo works on every node
+    return dist.get_rank(), dist.get_world_size(), created
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------
 # The encode
 # ------------------------------------------------------------------------------------------
 
@@ -401,7 +240,8 @@ def _encode(cfg: EncodeConfig) -> tuple[Manifest | None, bool]:
             if rank == 0:
                 _claim_output(out, job)
             _barrier(world)
-            _encode_shards(cfg, options, out, shards, torch_device, rank, world)
+            encode_shards(out, shards, options, cfg.vae, cfg.dtype, torch_device, rank, world, cfg.batch_size,
+                          cfg.workers, cfg.progress)
             _barrier(world)
             if rank != 0:
                 return None, False
@@ -413,37 +253,6 @@ def _encode(cfg: EncodeConfig) -> tuple[Manifest | None, bool]:
                 import torch.distributed as dist
 
                 dist.destroy_process_group()
-
-
-def _encode_shards(cfg: EncodeConfig, options: EncodeOptions, out: str, shards: list[list[ImageFile]],
-                   torch_device: torch.device, rank: int, world: int) -> None:
-    """This rank's shards (r, r + W, ...), each written with its sidecar; finished ones are skipped."""
-    pixel_space = options.pixel_space
-    model = None if pixel_space else load_vae(cfg.vae, torch_device)
-    autocast = None if pixel_space else _autocast_dtype(cfg.dtype, torch_device)
-    mine = list(range(rank, len(shards), world))
-    bar = None
-    if cfg.progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img",
-                   desc=f"encode (rank 0 of {world})" if world > 1 else "encode")
-    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        for k in mine:
-            if _shard_done(out, k):
-                if bar is not None:
-                    bar.update(len(shards[k]))
-                continue
-            tensors, bad = _encode_shard(shards[k], options, model, autocast, cfg.batch_size, pool, bar)
-            info = write_shard(out, k, tensors)
-            side = {"shard": info.model_dump(), "images": len(shards[k]) - len(bad),
-                    "shape": list(tensors["pixels" if pixel_space else "mean"].shape[1:]),
-                    "skipped": [s.model_dump() for s in bad]}
-            if model is not None:
-                side["scale_factor"] = float(model.config.scaling_factor)
-            storage.put_bytes(_sidecar_uri(out, k), json.dumps(side).encode())
-    if bar is not None:
-        bar.close()
 
 
 def _check_unchanged(input_uri: str, folder: str, files: list[ImageFile], out: str, num_shards: int) -> None:
@@ -458,7 +267,7 @@ def _check_unchanged(input_uri: str, folder: str, files: list[ImageFile], out: s
         return
     changed = sorted({entry[0] for entry in before ^ now})
     for k in range(num_shards):
-        storage.delete(_sidecar_uri(out, k))
+        storage.delete(sidecar_uri(out, k))
     storage.delete(storage.join(out, ENCODE_JOB))
     raise EncodeError(f"the input {input_uri} changed during encoding ({len(changed)} image files added, removed or "
                       f"rewritten, e.g. {changed[0]!r}): the shards might mix old and new images, so none is kept; "
@@ -481,7 +290,7 @@ def _claim_output(out: str, job: dict) -> None:
 
 def _write_manifest(out: str, options: EncodeOptions, class_names: list[str], num_shards: int,
                     skipped: list[Skipped], identity: DatasetId) -> Manifest:
-    sides = [json.loads(storage.get_bytes(_sidecar_uri(out, k))) for k in range(num_shards)]
+    sides = [json.loads(storage.get_bytes(sidecar_uri(out, k))) for k in range(num_shards)]
     infos = [ShardInfo.model_validate(s["shard"]) for s in sides]
     images = sum(s["images"] for s in sides)
     if images == 0:

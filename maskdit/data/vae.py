@@ -1,6 +1,6 @@
 """The Stable Diffusion VAE (diffusers AutoencoderKL): encode writes its moments, sampling decodes with it.
 
-Its own module so that encoding (maskdit.data.encode) and decoding (maskdit.data.shards.load_decoder) share
+Its own module so that encoding (maskdit.data.encode) and decoding (maskdit.data.decode.load_decoder) share
 one loader without importing each other.
 """
 

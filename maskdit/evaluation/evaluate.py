@@ -126,6 +126,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
     from maskdit.core.tracking import log_artifact, log_image, log_metrics, tracking_run
     from maskdit.evaluation import fid
     from maskdit.evaluation.classifier import reference_classifier
+    from maskdit.evaluation.inception import InceptionFeatures
     from maskdit.evaluation.sample import (
         check_labels,
         generate_batches,
@@ -142,7 +143,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
     info = distributed.setup(cfg.device)
     if info.is_main:
         storage.check_writable(storage.join(cfg.out, "result.json"), "evaluation folder (out)")
-    inception = fid.InceptionFeatures(cfg.inception, info.device)
+    inception = InceptionFeatures(cfg.inception, info.device)
     source = classifier = None
     judged: list[np.ndarray] = []  # per batch: did the classifier see the class asked for
 

@@ -1,1 +1,2 @@
-"""The method of the paper: the MaskDiT network, EDM diffusion (preconditioning, loss, sampler), checkpoints."""
+"""The method of the paper: the MaskDiT network, EDM diffusion (preconditioning, loss, sampler), checkpoints,
+a registered model's files."""

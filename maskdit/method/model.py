@@ -84,7 +84,7 @@ MODEL_PRESETS.update(
             input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2,
             num_classes=10, decoder_hidden_size=16, decoder_depth=1, decoder_num_heads=2,
         ),
-        # The laptop demo (DESIGN.md): 32x32 one-channel MNIST pixels, encoder 4 x 128, decoder 2 x 64, ~1.5M.
+        # The laptop demo (docs/design.md): 32x32 one-channel MNIST pixels, encoder 4 x 128, decoder 2 x 64, ~1.5M.
         "demo": dict(
             input_size=32, in_channels=1, patch_size=4, hidden_size=128, depth=4, num_heads=4,
             num_classes=10, decoder_hidden_size=64, decoder_depth=2, decoder_num_heads=4,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from maskdit.core import storage
-from maskdit.evaluation.sources import VAE_ARTIFACT
+from maskdit.method.modelformat import VAE_ARTIFACT
 
 INFERENCE_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pydantic", "pyyaml", "pillow", "tqdm")
 LATENT_PACKAGES = ("diffusers", "safetensors")  # the VAE decoder

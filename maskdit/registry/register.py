@@ -11,90 +11,34 @@ gets tags (fid, sampler settings, evaluation settings, dataset manifest, checkpo
 and evaluate run ids, KFP run id), the evaluation's metrics on the logged model, a model card as
 its description (`bundle.model_card`), and the alias `candidate`.
 
-The champion gate. `champion` moves to the new version only when its FID is lower than the
-champion's AND both were measured under the same settings (`SETTINGS`: the sha256 of the
-reference statistics file, num_samples, the sampler's cfg_scale / num_steps / sigma_min /
-sigma_max / rho, the sha256 of the Inception weights). Otherwise the version stays `candidate`
-and `RegisterResult.reason` says why ("champion version 3 was evaluated with num_samples=50000,
-this one with 10000: not comparable"). A registration without an evaluation (`register()` with no
-`evaluation`, so no recorded settings) takes `champion` only when there is none yet; against an
-existing champion it is not comparable, and so is any version against a champion registered
-without settings: a person moves the alias then (`MlflowClient().set_registered_model_alias`).
-
-Compare-and-set. MLflow has no conditional alias update, so read-compare-move is made atomic
-with a per-model lock: a registered model named `<name>.champion-lock`. Creating a registered
-model is an insert under a unique name in MLflow's store, so exactly one of several concurrent
-creators succeeds; the winner's token is a tag written in the same insert. The holder reads the
-champion, compares, moves the alias, re-reads it (verify-after-write) and deletes the lock; the
-others poll until it is gone. A lock older than `LOCK_STALE_S` (its holder died between create
-and delete; the critical section is a few REST calls) is broken by the next registration. Should
-a holder stall past that and lose its lock, the verify step sees the alias moved by someone else
-or the lock's token changed and decides again under a new lock, so the better version still ends
-as champion. tests/test_registry.py races two processes on a real MLflow server.
-
-The pyfunc model (`mlflow.pyfunc.load_model("models:/<name>@champion")`):
-
-    predict(pd.DataFrame({"class_label": [1, 7], "seed": [0, 1]}))  # seed, cfg_scale, num_steps optional
-    -> pd.DataFrame(class_label, seed, cfg_scale, num_steps, image)   # image: PNG bytes (H x W x 3)
-
-PNG bytes keep the output a plain table that MLflow's REST serving returns as base64; decode
-with `PIL.Image.open(io.BytesIO(png))`. A missing seed is the row index; missing cfg_scale /
-num_steps use the registered sampler settings. The model is this module's `MaskDiTModel`, loaded
-from the model's own copy of maskdit; `mlflow models serve -m models:/<name>@champion` builds its
-environment from the model's requirements (README, "Serve a model"). maskdit itself never loads a
-registered model that way: `maskdit.evaluation.sources` reads its files without unpickling.
+The champion gate and its lock are maskdit/registry/champion.py; the model class MLflow loads,
+with what `predict` takes and returns, is maskdit/registry/pyfunc.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import tempfile
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import mlflow
 import pandas as pd
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
 
 from maskdit.core import storage
 from maskdit.core.config import StrictModel
-from maskdit.core.errors import UserError
 from maskdit.core.result import RESULT_FILE, StepResult, read_result, result_uri
 from maskdit.evaluation.evaluate import EvaluateResult
-from maskdit.evaluation.sources import CHECKPOINT_ARTIFACT, MANIFEST_ARTIFACT, MODEL_FORMAT, VAE_ARTIFACT
 from maskdit.method.diffusion import SamplerConfig
+from maskdit.method.modelformat import CHECKPOINT_ARTIFACT, MANIFEST_ARTIFACT, MODEL_FORMAT, VAE_ARTIFACT
 from maskdit.registry.bundle import copy_code, model_card, requirements, save_vae
+from maskdit.registry.champion import CANDIDATE, FID_TAG, RegistryError, promote
+from maskdit.registry.pyfunc import SIGNATURE, MaskDiTModel  # also a name older versions pickled (pyfunc.py)
 
 log = logging.getLogger(__name__)
-
-CANDIDATE, CHAMPION = "candidate", "champion"
-FID_TAG = "fid"
-# version tags that must be equal for two FIDs to be compared (the sampler's come from SamplerConfig)
-# what makes two FIDs comparable: the sampler's precision changes the samples, its `compile` does not
-SETTINGS = ("ref_stats_sha256", "num_samples", "cfg_scale", "num_steps", "sigma_min", "sigma_max", "rho", "precision",
-            "inception_sha256")
-LOCK_SUFFIX = ".champion-lock"  # registered model `<name>.champion-lock`: the champion alias's lock
-LOCK_TOKEN_TAG = "maskdit.lock_token"
-LOCK_STALE_S = 120.0  # a lock this old lost its holder (the critical section is a few REST calls)
-LOCK_WAIT_S = 300.0  # give up waiting for the lock after this (> LOCK_STALE_S: a dead holder's lock is broken first)
-
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("long", "class_label"), ColSpec("long", "seed", required=False),
-                   ColSpec("double", "cfg_scale", required=False), ColSpec("long", "num_steps", required=False)]),
-    outputs=Schema([ColSpec("long", "class_label"), ColSpec("long", "seed"), ColSpec("double", "cfg_scale"),
-                    ColSpec("long", "num_steps"), ColSpec("binary", "image")]),
-)
-
-
-class RegistryError(UserError, RuntimeError):
-    """Registration was impossible (no tracking URI, unreadable checkpoint or manifest)."""
 
 
 class RegisterConfig(StrictModel):
@@ -122,62 +66,6 @@ class RegisterResult(StepResult):
     fid: float
     reason: str | None = None  # why this version did not become the champion (None when it did)
 
-
-# --------------------------------------------------------------------------------------------
-# The pyfunc model
-# --------------------------------------------------------------------------------------------
-
-class MaskDiTModel(mlflow.pyfunc.PythonModel):
-    """Class-conditional sampling from a registered MaskDiT (EDM Heun sampler with CFG)."""
-
-    def load_context(self, context) -> None:
-        import torch
-
-        from maskdit.data.shards import Manifest, load_decoder
-        from maskdit.method.checkpoint import load_ema_model
-
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.precond, self.model_config, _ = load_ema_model(context.artifacts["checkpoint"], self.device)
-        manifest = Manifest.model_validate_json(Path(context.artifacts["manifest"]).read_text())
-        if VAE_ARTIFACT in context.artifacts:  # the VAE inside the model, not the one the manifest names
-            manifest = manifest.model_copy(update={"vae": context.artifacts[VAE_ARTIFACT]})
-        self.decode = load_decoder(manifest, self.device)
-        config = context.model_config or {}
-        self.sampler = SamplerConfig(**config.get("sampler", {}))
-        self.batch_size = int(config.get("batch_size", 64))
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from maskdit.evaluation.sample import generate, png_bytes
-
-        table = pd.DataFrame(model_input)
-        if "class_label" not in table:
-            raise ValueError(f"the input needs a class_label column; got columns {list(table.columns)}")
-        n = len(table)
-        labels = table["class_label"].astype("int64").tolist()
-        bad = [c for c in labels if not 0 <= c < self.model_config.num_classes]
-        if bad:
-            raise ValueError(f"class_label {bad[0]} is outside 0..{self.model_config.num_classes - 1}")
-        seeds = table["seed"].astype("int64").tolist() if "seed" in table else list(range(n))
-        cfg = table["cfg_scale"].astype(float).tolist() if "cfg_scale" in table else [self.sampler.cfg_scale] * n
-        steps = (table["num_steps"].astype("int64").tolist() if "num_steps" in table
-                 else [self.sampler.num_steps] * n)
-        images: list[bytes | None] = [None] * n
-        groups: dict[tuple[float, int], list[int]] = {}
-        for i in range(n):  # one sampler call per (cfg_scale, num_steps)
-            groups.setdefault((cfg[i], steps[i]), []).append(i)
-        for (scale, num_steps), rows in groups.items():
-            sampler = self.sampler.model_copy(update={"cfg_scale": scale, "num_steps": num_steps})
-            batch = generate(self.precond, self.decode, [labels[i] for i in rows], [seeds[i] for i in rows],
-                             sampler, self.batch_size)  # (B, H, W, 3) uint8
-            for i, image in zip(rows, batch.numpy()):
-                images[i] = png_bytes(image)
-        return pd.DataFrame({"class_label": labels, "seed": seeds, "cfg_scale": cfg, "num_steps": steps,
-                             "image": images})
-
-
-# --------------------------------------------------------------------------------------------
-# Registration
-# --------------------------------------------------------------------------------------------
 
 def _export(checkpoint_uri: str, dest: Path) -> tuple[str, dict]:
     """An inference-only copy of a training checkpoint (EMA weights as model and ema, no optimizer);
@@ -238,122 +126,6 @@ def _model_run(client, source_run: str | None, name: str, params: dict, tags: di
         client.set_terminated(source_run, before.status, end_time=before.end_time)
 
 
-def _champion(client, name: str) -> tuple[str | None, float | None, dict[str, str]]:
-    """(version, fid, tags) of the current champion of `name`, or (None, None, {})."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None, None, {}
-    fid = version.tags.get(FID_TAG)
-    # str: a sqlite store gives the version as an int, a tracking server as a string
-    return str(version.version), (float(fid) if fid is not None else None), dict(version.tags)
-
-
-def _shown(key: str, value: str) -> str:
-    return f"{key}={value[:12]}..." if key.endswith("sha256") and len(value) > 12 else f"{key}={value}"
-
-
-def not_comparable(new: dict[str, str], champion: dict[str, str], champion_version: str) -> str | None:
-    """Why an FID measured under the `new` tags cannot be compared with the champion's; None when it can."""
-    missing = [k for k in SETTINGS if not new.get(k)]
-    if missing:
-        return (f"this version has no recorded evaluation settings ({', '.join(missing)}), so its FID cannot be "
-                f"compared with champion version {champion_version}'s: register an evaluation (maskdit evaluate, "
-                "then maskdit register evaluation=...)")
-    missing = [k for k in SETTINGS if not champion.get(k)]
-    if missing:
-        return (f"champion version {champion_version} has no recorded evaluation settings ({', '.join(missing)}): "
-                "not comparable; move the champion alias by hand if this version should win")
-    differ = [k for k in SETTINGS if new[k] != champion[k]]
-    if differ:
-        return (f"champion version {champion_version} was evaluated with "
-                f"{', '.join(_shown(k, champion[k]) for k in differ)}, this one with "
-                f"{', '.join(_shown(k, new[k]) for k in differ)}: not comparable")
-    return None
-
-
-@contextmanager
-def champion_lock(client, name: str) -> Iterator[Callable[[], bool]]:
-    """Hold `<name>.champion-lock` (see the module doc); yields a check "do I still hold it"."""
-    from mlflow.exceptions import MlflowException
-
-    lock, token = name + LOCK_SUFFIX, uuid.uuid4().hex
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:  # an insert under a unique name: one concurrent creator wins
-            client.create_registered_model(lock, tags={LOCK_TOKEN_TAG: token},
-                                           description=f"lock of the {CHAMPION} alias of {name} (maskdit register)")
-            break
-        except MlflowException as error:
-            # lost the insert; the server then reads the winner's lock for its message, and answers
-            # RESOURCE_DOES_NOT_EXIST when the winner deleted it in between: lost all the same
-            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-                raise
-        held_by = _lock_token(client, lock, stale_only=True)
-        if held_by is not None:  # its holder died: break it (the verify step covers a holder that only stalled)
-            _delete_lock(client, lock)
-        elif time.monotonic() > deadline:
-            raise RegistryError(f"registered model {lock!r} (the lock of {name}'s {CHAMPION} alias) was held for "
-                                f"{LOCK_WAIT_S:.0f} s; retry, or delete it if no registration of {name} runs")
-        time.sleep(random.uniform(0.05, 0.25))
-
-    def held() -> bool:
-        return _lock_token(client, lock) == token
-
-    try:
-        yield held
-    finally:
-        if held():
-            _delete_lock(client, lock)
-
-
-def _lock_token(client, lock: str, stale_only: bool = False) -> str | None:
-    """The lock's token (None when there is no lock, or with `stale_only` when it is younger than LOCK_STALE_S)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(lock)
-    except MlflowException:
-        return None
-    if stale_only and time.time() - model.creation_timestamp / 1000 < LOCK_STALE_S:
-        return None
-    return model.tags.get(LOCK_TOKEN_TAG, "")
-
-
-def _delete_lock(client, lock: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.delete_registered_model(lock)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-
-
-def promote(client, name: str, version: str, fid: float,
-            tags: dict[str, str]) -> tuple[bool, str | None, float | None, str | None]:
-    """Compare-and-set of `champion`: (champion?, previous champion, its FID, reason it stayed candidate)."""
-    before = None  # the champion we first saw (the result reports it)
-    for _ in range(3):
-        with champion_lock(client, name) as held:
-            previous, previous_fid, previous_tags = _champion(client, name)
-            before = before or (previous, previous_fid)
-            if previous == version:  # a retry after a lost lock: we set it, and nobody better moved it since
-                return True, *before, None
-            reason = None if previous is None else not_comparable(tags, previous_tags, previous)
-            if reason is None and previous_fid is not None and not float(fid) < previous_fid:
-                reason = f"champion version {previous} has FID {previous_fid:.6g}, this one {float(fid):.6g}"
-            if reason is not None:
-                return False, previous, previous_fid, reason
-            client.set_registered_model_alias(name, CHAMPION, version)
-            # verify-after-write: still our alias, and our lock (a stalled holder can lose it as stale)
-            if held() and str(client.get_model_version_by_alias(name, CHAMPION).version) == version:
-                return True, *before, None
-    raise RegistryError(f"lost the lock of {name}'s {CHAMPION} alias three times; retry the registration")
-
-
 def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConfig | None = None,
              evaluation: EvaluateResult | None = None, dataset_uri: str | None = None, kfp_run_id: str | None = None,
              tracking_uri: str | None = None, experiment: str = "maskdit",
@@ -363,7 +135,7 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
     `sampler`: the settings the FID was measured with (the evaluation's when given, else the defaults).
     """
     from maskdit import __version__
-    from maskdit.core.tracking import check_reachable, connect
+    from maskdit.core.tracking_server import check_reachable, connect
 
     sampler = sampler or (evaluation.sampler if evaluation else SamplerConfig())
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri  # the environment wins, as in tracking.py

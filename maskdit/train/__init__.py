@@ -1,1 +1,2 @@
-"""Training: the config, the loop (masked pretraining and unmasking tuning), warm starts, monitoring."""
+"""Training: the config, the loop (masked pretraining and unmasking tuning), its steps and checkpoints, warm
+starts, monitoring."""

@@ -26,12 +26,10 @@ import math
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 
 from maskdit.core import distributed, storage, tracking
 from maskdit.core.config import ConfigError
@@ -39,14 +37,16 @@ from maskdit.core.distributed import DistInfo
 from maskdit.core.elastic import StopOnSignal
 from maskdit.core.errors import Interrupted, UserError
 from maskdit.core.result import StepResult, result_uri
-from maskdit.data.shards import LatentSet, ShardError, load_dataset, manifest_sha256
+from maskdit.data.latents import LatentSet, load_dataset
+from maskdit.data.shards import ShardError, manifest_sha256
 from maskdit.method import checkpoint
 from maskdit.method.compiled import training_loss
-from maskdit.method.diffusion import EDMPrecond, drop_labels, maskdit_loss
+from maskdit.method.diffusion import EDMPrecond
 from maskdit.method.model import MaskDiT
-from maskdit.train import warmstart
 from maskdit.train.config import TrainConfig
 from maskdit.train.monitor import Monitor
+from maskdit.train.state import TrainState
+from maskdit.train.step import BatchPlan, Steps, distributed_model, mixed_precision
 from maskdit.train.warmstart import InitSource
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(UserError, RuntimeError):
     """Too many non-finite steps in a row; the message names the step and what to try."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """Writing a checkpoint failed after training began (the store went away): retryable, not a UserError.
-    A store that is wrong from the start (no such bucket, bad credentials) fails the resume check first."""
 
 
 class TrainResult(StepResult):
@@ -82,70 +77,14 @@ class TrainResult(StepResult):
 
 
 #################################################################################
-#                         Seeds, data order, precision                          #
-#################################################################################
-
-
-def derive_seed(*keys: Any) -> int:
-    """A 63-bit seed from a tuple of keys (seed, purpose, step, offset): independent streams."""
-    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-class BatchPlan:
-    """Which samples each rank draws at each step (the seeded permutation of every epoch)."""
-
-    def __init__(self, dataset_size: int, global_batch: int, seed: int):
-        if dataset_size < global_batch:
-            raise ConfigError(
-                f"the dataset holds {dataset_size} samples, fewer than batch.global_batch {global_batch}; "
-                "lower the batch or encode more data"
-            )
-        self.dataset_size, self.global_batch, self.seed = dataset_size, global_batch, seed
-        self.steps_per_epoch = dataset_size // global_batch
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def position(self, step: int) -> dict[str, int]:
-        epoch, batch = divmod(step, self.steps_per_epoch)
-        return {"epoch": epoch, "batch_in_epoch": batch, "samples_seen": step * self.global_batch,
-                "dataset_size": self.dataset_size, "global_batch": self.global_batch}
-
-    def global_indices(self, step: int) -> torch.Tensor:
-        """(global_batch,) sample indices of `step`."""
-        epoch, batch = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.dataset_size, generator=gen)
-        return self._perm[batch * self.global_batch : (batch + 1) * self.global_batch]
-
-
-class _DDP(DistributedDataParallel):
-    """DDP that still exposes the wrapped EDMPrecond's `config` (maskdit_loss reads it)."""
-
-    @property
-    def config(self):
-        return self.module.config
-
-
-def _precision(name: str, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
-    """(autocast context factory, grad scaler or None) for bf16 | fp16 | tf32 | fp32."""
-    tf32 = name in ("bf16", "tf32")  # fp32 leftovers of bf16 autocast may use TF32 too
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    if name in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if name == "bf16" else torch.float16
-        scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
-        return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
-    return nullcontext, None
-
-
-#################################################################################
 #                                 The trainer                                   #
 #################################################################################
 
 
-class Trainer:
-    """State of one training run; `run()` is the loop. Built by `train(cfg)`."""
+class Trainer(TrainState, Steps):
+    """State of one training run; `run()` is the loop. Built by `train(cfg)`. The step mechanics
+    (`train_step`) are in maskdit/train/step.py, the checkpoint side (`save`, the resume) in
+    maskdit/train/state.py."""
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo, data: LatentSet | None = None):
         self.cfg, self.dist = cfg, dist
@@ -167,7 +106,7 @@ class Trainer:
             self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=0.0,
             **({"fused": True} if fused else {"foreach": True}),
         )
-        self.autocast, self.scaler = _precision(cfg.precision, self.device)
+        self.autocast, self.scaler = mixed_precision(cfg.precision, self.device)
         self.step = 0
         self.skipped = 0
         self.run_id: str | None = None
@@ -184,10 +123,7 @@ class Trainer:
 
         self.model: torch.nn.Module = self.precond
         if dist.distributed:
-            # mask ratio 0 passes no mask, so the decoder's mask token gets no gradient on those steps
-            unused = cfg.model.decoder_depth > 0 and (cfg.mask.schedule != "constant" or cfg.mask.ratio == 0)
-            self.model = _DDP(self.precond, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                              find_unused_parameters=unused, gradient_as_bucket_view=True)
+            self.model = distributed_model(self.precond, cfg, self.device)
 
     # ----------------------------------------------------------------- setup
 
@@ -203,162 +139,6 @@ class Trainer:
                 f"the data has {self.data.num_classes} classes but model.num_classes is "
                 f"{self.cfg.model.num_classes}; set model.num_classes={self.data.num_classes}"
             )
-
-    def _restore(self) -> None:
-        """Resume from the newest valid checkpoint in checkpoint.dir, else continue checkpoint.resume_from's,
-        else start from init_from, else fresh (maskdit/train/warmstart.py)."""
-        cfg = self.cfg
-        found, foreign, refused = None, False, None
-        if self.dist.is_main:
-            try:
-                found = checkpoint.load_latest(cfg.checkpoint.dir)
-                if found is None and cfg.checkpoint.resume_from:
-                    found, foreign = warmstart.resume_state(cfg.checkpoint.resume_from), True
-            except UserError as error:  # checkpoints there, none loads (or none to resume): every rank stops
-                refused = str(error)
-        uri, foreign, refused = distributed.broadcast_object((found[0] if found else None, foreign, refused))
-        if refused:
-            raise checkpoint.CheckpointError(refused)
-        if uri is not None:
-            state = found[1] if found else checkpoint.load_checkpoint(uri)
-            checkpoint.check_model_config(cfg.model, state, uri)
-            self._check_position(state, uri)
-            self.precond.net.load_state_dict(state["model"])
-            self.ema.net.load_state_dict(state["ema"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if self.device.type == "cuda" and len(state["rng"]["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            self.step, self.skipped = state["step"], state.get("skipped_steps", 0)
-            if foreign:  # another run's checkpoint (checkpoint.resume_from): this run is a new MLflow run
-                self.resumed_from = uri
-            else:
-                self.run_id, self.resumed_from = state.get("tracking_run_id"), state.get("resumed_from")
-            self.init_source = InitSource(**state["init_from"]) if state.get("init_from") else None
-            log.info("resuming from %s at step %d", uri, self.step)
-        elif cfg.init_from:
-            self.init_source, state = warmstart.start_from(cfg.init_from, cfg.checkpoint.dir,
-                                                           tracking.tracking_uri(cfg.tracking.uri), self.dist.is_main)
-            warmstart.check_model(cfg.model, state, self.init_source)
-            self.precond.net.load_state_dict(state["model"])
-            self.ema.net.load_state_dict(state["ema"])
-            log.info("initialised model and EMA from %s (%s, step %d); fresh optimizer", cfg.init_from,
-                     self.init_source.resolved, state["step"])
-
-    def _check_position(self, state: dict[str, Any], uri: str) -> None:
-        theirs = state.get("data_position") or {}
-        ours = self.plan.position(0)
-        for key in ("dataset_size", "global_batch"):
-            if key in theirs and theirs[key] != ours[key]:
-                raise ConfigError(
-                    f"checkpoint {uri} was trained with {key}={theirs[key]}, this config has {ours[key]}: "
-                    "the data order would not continue; keep them, or use another checkpoint.dir "
-                    "(with init_from to start from its weights)"
-                )
-
-    # ----------------------------------------------------------------- one step
-
-    def _draw(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0 (B, C, H, W), labels (B,)) of one micro batch, on the CPU (pinned on CUDA)."""
-        offset = self.dist.rank * self.per_rank + micro * self.micro  # position in the global batch
-        indices = self.plan.global_indices(step)[offset : offset + self.micro]  # (B,)
-        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "data", step, offset))
-        x0, labels = self.data.draw(indices, generator=gen), self.data.labels[indices]
-        if self.device.type == "cuda":
-            x0, labels = x0.pin_memory(), labels.pin_memory()
-        return x0, labels
-
-    def _micro_batches(self, executor: ThreadPoolExecutor, step: int):
-        """Yield (micro index, x0, labels) of `step`; the next micro batch (of this or the next step)
-        is drawn in the executor's thread meanwhile, so the data never waits for the accelerator."""
-        for m in range(self.accum):
-            key = (step, m)
-            if self._pending is None or self._pending[0] != key:
-                self._pending = (key, executor.submit(self._draw, *key))
-            x0, labels = self._pending[1].result()
-            following = (step, m + 1) if m + 1 < self.accum else (step + 1, 0)
-            self._pending = (following, executor.submit(self._draw, *following))
-            yield m, x0, labels
-
-    def train_step(self, step: int, executor: ThreadPoolExecutor) -> dict[str, Any]:
-        """One optimizer step over the global batch (skipped when non-finite); returns what the log needs."""
-        cfg, dev = self.cfg, self.device
-        mask_ratio = cfg.mask.ratio_at(step, cfg.steps)
-        lr = cfg.optim.lr_at(step, cfg.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        sums = torch.zeros(3, device=dev)  # loss, dsm, mae summed over this rank's samples
-        for m, x0, labels in self._micro_batches(executor, step):
-            offset = self.dist.rank * self.per_rank + m * self.micro
-            gen = torch.Generator(dev).manual_seed(derive_seed(cfg.seed, "loss", step, offset))
-            x0, labels = x0.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-            labels = drop_labels(labels, cfg.p_uncond, cfg.model.num_classes, generator=gen)  # (B,)
-            accumulate = self.dist.distributed and m < self.accum - 1  # all-reduce only after the last one
-            with self.model.no_sync() if accumulate else nullcontext():
-                with self.autocast():
-                    out = maskdit_loss(self.model, x0, labels, mask_ratio, cfg.mae_weight, generator=gen,
-                                       loss_fn=self.loss_fn)
-                loss = out.loss.sum() / self.per_rank  # mean over the global batch after DDP's average
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            sums += torch.stack([out.loss.sum(), out.dsm.sum(), out.mae.sum()]).detach()
-
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or math.inf, foreach=True)
-        stop = torch.full((1,), float(self.stop.requested), device=dev)  # SIGTERM/SIGINT seen on this rank
-        out_of_time = cfg.max_wall_s is not None and self._seconds() >= cfg.max_wall_s
-        stats = torch.cat([sums, (~torch.isfinite(sums[:1])).float(), (~torch.isfinite(grad_norm)).float()[None],
-                           stop, torch.full((1,), float(out_of_time), device=dev)])
-        distributed.all_reduce_sum(stats)  # every rank takes the same skip and stop decisions
-        loss_bad, grad_bad, stop_asked, wall_up = stats[3:].tolist()  # the step's one host sync
-        finite = loss_bad == 0 and grad_bad == 0
-        if finite:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema.decay)
-        elif self.scaler is not None:
-            self.scaler.update()  # lowers the scale after an overflow
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"finite": finite, "sums": stats[:3], "grad_norm": grad_norm.detach(), "lr": lr,
-                "mask_ratio": mask_ratio, "loss_nonfinite": loss_bad > 0, "stop": stop_asked > 0,
-                "out_of_time": wall_up > 0}
-
-    # ----------------------------------------------------------------- checkpoints
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "model_config": self.cfg.model.model_dump(),
-            "model": self.precond.net.state_dict(),
-            "ema": self.ema.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "step": self.step,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
-            "data_position": self.plan.position(self.step),
-            "skipped_steps": self.skipped,
-            "tracking_run_id": self.run_id,
-            "init_from": self.init_source.model_dump() if self.init_source else None,
-            "resumed_from": self.resumed_from,
-            "train_config": storage.redact(self.cfg.model_dump(mode="json")),  # no credentials in URIs
-        }
-
-    def save(self) -> str:
-        """Rank 0 writes ckpt-<step>.pt (atomic) and prunes old ones; returns its URI on every rank."""
-        uri = checkpoint.checkpoint_uri(self.cfg.checkpoint.dir, self.step)
-        if self.dist.is_main:
-            start = time.perf_counter()
-            try:
-                checkpoint.save_checkpoint(self.cfg.checkpoint.dir, self.state(), self.cfg.checkpoint.keep_last)
-            except storage.StorageError as error:
-                raise CheckpointWriteError(f"writing the checkpoint of step {self.step} failed: {error}") from None
-            log.info("wrote %s in %.1f s", uri, time.perf_counter() - start)
-        return uri
 
     # ----------------------------------------------------------------- the loop
 

@@ -31,7 +31,8 @@ import torch
 from maskdit.core import distributed, storage, tracking
 from maskdit.core.distributed import DistInfo
 from maskdit.core.errors import UserError
-from maskdit.data.shards import LatentSet, load_decoder
+from maskdit.data.decode import load_decoder
+from maskdit.data.latents import LatentSet
 from maskdit.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class Monitor:
 
     def inception(self):
         if self._inception is None:
-            from maskdit.evaluation.fid import InceptionFeatures
+            from maskdit.evaluation.inception import InceptionFeatures
 
             self._inception = InceptionFeatures(self.mon.inception, self.dist.device)
         return self._inception

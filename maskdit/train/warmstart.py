@@ -16,7 +16,7 @@ and broadcasts it; every rank loads exactly that version. A job restarted before
 checkpoint reads the pin instead of resolving again (the alias may have moved meanwhile); after
 that, it resumes from its own checkpoints, which record the source (`init_from`, `resumed_from`
 in the checkpoint's state), and `TrainResult` and the MLflow run's tags report it as lineage.
-A registered model is read from its files with `weights_only` (`maskdit.evaluation.sources`): nothing in
+A registered model is read from its files with `weights_only` (`maskdit.method.modelformat`): nothing in
 the registry is unpickled.
 """
 
@@ -68,7 +68,7 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def _registry(uri: str, tracking_uri: str | None):
-    from maskdit.core.tracking import connect
+    from maskdit.core.tracking_server import connect
 
     if not tracking_uri:
         raise InitError(f"init_from {uri} is a registered model, but no MLflow tracking URI is set: set "
@@ -103,13 +103,13 @@ def load(source: InitSource, tracking_uri: str | None) -> dict[str, Any]:
     """The training state of a resolved source (every rank loads the same file or version)."""
     if not source.resolved.startswith(MODELS):
         return checkpoint.load_checkpoint(source.resolved)
-    from maskdit.evaluation.sources import SampleError, registered_checkpoint
+    from maskdit.method.modelformat import ModelFormatError, registered_checkpoint
 
     _registry(source.uri, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="maskdit-init-") as tmp:
         try:
             path = registered_checkpoint(source.resolved, tmp)
-        except SampleError as error:
+        except ModelFormatError as error:
             raise InitError(f"init_from {source.uri} ({source.resolved}): {error}") from None
         return checkpoint.load_checkpoint(str(path))
 

@@ -1,0 +1,33 @@
+"""compare.png: FID of both arms against wall clock and images seen, and accuracy against wall clock."""
+
+from __future__ import annotations
+
+from maskdit.compare.config import CompareResult
+
+
+def plot(result: CompareResult, path: str, title: str) -> None:
+    """FID against wall clock and against images seen; accuracy against wall clock (when measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_acc = any(p.accuracy is not None for pts in result.arms.values() for p in pts)
+    fig, axes = plt.subplots(1, 3 if with_acc else 2, figsize=(15 if with_acc else 10, 4.2))
+    styles = {"maskdit": dict(color="tab:red", marker="o", label="MaskDiT (mask 0.5 + tuning)"),
+              "dit": dict(color="tab:blue", marker="s", label="DiT (unmasked)")}
+    for name, pts in result.arms.items():
+        axes[0].plot([p.wall_s for p in pts], [p.fid for p in pts], **styles[name])
+        axes[1].plot([p.images for p in pts], [p.fid for p in pts], **styles[name])
+        if with_acc:
+            axes[2].plot([p.wall_s for p in pts], [100 * p.accuracy for p in pts], **styles[name])
+    for ax, xlabel, ylabel in zip(axes, ("training wall clock (s)", "training images seen", "training wall clock (s)"),
+                                  ("FID (lower is better)", "FID (lower is better)", "classifier accuracy (%)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
