@@ -150,7 +150,7 @@ class Steps:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema.decay)
+            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema.decay_at(step + 1))
         elif self.scaler is not None:
             self.scaler.update()  # lowers the scale after an overflow
         self.optimizer.zero_grad(set_to_none=True)
