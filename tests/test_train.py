@@ -208,6 +208,15 @@ def test_a_ramped_up_ema_follows_the_weights_at_the_start(data, tmp_path):
     assert all(torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
 
 
+def test_no_grad_clip_skips_the_scaling_pass_and_trains_bitwise_the_same(data, tmp_path):
+    """grad_clip unset computes the norm only; a clip far above it scales every gradient by exactly 1.0."""
+    plain = train(build(tiny_config(data, tmp_path / "a", steps=3)))
+    clipped = train(build(tiny_config(data, tmp_path / "b", steps=3, **{"optim.grad_clip": 1e30})))
+    a, b = (checkpoint.load_checkpoint(r.checkpoint) for r in (plain, clipped))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert plain.metrics["grad_norm"] == clipped.metrics["grad_norm"]
+
+
 def test_max_wall_s_stops_with_a_checkpoint_and_resumes_exactly(data, tmp_path):
     """A wall-clock stop ends the call after the step that passes max_wall_s, with that step's checkpoint;
     calling again continues from it, bitwise as a run without the stop (what `maskdit compare` builds on)."""

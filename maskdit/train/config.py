@@ -203,7 +203,10 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_start(self) -> TrainConfig:
-        from maskdit.train.warmstart import InitError, parse_model_uri  # raised as is: not a field's error
+        from maskdit.train.warmstart import (  # raised as is: not a field's error
+            InitError,
+            parse_model_uri,
+        )
 
         if self.init_from and self.checkpoint.resume_from:
             raise InitError(f"init_from ({self.init_from}) and checkpoint.resume_from ({self.checkpoint.resume_from}) "
