@@ -30,6 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from maskdit.method.compiled import training_loss
 from maskdit.method.diffusion import EDMPrecond, maskdit_loss
 from maskdit.method.model import MaskDiT, ModelConfig, model_config, num_masked
+from maskdit.train.config import OptimConfig
+from maskdit.train.step import build_optimizer
 
 MASK_RATIOS = (0.0, 0.5)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,7 +67,7 @@ class Step:
         self.ema = copy.deepcopy(self.precond).requires_grad_(False)
         self.params = [p for p in self.precond.parameters() if p.requires_grad]
         self.ema_params = [p for p in self.ema.parameters()]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0)
+        self.opt = build_optimizer(self.params, OptimConfig(), device)  # the trainer's: fused on CUDA
         self.model = self.precond
         self.loss_fn = training_loss(self.precond.net, compile_, backend)
         self.x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)  # (B, C, H, W)
@@ -131,6 +133,21 @@ def analytic_flops(cfg: ModelConfig, batch: int, mask_ratio: float) -> dict[str,
     else:
         decoder = 2 * d * 2 * d + 2 * keep * d * patch  # the final layer on the encoder's tokens
     return {"encoder": 3 * batch * encoder, "decoder": 3 * batch * decoder, "total": 3 * batch * (encoder + decoder)}
+
+
+def time_back_to_back(fns: dict, repeats: int, steps: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each `fn`, as `steps` calls back to back between two syncs (the host queues work
+    while the GPU runs, as in training), `repeats` rounds, the fns in turn within a round."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
 
 
 def time_interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:

@@ -172,6 +172,21 @@ def _reference_stats(out: Path, limit: int | None = None) -> Path:
     return stats
 
 
+def _floor_fid(out: Path, ref_stats: Path, n: int) -> float:
+    """The FID real digits get: `n` training digits (balanced over the classes) against the same held-out
+    reference, through the same Inception and statistics as the samples' FID. The demo's FID is read
+    against it (no model can be expected below it at that sample count); computed once."""
+    from maskdit.data.mnist import write_mnist
+    from maskdit.evaluation import fid
+
+    stats = out / f"floor_stats_train{n}.npz"
+    if not stats.exists():
+        digits = out / f"floor-digits-train{n}"
+        write_mnist(digits, limit=n, split="train")
+        fid.run(fid.FIDStatsConfig(source=str(digits), out=str(stats)))
+    return fid.fid_from_stats(fid.load_stats(str(stats)), fid.load_stats(str(ref_stats)))
+
+
 @pipeline_app.command("demo")
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the store, the sqlite MLflow and the samples.")]
@@ -197,6 +212,7 @@ def demo(
 
     with exit_on_user_error():  # e.g. the demo extra missing: one line, not a traceback
         ref_stats = _reference_stats(out)
+        floor = _floor_fid(out, ref_stats, DEMO_SAMPLES)
     run_local(dict(images="mnist", store_uri=str(store), resolution=32, pixel_space=True, grayscale=True,
                    pretrain_config="mnist_pretrain", tune_config="mnist_tune", local_nproc=DEMO_NPROC,
                    ref_stats=str(ref_stats), num_samples=DEMO_SAMPLES,
@@ -211,6 +227,7 @@ def demo(
 demo finished in {(time.time() - started) / 60:.1f} min
   sample grid : {grid}   (rows: digits 0-9, columns: seeds)
   FID         : {float(version.tags['fid']):.2f} ({DEMO_SAMPLES} samples at CFG {DEMO_CFG_SCALE} against the {ref_n} held-out real digits)
+  FID floor   : {floor:.2f} ({DEMO_SAMPLES} real training digits against the same {ref_n}: what a model that drew the data itself would score)
   accuracy    : {_accuracy_line(store)}
   MLflow run  : {parent} (experiment {DEMO_EXPERIMENT})
   registered  : models:/{DEMO_MODEL}/{version.version} (aliases: {', '.join(sorted(version.aliases))})

@@ -25,9 +25,14 @@ def test_gpu_suite_dry_run_writes_json_and_table(tmp_path):
     assert result["mode"].startswith("dry run") and result["device"] == "cpu"
 
     train = {(r["compile"], r["mask_ratio"]): r for r in result["train"]}
-    assert set(train) == {("off", 0.5), ("off", 0.0), ("model", 0.5), ("model", 0.0)}
+    assert set(train) == {(m, r) for m in ("off", "model", "step") for r in (0.5, 0.0)}
     for row in train.values():
-        assert row["s_per_step"] > 0 and row["gflop_per_step"] > 0 and 0 < row["mfu"] < 1
+        assert row["s_per_step"] > 0 and row["s_per_step_synced"] > 0 and row["gflop_per_step"] > 0
+        assert 0 < row["mfu"] < 1
+    assert [r["batch"] for r in result["sweep"]] == [2, 8] and all(r["s_per_step"] > 0 for r in result["sweep"])
+    profile = result["profile"]
+    assert profile["kernels_per_step"] > 0 and profile["busy_fraction"] > 0 and profile["top"]
+    assert abs(sum(profile["time_share_by_class"].values()) - 1) < 0.01  # shares of one total, rounded to 0.001
     assert train["off", 0.5]["gflop_per_step"] < train["off", 0.0]["gflop_per_step"]  # masking saves FLOPs
     assert 0 < train["off", 0.5]["masked_vs_unmasked_time"]
     assert result["trainer"]["trainer_s_per_step"] > 0 and "overhead_pct" in result["trainer"]
@@ -40,5 +45,6 @@ def test_gpu_suite_dry_run_writes_json_and_table(tmp_path):
     table = (tmp_path / "suite.md").read_text()
     for heading in ("## Training step", "## Trainer overhead", "## Sampling", "## Encoding and FID-50K"):
         assert heading in table
-    assert table.count("| tiny | 4 | bf16 |") == 5  # four training rows and the trainer's
+    assert table.count("| tiny | 4 | bf16 |") == 7  # six training rows and the trainer's
+    assert "## Batch sweep" in table and "## Profile of the masked step" in table
     assert f"{fid['fid50k_8gpu_s']} s" in table

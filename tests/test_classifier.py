@@ -84,3 +84,17 @@ def test_the_demo_scores_fid_against_held_out_digits_only(tmp_path):
     assert len(used) == 10 and used <= set(split_indices(labels, "heldout").tolist())
     assert not used & set(split_indices(labels, "train").tolist())
     assert _reference_stats(tmp_path, limit=10) == stats  # computed once
+
+
+def test_the_demo_prints_a_floor_of_real_training_digits_scored_the_same_way(tmp_path):
+    """The floor: n training digits (none held out) against the held-out reference, by the samples' FID path."""
+    from maskdit.evaluation import fid
+    from pipelines.cli import _floor_fid, _reference_stats
+
+    stats = _reference_stats(tmp_path, limit=10)
+    floor = _floor_fid(tmp_path, stats, 10)
+    used = {int(p.stem) for p in (tmp_path / "floor-digits-train10").rglob("*.png")}
+    assert len(used) == 10 and used <= set(split_indices(mnist_arrays()[1], "train").tolist())
+    expected = fid.fid_from_stats(fid.load_stats(str(tmp_path / "floor_stats_train10.npz")), fid.load_stats(str(stats)))
+    assert floor == expected and floor > 0  # real digits of one split are not the other split's
+    assert _floor_fid(tmp_path, stats, 10) == floor  # computed once, read back the same

@@ -118,6 +118,18 @@ def test_bad_config_names_the_key(digits, tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_inputs_that_cannot_answer_the_question_are_refused_before_training(digits, tmp_path):
+    data, heldout = digits
+    cases = {"short": ({"budget_s": 1e-4}, "less than one step of the unmasked arm"),
+             "same": ({"data": heldout}, "is the training data itself"),
+             "few": ({"fid_samples": 30}, "has 20 images .reference_limit=20., fewer than fid_samples=30")}
+    for name, (overrides, message) in cases.items():
+        cfg = {**tiny(data, heldout, tmp_path / name), **overrides}
+        with pytest.raises(UserError, match=message):
+            run(build_config(CompareConfig, cfg))
+        assert not (tmp_path / name / "maskdit").exists() and not (tmp_path / name / "dit").exists(), name
+
+
 @pytest.mark.slow
 def test_compare_logs_one_parent_run_and_two_child_runs(digits, features, tmp_path, mlflow_server, monkeypatch):
     import mlflow

@@ -186,6 +186,37 @@ def test_train_writes_checkpoints_and_keeps_last(data, tmp_path):
     assert again.checkpoint == result.checkpoint and again.step == 6
 
 
+@pytest.mark.parametrize("ratio", [0.05, 0.5])
+def test_ema_rampup_caps_the_half_life_at_a_share_of_the_steps_taken(ratio):
+    """EDM's rule: the EMA's half-life (in steps) is min(its own, ratio x steps taken); decay = 0.5 ** (1/h)."""
+    from maskdit.train.config import EmaConfig
+
+    ema = EmaConfig(decay=0.9999, rampup_ratio=ratio)
+    half_life = math.log(0.5) / math.log(ema.decay)  # 6931.1 steps
+    for t in (1, 2, 10, 1000, 100_000, 10**7):
+        h = math.log(0.5) / math.log(ema.decay_at(t))
+        # two logs and a power of doubles: a few ulp each, far below 1e-9 relative
+        assert h == pytest.approx(min(half_life, ratio * t), rel=1e-9), t
+    assert EmaConfig(decay=0.9999).decay_at(1) == 0.9999  # no ramp-up: the constant decay from the first step
+
+
+def test_a_ramped_up_ema_follows_the_weights_at_the_start(data, tmp_path):
+    """With a tiny ramp-up ratio the first update's decay is 0.5 ** 1e6 = 0: the EMA becomes the weights
+    exactly (lerp with weight 1 returns its end point), where a constant 0.9999 keeps the initial weights."""
+    result = train(build(tiny_config(data, tmp_path / "ck", steps=1, **{"ema.rampup_ratio": 1e-6})))
+    state = checkpoint.load_checkpoint(result.checkpoint)
+    assert all(torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
+
+
+def test_no_grad_clip_skips_the_scaling_pass_and_trains_bitwise_the_same(data, tmp_path):
+    """grad_clip unset computes the norm only; a clip far above it scales every gradient by exactly 1.0."""
+    plain = train(build(tiny_config(data, tmp_path / "a", steps=3)))
+    clipped = train(build(tiny_config(data, tmp_path / "b", steps=3, **{"optim.grad_clip": 1e30})))
+    a, b = (checkpoint.load_checkpoint(r.checkpoint) for r in (plain, clipped))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert plain.metrics["grad_norm"] == clipped.metrics["grad_norm"]
+
+
 def test_max_wall_s_stops_with_a_checkpoint_and_resumes_exactly(data, tmp_path):
     """A wall-clock stop ends the call after the step that passes max_wall_s, with that step's checkpoint;
     calling again continues from it, bitwise as a run without the stop (what `maskdit compare` builds on)."""

@@ -6,6 +6,7 @@ import os
 import time
 
 from maskdit.compare.arms import ARMS, advance, build_arms
+from maskdit.compare.checks import check_budget, check_reference
 from maskdit.compare.config import CompareConfig, CompareResult
 from maskdit.compare.judge import evaluate_arm, make_judge
 from maskdit.compare.plot import plot
@@ -28,7 +29,9 @@ def run(cfg: CompareConfig) -> CompareResult:
     if storage.exists(result_uri) or any(storage.list_uris(storage.join(cfg.out, name)) for name in ARMS):
         raise ConfigError(f"out={cfg.out!r} already holds a comparison (its clock cannot be resumed); choose a new out")
     storage.check_writable(result_uri, "comparison folder (out)")
+    check_reference(cfg)
     device = resolve_device(cfg.device, 0)
+    check_budget(cfg, arms, device)
     judge = make_judge(cfg, device)
     tracker = Tracker(cfg)
     status = "FAILED"

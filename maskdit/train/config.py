@@ -110,9 +110,25 @@ class MaskConfig(StrictModel):
 
 
 class EmaConfig(StrictModel):
-    """Exponential moving average of the weights (used for sampling)."""
+    """Exponential moving average of the weights (used for sampling), with an optional warm-up.
+
+    Without warm-up the EMA starts from the initial weights with the full `decay`: after t steps a
+    share decay^t of it is still those weights (0.9999^2400 = 79 %), which ruins short runs. With
+    `rampup_ratio` r (EDM's `ema_rampup_ratio`, Karras et al. 2022, training_loop.py), the EMA's
+    half-life, counted in optimizer steps, is at most r x the steps taken so far:
+        decay_t = min(decay, 0.5 ** (1 / (r * t)))      t = steps taken, including this one
+    (a half-life of h steps is the decay 0.5 ** (1 / h)). Long runs reach `decay` itself after
+    t = ln 0.5 / (r ln decay) steps (138,626 for 0.9999 and r = 0.05).
+    """
 
     decay: float = Field(0.9999, ge=0, le=1)  # EMA of the weights, updated every step
+    rampup_ratio: float | None = Field(None, gt=0, le=1)  # None: the constant decay from the first step
+
+    def decay_at(self, steps_taken: int) -> float:
+        """The decay of the update after `steps_taken` optimizer steps (>= 1) by the rule above."""
+        if self.rampup_ratio is None:
+            return self.decay
+        return min(self.decay, 0.5 ** (1.0 / (self.rampup_ratio * max(steps_taken, 1))))
 
 
 class CheckpointConfig(StrictModel):
@@ -187,7 +203,10 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_start(self) -> TrainConfig:
-        from maskdit.train.warmstart import InitError, parse_model_uri  # raised as is: not a field's error
+        from maskdit.train.warmstart import (  # raised as is: not a field's error
+            InitError,
+            parse_model_uri,
+        )
 
         if self.init_from and self.checkpoint.resume_from:
             raise InitError(f"init_from ({self.init_from}) and checkpoint.resume_from ({self.checkpoint.resume_from}) "

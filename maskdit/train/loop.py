@@ -46,7 +46,13 @@ from maskdit.method.model import MaskDiT
 from maskdit.train.config import TrainConfig
 from maskdit.train.monitor import Monitor
 from maskdit.train.state import TrainState
-from maskdit.train.step import BatchPlan, Steps, distributed_model, mixed_precision
+from maskdit.train.step import (
+    BatchPlan,
+    Steps,
+    build_optimizer,
+    distributed_model,
+    mixed_precision,
+)
 from maskdit.train.warmstart import InitSource
 
 log = logging.getLogger(__name__)
@@ -101,11 +107,7 @@ class Trainer(TrainState, Steps):
         self.params = list(self.precond.parameters())
         self.ema_params = list(self.ema.parameters())
         self.loss_fn = training_loss(self.precond.net, cfg.compile)  # eq. (6)-(8), compiled per cfg.compile
-        fused = cfg.optim.fused if cfg.optim.fused is not None else self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=0.0,
-            **({"fused": True} if fused else {"foreach": True}),
-        )
+        self.optimizer = build_optimizer(self.params, cfg.optim, self.device)
         self.autocast, self.scaler = mixed_precision(cfg.precision, self.device)
         self.step = 0
         self.skipped = 0

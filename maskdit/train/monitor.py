@@ -143,7 +143,11 @@ class Monitor:
     def quick_fid(self) -> float | None:
         """FID of `fid_samples` EMA samples against the reference, on rank 0 (None on the others)."""
         from maskdit.evaluation import fid
-        from maskdit.evaluation.sample import generate_batches, random_labels, rank_indices
+        from maskdit.evaluation.sample import (
+            generate_batches,
+            random_labels,
+            rank_indices,
+        )
 
         ref = self.reference()
         n = self.mon.fid_samples

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from maskdit.core import distributed
 from maskdit.core.config import ConfigError
 from maskdit.method.diffusion import EDMPrecond, drop_labels, maskdit_loss
-from maskdit.train.config import TrainConfig
+from maskdit.train.config import OptimConfig, TrainConfig
 
 
 def derive_seed(*keys: Any) -> int:
@@ -68,8 +68,17 @@ def distributed_model(precond: EDMPrecond, cfg: TrainConfig, device: torch.devic
     """`precond` wrapped in DDP for a run of several ranks."""
     # mask ratio 0 passes no mask, so the decoder's mask token gets no gradient on those steps
     unused = cfg.model.decoder_depth > 0 and (cfg.mask.schedule != "constant" or cfg.mask.ratio == 0)
+    # broadcast_buffers off: the only buffers are the fixed sin-cos position embeddings, equal on every rank
     return _DDP(precond, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=unused, gradient_as_bucket_view=True)
+                find_unused_parameters=unused, gradient_as_bucket_view=True, broadcast_buffers=False)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """The trainer's AdamW (no weight decay): fused on CUDA unless `optim.fused` says otherwise, else foreach.
+    benchmarks/ build theirs here too, so that a timing measures the optimizer that trains."""
+    fused = optim.fused if optim.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=0.0,
+                             **({"fused": True} if fused else {"foreach": True}))
 
 
 def mixed_precision(name: str, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
@@ -136,7 +145,12 @@ class Steps:
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or math.inf, foreach=True)
+        if cfg.optim.grad_clip is None and hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+            # the norm is logged and guarded; clipping at inf would scale every gradient by 1.0, a pass for nothing
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None],
+                                                      foreach=True)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or math.inf, foreach=True)
         stop = torch.full((1,), float(self.stop.requested), device=dev)  # SIGTERM/SIGINT seen on this rank
         out_of_time = cfg.max_wall_s is not None and self._seconds() >= cfg.max_wall_s
         stats = torch.cat([sums, (~torch.isfinite(sums[:1])).float(), (~torch.isfinite(grad_norm)).float()[None],
@@ -150,7 +164,7 @@ class Steps:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema.decay)
+            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema.decay_at(step + 1))
         elif self.scaler is not None:
             self.scaler.update()  # lowers the scale after an overflow
         self.optimizer.zero_grad(set_to_none=True)
