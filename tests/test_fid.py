@@ -271,3 +271,28 @@ def test_fid_stats_command_from_dataset_uri(inception, tmp_path):
     data = load_dataset(str(dataset))  # pixel space: decoding is the identity (1 channel -> RGB)
     images = data.decode(data.draw(torch.arange(4)))
     np.testing.assert_allclose(stats.features, inception(images), atol=1e-5)
+
+
+def test_one_ulp_of_the_reference_moves_the_quick_fid_by_rounding_only():
+    """6 samples in 2048 dims (the monitor's quick FID): a 1-ulp change of the reference covariance
+    (what another BLAS or thread count does) moves the FID by ~n * eps relative, not by sqrt(eps).
+
+    The n x n matrix has an exact null vector; unresolved, its +-eps * lambda_max eigenvalue's root
+    moved the FID by ~sqrt(eps * lambda_max) (~1e-10 relative here). Resolved to 0, only the 5 kept
+    eigenvalues (here within a factor 2 of lambda_max) move: by ~n * eps * lambda_max each, their roots
+    by ~n * eps * sqrt(lambda_max), which is ~1e-15 of the FID; 1e-13 leaves a factor ~100 for the
+    sums over D, and is 1000x below what the unresolved null eigenvalue did.
+    """
+    rng = np.random.default_rng(0)
+    real = rng.gamma(0.5, 1.0, size=(300, 2048))  # non-negative, like pool3 features
+    ref = fid.FIDStats(real.mean(axis=0), np.cov(real, rowvar=False))
+    fake = rng.gamma(0.5, 1.0, size=(6, 2048))
+    base = fid.fid_from_features(fake, ref)
+    eps = np.finfo(np.float64).eps
+    for _ in range(5):
+        ulp = ref.sigma * (1 + eps * rng.choice([-1.0, 0.0, 1.0], size=ref.sigma.shape))
+        moved = fid.fid_from_features(fake, fid.FIDStats(ref.mu, (ulp + ulp.T) / 2))
+        assert moved == pytest.approx(base, rel=1e-13, abs=0)
+    # the full D x D formula agrees to its own rounding (its 2043 null eigenvalues are resolved too)
+    stats = fid.feature_stats(fake)
+    assert fid.frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma) == pytest.approx(base, rel=1e-9)
