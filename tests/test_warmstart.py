@@ -177,3 +177,20 @@ def test_tune_init_from_skips_pretraining(tmp_path):
     with pytest.raises(StepError, match="pretrain_resume_from='s3://b/runs/x/pretrain' would be ignored"):
         skip_pretraining("models:/m@champion", {"pretrain_resume_from": "s3://b/runs/x/pretrain"}, model, metrics,
                          card)
+
+
+def test_init_from_weights_that_do_not_fit_the_model_is_one_line(data, tmp_path):
+    """Issue 29.1: a checkpoint whose config matches the model but whose tensors do not (an edited file)
+    ended in torch's size-mismatch RuntimeError: exit 143 and a traceback, restarted until the backoff limit.
+    Now a ModelMismatchError (exit 2) naming the source and the tensor."""
+    source = train(build(tiny_config(data, tmp_path / "source", steps=2)))
+    state = checkpoint.load_checkpoint(source.checkpoint)
+    name = next(iter(state["ema"]))
+    for key in ("model", "ema"):
+        state[key][name] = torch.zeros(3, 5)
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(checkpoint.ModelMismatchError) as info:
+        train(build(tiny_config(data, tmp_path / "new", init_from=str(tmp_path / "edited.pt"))))
+    message = str(info.value)
+    assert "\n" not in message and "edited.pt" in message and name in message and "size mismatch" in message
+    assert info.value.exit_code == 2

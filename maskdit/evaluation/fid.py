@@ -198,6 +198,8 @@ def load_stats(uri: str) -> FIDStats:
                 storage.get_file(uri, path)
             elif not path.is_file():
                 raise storage.ObjectNotFound(f"cannot read {uri}: no such file")
+        except storage.StorageUnavailable:  # the store is down: transient, not bad statistics
+            raise
         except storage.StorageError as error:
             raise FIDError(f"cannot read reference statistics {uri}: {error}") from None
         stats = _read_stats_npz(path, uri)
