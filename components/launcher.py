@@ -64,6 +64,7 @@ from components.pytorchjob import (
     step_pod_owner,
 )
 from maskdit.core import storage
+from maskdit.core.errors import is_retryable_exit
 
 
 def _iso(epoch_s: float) -> str:
@@ -154,8 +155,9 @@ class _Incidents:
                     if not ended or ended.get("exitCode", 0) == 0:
                         continue
                     key = (meta["uid"], ended.get("containerID") or ended.get("finishedAt"))
+                    kind = "retryable" if is_retryable_exit(ended["exitCode"]) else "permanent"
                     self._add(key, f"pod {name}: container {c['name']} {ended.get('reason') or 'failed'} "
-                                   f"(exit code {ended['exitCode']}, {c.get('restartCount', 0)} restarts)")
+                                   f"(exit code {ended['exitCode']}: {kind}, {c.get('restartCount', 0)} restarts)")
 
     def _add(self, key: tuple, text: str) -> None:
         if key not in self.seen:

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
+# a service that is down is retried this many seconds (maskdit/core/retry.py), not production's 300
+os.environ.setdefault("MASKDIT_RETRY_BUDGET_S", "3")
 
 _here = Path(__file__).parent
 sys.path.insert(0, str(_here))

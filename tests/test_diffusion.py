@@ -107,6 +107,7 @@ def test_loss_equals_transcription_of_eq_6_to_8(mask_ratio):
         want = transcribed_loss(precond, x0, noise, sigma, labels, mask, mae_weight=0.1)
     assert isinstance(got, LossOutput)
     for a, b in zip(got, want):
+        # the same loss summed in another order, float32: ~100 ulps (1e-5)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if mask_ratio > 0:
         assert torch.all(got.mae > 0)
@@ -226,6 +227,7 @@ def test_heun_sampler_is_exact_on_the_gaussian_ode(num_steps):
                     torch.zeros(8, dtype=torch.long), num_steps=num_steps)
     m = heun_multiplier(num_steps, s)
     # the denoiser sees x in float32 (as the network does): agreement to float32 precision
+    # one float32 multiply-add at values up to ~80 (ulp 7.6e-6): rtol 1e-6 is ~10 ulps there
     torch.testing.assert_close(x, mu + m * (80.0 * z - mu), rtol=1e-6, atol=1e-6)
     if num_steps == 256:  # converged: the ODE maps N(0, 80^2) onto N(mu (1 - s / sqrt(s^2 + 80^2)), s^2)
         assert abs((80 * m) ** 2 / s**2 - 1) < 1e-3
@@ -278,6 +280,7 @@ def test_sample_i_depends_only_on_seed_i(s_churn):
     alone = sample_latents(precond, torch.tensor([7]), [12], **kwargs)
     again = sample_latents(precond, torch.tensor([7, 3]), [12, 11], **kwargs)
     assert both.shape == (2, 4, 8, 8) and torch.isfinite(both).all()
+    # another batch composition changes the CPU matmul blocking (float32), carried through 4 steps with CFG 1.5
     torch.testing.assert_close(both[1:], alone, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(both.flip(0), again, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="seeds"):
@@ -320,4 +323,5 @@ def test_compiled_sampler_matches_eager():
     labels, seeds = torch.tensor([3, 7]), [11, 12]
     eager = sample_latents(precond, labels, seeds, cfg_scale=1.5, num_steps=4)
     compiled = sample_latents(precond, labels, seeds, cfg_scale=1.5, num_steps=4, compile=True)
+    # inductor reorders float32 reductions; 4 steps with CFG carry ~1e-6 per call to at most ~1e-5
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -154,6 +154,7 @@ def test_features_equal_bundled_network_called_directly(inception):
         legacy = net(torch.from_numpy((_tf_legacy_resize(batch) - 128) / 128).permute(0, 3, 1, 2).float())
     ours = inception(batch)
     assert ours.shape == (5, FEATURE_DIM) and ours.dtype == np.float64
+    # float32 features of size O(1-10): 1e-5 is ~100 float32 ulps at 1, room for the resize path's other rounding
     np.testing.assert_allclose(ours, direct, atol=1e-5, rtol=0)
     np.testing.assert_allclose(ours, legacy.double().numpy(), atol=2e-4, rtol=0)
     # one-channel input (MNIST pixel space) is replicated to RGB
@@ -244,6 +245,7 @@ def test_fid_stats_command_from_image_folder(tmp_path, mnist):
     assert (written.stats, written.n, written.features, written.source) == (str(out), 6, True, str(folder))
     stats = fid.load_stats(str(out))
     assert stats.n == 6 and stats.features.shape == (6, 2048)
+    # the stored features are float32 (rounding 6e-8 relative, < 1e-6 at features up to 10): so is their mean
     np.testing.assert_allclose(stats.mu, stats.features.astype(np.float64).mean(0), atol=1e-5)
 
     result = CliRunner().invoke(app, ["fid-stats", f"source={tmp_path / 'none'}", f"out={out}"])
@@ -270,4 +272,30 @@ def test_fid_stats_command_from_dataset_uri(inception, tmp_path):
     stats = fid.load_stats(str(out))
     data = load_dataset(str(dataset))  # pixel space: decoding is the identity (1 channel -> RGB)
     images = data.decode(data.draw(torch.arange(4)))
+    # float32 features stored, another batch split (CPU matmul blocking): ~1e-6 at O(1-10) features; 1e-5 a factor 10
     np.testing.assert_allclose(stats.features, inception(images), atol=1e-5)
+
+
+def test_one_ulp_of_the_reference_moves_the_quick_fid_by_rounding_only():
+    """6 samples in 2048 dims (the monitor's quick FID): a 1-ulp change of the reference covariance
+    (what another BLAS or thread count does) moves the FID by ~n * eps relative, not by sqrt(eps).
+
+    The n x n matrix has an exact null vector; unresolved, its +-eps * lambda_max eigenvalue's root
+    moved the FID by ~sqrt(eps * lambda_max) (~1e-10 relative here). Resolved to 0, only the 5 kept
+    eigenvalues (here within a factor 2 of lambda_max) move: by ~n * eps * lambda_max each, their roots
+    by ~n * eps * sqrt(lambda_max), which is ~1e-15 of the FID; 1e-13 leaves a factor ~100 for the
+    sums over D, and is 1000x below what the unresolved null eigenvalue did.
+    """
+    rng = np.random.default_rng(0)
+    real = rng.gamma(0.5, 1.0, size=(300, 2048))  # non-negative, like pool3 features
+    ref = fid.FIDStats(real.mean(axis=0), np.cov(real, rowvar=False))
+    fake = rng.gamma(0.5, 1.0, size=(6, 2048))
+    base = fid.fid_from_features(fake, ref)
+    eps = np.finfo(np.float64).eps
+    for _ in range(5):
+        ulp = ref.sigma * (1 + eps * rng.choice([-1.0, 0.0, 1.0], size=ref.sigma.shape))
+        moved = fid.fid_from_features(fake, fid.FIDStats(ref.mu, (ulp + ulp.T) / 2))
+        assert moved == pytest.approx(base, rel=1e-13, abs=0)
+    # the full D x D formula agrees to its own rounding (its 2043 null eigenvalues are resolved too)
+    stats = fid.feature_stats(fake)
+    assert fid.frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma) == pytest.approx(base, rel=1e-9)

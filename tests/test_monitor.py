@@ -156,6 +156,11 @@ def test_two_gloo_ranks_score_the_same_quick_fid_as_one(pixels, tmp_path, mlflow
     assert proc.returncode == 0, proc.stderr[-4000:]
     second = read_result(TrainResult, result_uri(str(tmp_path / "two")))
     assert second.world_size == 2 and first.fid_quick is not None
+    # the features are the same bits and the reference statistics differ by a few ulps; with the
+    # eigenvalues within rounding noise of 0 resolved to 0 (fid._resolved), each of the 5 kept roots
+    # moves by ~n * eps * sqrt(lambda_max), so the FID by ~1e-14 relative: 1e-12 leaves a factor 100
+    # for conditioning (kept eigenvalues down to 1e-4 lambda_max). Unresolved, the null eigenvalue's
+    # root moved it by ~sqrt(n * eps * lambda_max), 3e-11 relative on another machine's BLAS.
     assert second.fid_quick == pytest.approx(first.fid_quick, rel=1e-12, abs=0)
     client = mlflow.MlflowClient(mlflow_server)
     assert [m.step for m in client.get_metric_history(second.run_id, FID_METRIC)] == [6]
@@ -174,6 +179,9 @@ def test_fid_from_features_equals_the_full_frechet_distance():
         fake = rng.normal(size=(n, 64))
         stats = fid.feature_stats(fake)
         full = fid.frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
+        # the D x D route takes square roots of two 64 x 64 eigenproblems: an eigenvalue of size
+        # lambda_min perturbed by ~64 * eps * lambda_max moves its root by that / (2 sqrt(lambda_min)),
+        # ~1e-10 of the FID for these well-conditioned Gaussians; 1e-7 covers a condition number 1e6
         assert fid.fid_from_features(fake, ref) == pytest.approx(full, rel=1e-7)
 
 

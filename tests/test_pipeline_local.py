@@ -69,6 +69,7 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     assert read_result(TrainResult, f"{run_dir}/pretrain/result.json").step == 6
     assert read_result(TrainResult, f"{run_dir}/tune/result.json").checkpoint == tags["checkpoint_uri"]
     evaluation = read_result(EvaluateResult, f"{run_dir}/evaluate/result.json")
+    # the version's tag holds the FID to 6 significant digits (f"{fid:.6g}"): off by at most 5e-6 relative
     assert evaluation.fid == pytest.approx(float(tags["fid"]), rel=1e-5) and evaluation.sampler.num_steps == 3
     assert read_result(RegisterResult, f"{run_dir}/evaluate/register/result.json").version == "1"
     # the version's source is the tune run, with the evaluate run's metrics (issue 13.3)

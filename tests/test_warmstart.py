@@ -177,3 +177,44 @@ def test_tune_init_from_skips_pretraining(tmp_path):
     with pytest.raises(StepError, match="pretrain_resume_from='s3://b/runs/x/pretrain' would be ignored"):
         skip_pretraining("models:/m@champion", {"pretrain_resume_from": "s3://b/runs/x/pretrain"}, model, metrics,
                          card)
+
+
+def test_init_from_weights_that_do_not_fit_the_model_is_one_line(data, tmp_path):
+    """Issue 29.1: a checkpoint whose config matches the model but whose tensors do not (an edited file)
+    ended in torch's size-mismatch RuntimeError: exit 143 and a traceback, restarted until the backoff limit.
+    Now a ModelMismatchError (exit 2) naming the source and the tensor."""
+    source = train(build(tiny_config(data, tmp_path / "source", steps=2)))
+    state = checkpoint.load_checkpoint(source.checkpoint)
+    name = next(iter(state["ema"]))
+    for key in ("model", "ema"):
+        state[key][name] = torch.zeros(3, 5)
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(checkpoint.ModelMismatchError) as info:
+        train(build(tiny_config(data, tmp_path / "new", init_from=str(tmp_path / "edited.pt"))))
+    message = str(info.value)
+    assert "\n" not in message and "edited.pt" in message and name in message and "size mismatch" in message
+    assert info.value.exit_code == 2
+
+
+def test_training_with_mlflow_down_past_the_budget_exits_143_in_one_line(data, tmp_path, monkeypatch):
+    """Issue 29.1: MLflow unreachable as training starts (its pod being rescheduled) exited 2: the pipeline run
+    failed for good. Now it is retried within MASKDIT_RETRY_BUDGET_S (3 s in the tests), then exit 143."""
+    import socket
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from maskdit.cli import app
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(data, tmp_path / "ck", steps=2,
+                                                 tracking={"uri": f"http://127.0.0.1:{port}"})))
+    result = CliRunner().invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 143, result.output
+    errors = [line for line in result.output.splitlines() if "retrying in" not in line]
+    assert len(errors) == 1 and f"MLflow at http://127.0.0.1:{port} is unreachable" in errors[0]
+    assert "Traceback" not in result.output

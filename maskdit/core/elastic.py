@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterable
 from types import FrameType, TracebackType
 
-from maskdit.core.errors import EXIT_RETRYABLE, EXIT_USER_ERROR
+from maskdit.core.errors import EXIT_RETRYABLE, EXIT_USER_ERROR, is_retryable_exit
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -129,7 +129,7 @@ def exit_code(worker_codes: Iterable[int]) -> int:
         return 0
     if EXIT_USER_ERROR in codes:
         return EXIT_USER_ERROR
-    if any(0 < code < 128 for code in codes):
+    if any(code > 0 and not is_retryable_exit(code) for code in codes):  # the one classification (errors.py)
         return 1  # torchrun's own code for a failed worker
     return EXIT_RETRYABLE  # every failure was a signal (OOM killer, SIGKILL, SIGTERM) or a retryable exit
 

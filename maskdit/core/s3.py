@@ -13,9 +13,10 @@ Only storage.py calls this module; everything else reads and writes through stor
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 MiB = 1024 * 1024
 
@@ -43,6 +44,24 @@ _clients_lock = threading.Lock()
 # S3 error codes that mean the credentials (or the policy) refused the request
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                     "ExpiredToken", "InvalidClientTokenId", "403", "Forbidden"}
+
+
+# S3 error codes and HTTP statuses of a store that is busy or briefly failing: worth another try
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                   "ServiceUnavailable", "InternalError", "503", "500", "502", "504", "429"}
+_TRANSIENT_TEXT = re.compile(r"Could not connect|Connect timeout|Read timeout|Connection was closed|"
+                             r"EndpointConnectionError|ConnectionClosedError|Max retries exceeded|"
+                             r"\b(SlowDown|ServiceUnavailable|InternalError|RequestTimeout)\b|\((500|502|503|504|429)\)")
+
+
+def is_transient(code: str, status: int | None = None) -> bool:
+    """Whether an S3 error code / HTTP status means "try again" (5xx, 429, throttling, a timeout)."""
+    return code in TRANSIENT_CODES or (status is not None and (status >= 500 or status == 429))
+
+
+def is_transient_text(text: str) -> bool:
+    """The same, for an error known only by its message (boto3's S3UploadFailedError wraps the cause)."""
+    return _TRANSIENT_TEXT.search(text) is not None
 
 
 def client():
@@ -84,3 +103,22 @@ def transfer_config():
     return TransferConfig(multipart_threshold=SETTINGS.multipart_threshold,
                           multipart_chunksize=SETTINGS.multipart_chunksize,
                           max_concurrency=SETTINGS.max_concurrency)
+
+
+class KeepOpen:
+    """A caller's stream handed to boto3, which closes what it uploads: here close() leaves it open."""
+
+    def __init__(self, stream: IO[bytes]):
+        self._stream = stream
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -27,7 +27,8 @@ from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
 from maskdit.core import s3
-from maskdit.core.errors import UserError
+from maskdit.core.errors import ServiceUnavailable, UserError
+from maskdit.core.retry import retrying
 
 _PARTIAL = ".partial"  # suffix of in-flight local writes; never listed
 _COPY_CHUNK = 8 * 1024 * 1024  # bytes a local copy reads at a time
@@ -35,6 +36,10 @@ _COPY_CHUNK = 8 * 1024 * 1024  # bytes a local copy reads at a time
 
 class StorageError(UserError, RuntimeError):
     """An object store or file system refused an operation; the message names URI and endpoint."""
+
+
+class StorageUnavailable(ServiceUnavailable, StorageError):
+    """The store did not answer, timed out, answered 5xx or throttled us: retried, then exit 143."""
 
 
 class ObjectNotFound(StorageError):
@@ -112,6 +117,7 @@ def _s3_errors(uri: str, action: str) -> Iterator[None]:
         BotoCoreError,
         ClientError,
         ConnectionError,
+        HTTPClientError,
         NoCredentialsError,
         PartialCredentialsError,
     )
@@ -122,6 +128,9 @@ def _s3_errors(uri: str, action: str) -> Iterator[None]:
         code = str(error.response.get("Error", {}).get("Code", ""))
         bucket = _split_s3(uri)[0]
         where = f"{uri} (endpoint {s3.endpoint()})"
+        if s3.is_transient(code, error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")):
+            raise StorageUnavailable(f"cannot {action} {where}: the store answered {code} (busy or failing; "
+                                     "transient)") from None
         if code == "NoSuchBucket":
             raise StorageError(f"cannot {action} {where}: bucket {bucket!r} does not exist; "
                                "create it or fix the URI") from None
@@ -135,11 +144,12 @@ def _s3_errors(uri: str, action: str) -> Iterator[None]:
     except (NoCredentialsError, PartialCredentialsError) as error:
         raise StorageError(f"cannot {action} {uri} (endpoint {s3.endpoint()}): {error}; set AWS_ACCESS_KEY_ID "
                            "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a service account role") from None
-    except ConnectionError as error:
-        raise StorageError(f"cannot {action} {uri}: endpoint {s3.endpoint()} is unreachable ({error}); check "
-                           "AWS_ENDPOINT_URL and the network") from None
+    except (ConnectionError, HTTPClientError) as error:  # refused, timed out, closed mid-answer
+        raise StorageUnavailable(f"cannot {action} {uri}: endpoint {s3.endpoint()} is unreachable ({error}); "
+                                 "check AWS_ENDPOINT_URL and the network") from None
     except S3UploadFailedError as error:
-        raise StorageError(f"cannot {action} {uri} (endpoint {s3.endpoint()}): {error}") from None
+        kind = StorageUnavailable if s3.is_transient_text(str(error)) else StorageError
+        raise kind(f"cannot {action} {uri} (endpoint {s3.endpoint()}): {error}") from None
     except BotoCoreError as error:
         raise StorageError(f"cannot {action} {uri} (endpoint {s3.endpoint()}): {error}") from None
 
@@ -190,34 +200,61 @@ def _copy_stream(src: IO[bytes], dst: IO[bytes]) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def _retried(function):
+    """`function` retried while the store is unavailable (maskdit/core/retry.py); its first argument names it."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(uri, *args, **kwargs):
+        return retrying(lambda: function(uri, *args, **kwargs), f"storage {redact(str(uri))}")
+
+    return wrapper
+
+
 def put_fileobj(fileobj: IO[bytes], uri: str | os.PathLike) -> None:
-    """Write everything `fileobj` yields to `uri`, atomically (managed multipart on S3 when large)."""
-    uri = str(uri)
+    """Write everything `fileobj` yields to `uri`, atomically (managed multipart on S3 when large);
+    retried from where it started when the store is unavailable and `fileobj` can seek. Left open."""
+    start = fileobj.tell() if fileobj.seekable() else None
+
+    def rewound() -> s3.KeepOpen:
+        if start is not None:
+            fileobj.seek(start)
+        return s3.KeepOpen(fileobj)
+
+    _put(rewound, str(uri), retried=start is not None)
+
+
+def put_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `uri` atomically; retried while the store is unavailable."""
+    import io
+
+    _put(lambda: io.BytesIO(data), str(uri))
+
+
+def put_file(path: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy the local file `path` to `uri` atomically; retried while the store is unavailable."""
+    _put(lambda: open(path, "rb"), str(uri))  # noqa: SIM115 - _put closes it (a fresh one each try)
+
+
+def _put(open_source, uri: str, retried: bool = True) -> None:
+    """Write the stream `open_source()` gives (a fresh one each try) to `uri`."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        with _s3_errors(uri, "write"):
-            s3.client().upload_fileobj(fileobj, bucket, key, Config=s3.transfer_config())
+
+        def upload() -> None:
+            with open_source() as source, _s3_errors(uri, "write"):
+                s3.client().upload_fileobj(source, bucket, key, Config=s3.transfer_config())
+
+        retrying(upload, f"storage {uri}", budget=None if retried else 0)
         return
     try:
-        with _atomic_local(local_path(uri)) as handle:
-            _copy_stream(fileobj, handle)
+        with open_source() as source, _atomic_local(local_path(uri)) as handle:
+            _copy_stream(source, handle)
     except OSError as error:
         raise StorageError(f"cannot write {uri}: {error}") from None
 
 
-def put_bytes(uri: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `uri` atomically."""
-    import io
-
-    put_fileobj(io.BytesIO(data), uri)
-
-
-def put_file(path: str | os.PathLike, uri: str | os.PathLike) -> None:
-    """Copy the local file `path` to `uri` atomically."""
-    with open(path, "rb") as handle:
-        put_fileobj(handle, uri)
-
-
+@_retried
 def get_bytes(uri: str | os.PathLike) -> bytes:
     """The whole object at `uri`; `ObjectNotFound` when it does not exist."""
     uri = str(uri)
@@ -233,6 +270,7 @@ def get_bytes(uri: str | os.PathLike) -> bytes:
         raise StorageError(f"cannot read {uri}: {error}") from None
 
 
+@_retried
 def get_file(uri: str | os.PathLike, path: str | os.PathLike) -> None:
     """Download `uri` to the local file `path` (parallel ranged GETs on S3); atomic on disk."""
     uri, path = str(uri), Path(path)
@@ -254,6 +292,7 @@ def get_file(uri: str | os.PathLike, path: str | os.PathLike) -> None:
         raise StorageError(f"cannot copy {uri} to {path}: {error}") from None
 
 
+@_retried
 def exists(uri: str | os.PathLike) -> bool:
     """Whether an object (or local file) is at `uri`; a missing bucket is an error, not False."""
     uri = str(uri)
@@ -283,6 +322,7 @@ class StoredObject:
     version: str
 
 
+@_retried
 def list_objects(prefix_uri: str | os.PathLike) -> list[StoredObject]:
     """`list_uris` with each object's size and version, from the listing alone (no object is read)."""
     uri = str(prefix_uri)
@@ -310,6 +350,7 @@ def list_objects(prefix_uri: str | os.PathLike) -> list[StoredObject]:
     return sorted(found, key=lambda o: o.uri)
 
 
+@_retried
 def delete(uri: str | os.PathLike) -> None:
     """Remove the object at `uri`; no error when it is already gone."""
     uri = str(uri)
@@ -331,6 +372,8 @@ def check_writable(uri: str | os.PathLike, what: str = "output") -> None:
     try:
         put_bytes(probe, b"")
         delete(probe)
+    except StorageUnavailable:
+        raise
     except StorageError as error:
         raise StorageError(f"cannot write the {what} {uri}: {error}") from None
     except OSError as error:  # a local path under a file, or a folder we may not create

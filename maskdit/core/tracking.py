@@ -11,8 +11,9 @@ Where a run goes (the environment wins, so a pipeline can nest all its steps und
 
 Only global rank 0 talks to MLflow: other ranks pass `enabled=False`.
 
-An MLflow outage never stops the work (only an unreachable server at the start does, with one
-line): `log_metrics` inside `tracking_run` only queues, and a `MetricLogger` thread
+An MLflow outage never stops the work once it runs; at the start (reachability, run creation,
+params) a server that is down or overloaded is retried within the budget of maskdit/core/retry.py,
+then one line and exit 143 (`TrackingUnavailable`); afterwards `log_metrics` inside `tracking_run` only queues, and a `MetricLogger` thread
 (`maskdit.core.metric_logger`) sends the queue. Params and tags are redacted (`storage.redact`)
 before they are logged.
 """
@@ -30,11 +31,15 @@ from typing import Any
 from maskdit.core.config import flatten
 from maskdit.core.metric_logger import MetricLogger
 from maskdit.core.parent_run import PARENT_TAG, env_parent
+from maskdit.core.retry import retrying
 from maskdit.core.storage import redact
 from maskdit.core.tracking_server import (
+    TrackingError,
     check_reachable,
     connect,
     error_reason,
+    is_transient,
+    mlflow_failure,
     quick_requests,
     tracking_uri,
 )
@@ -70,37 +75,20 @@ def tracking_run(
     if uri is None:
         yield None
         return
-    import mlflow
 
     uri = connect(uri)
     check_reachable(uri)
     if system_metrics and importlib.util.find_spec("psutil") is None:  # MLflow would refuse to start the run
         log.warning("psutil is not installed: this run gets no MLflow system metrics (pip install psutil)")
         system_metrics = False
-    if run_id and not _run_exists(run_id):
-        log.warning("MLflow run %s is not on %s; starting a new run", run_id, uri)
-        run_id = None
-    run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
-    tags = redact(dict(tags or {}))
-    if run_id:  # resume it in its own experiment, whatever this process used before
-        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
-        run = mlflow.start_run(run_id=run_id, nested=nested and mlflow.active_run() is not None,
-                               log_system_metrics=system_metrics)
-    else:
-        parent = env_parent()
-        if parent:
-            experiment_id = mlflow.MlflowClient().get_run(parent).info.experiment_id
-            tags[PARENT_TAG] = parent
-        else:
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
-            experiment_id = mlflow.set_experiment(name).experiment_id if name else None
-        run = mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags or None,
-                               nested=nested and mlflow.active_run() is not None, log_system_metrics=system_metrics)
+    run = retrying(lambda: _start_run(run_name, tags, nested, experiment, run_id, system_metrics, uri),
+                   f"MLflow at {redact(uri)}")
     global _metric_logger
     status, logger, outer = "FAILED", None, _metric_logger
     try:
         if params:
-            _log_params(run.info.run_id, redact(flatten(params)))
+            flat = redact(flatten(params))
+            retrying(lambda: _classified(_log_params, run.info.run_id, flat), f"MLflow at {redact(uri)}")
         logger = _metric_logger = MetricLogger(run.info.run_id, uri, retry_s=retry_s)
         yield run.info.run_id
         status = "FINISHED"
@@ -111,6 +99,38 @@ def tracking_run(
         _metric_logger = outer  # a nested run hands the queue back to its parent
         down = logger is not None and not logger.close(flush_s)
         _end_run(status, uri, quick=down)
+
+
+def _start_run(run_name: str | None, tags: dict[str, str] | None, nested: bool, experiment: str | None,
+               run_id: str | None, system_metrics: bool, uri: str):
+    """Start (or resume) the run; an MLflow failure is classified (`mlflow_failure`): busy or down is retried."""
+    import mlflow
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with quick_requests():  # one try per attempt: the retry budget, not MLflow's own retries, decides
+            if run_id and not _run_exists(run_id):
+                log.warning("MLflow run %s is not on %s; starting a new run", run_id, uri)
+                run_id = None
+            run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
+            tags = redact(dict(tags or {}))
+            if run_id:  # resume it in its own experiment, whatever this process used before
+                mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+                return mlflow.start_run(run_id=run_id, nested=nested and mlflow.active_run() is not None,
+                                        log_system_metrics=system_metrics)
+            parent = env_parent()
+            if parent:
+                experiment_id = mlflow.MlflowClient().get_run(parent).info.experiment_id
+                tags[PARENT_TAG] = parent
+            else:
+                name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
+                experiment_id = mlflow.set_experiment(name).experiment_id if name else None
+            return mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags or None,
+                                    nested=nested and mlflow.active_run() is not None,
+                                    log_system_metrics=system_metrics)
+    except (MlflowException, requests.RequestException) as error:
+        raise mlflow_failure(error, TrackingError, f"starting an MLflow run on {redact(uri)}") from None
 
 
 def _end_run(status: str, uri: str, quick: bool) -> None:
@@ -134,8 +154,22 @@ def _run_exists(run_id: str) -> bool:
 
     try:
         return mlflow.MlflowClient().get_run(run_id) is not None
-    except MlflowException:
+    except MlflowException as error:
+        if is_transient(error):  # down or busy is not "no such run": a new run would orphan the old one
+            raise
         return False
+
+
+def _classified(call, *args):
+    """`call(*args)` with MLflow's failures classified (`mlflow_failure`), one try per attempt."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with quick_requests():
+            return call(*args)
+    except (MlflowException, requests.RequestException) as error:
+        raise mlflow_failure(error, TrackingError, "logging the run's params") from None
 
 
 def _log_params(run_id: str, flat: dict[str, Any]) -> None:

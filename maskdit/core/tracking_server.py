@@ -4,8 +4,11 @@
 - credentials in a tracking URI (`http://user:password@host`) are moved into MLflow's
   MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (`connect`), so neither MLflow nor maskdit
   prints, logs or stores them;
-- an unreachable server at the start is one line (`check_reachable`, a `TrackingError`), never
-  minutes of retries and a traceback.
+- an unreachable server at the start is one line (`check_reachable`), never a traceback;
+- every MLflow failure is classified once (`mlflow_failure`): down, timed out, 5xx, 429 or overloaded
+  (`QueuePool limit ... reached`, which MLflow answers as a 400) is a `TrackingUnavailable`
+  (transient: retried within the budget of maskdit/core/retry.py, then exit 143); refused credentials,
+  an unknown model or path, a URI that answers HTML instead of MLflow's JSON is permanent (exit 2).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from maskdit.core.errors import UserError
+from maskdit.core.errors import ServiceUnavailable, UserError
+from maskdit.core.retry import retrying
 from maskdit.core.storage import redact
 
 REQUEST_TIMEOUT_S = 10  # one HTTP request to MLflow from the metric thread or the reachability check
@@ -24,6 +28,64 @@ REQUEST_TIMEOUT_S = 10  # one HTTP request to MLflow from the metric thread or t
 
 class TrackingError(UserError, RuntimeError):
     """The MLflow server cannot be reached or refuses us; the message names it and what to check."""
+
+
+class TrackingUnavailable(ServiceUnavailable, TrackingError):
+    """MLflow is down, timed out, answered 5xx / 429, or is overloaded: transient (exit 143 after retries)."""
+
+
+# an overloaded server's answers (MLflow reports its database pool running dry as 400 BAD_REQUEST)
+_OVERLOAD = re.compile(r"QueuePool limit|database is locked|too many connections|TEMPORARILY_UNAVAILABLE|"
+                       r"RESOURCE_EXHAUSTED|REQUEST_LIMIT_EXCEEDED", re.IGNORECASE)
+# a request that never got an answer (requests / urllib3 wrap these in many types and messages)
+_NO_ANSWER = re.compile(r"Max retries exceeded|Connection refused|Connection reset|Connection aborted|"
+                        r"RemoteDisconnected|Failed to establish|timed out|Timeout|Name or service not known|"
+                        r"Temporary failure in name resolution|too many (500|502|503|504|429) error", re.IGNORECASE)
+
+
+def _status(error: BaseException) -> int | None:
+    """The HTTP status the server answered, if it answered: a requests error's response, MLflow's
+    RestException (the server's JSON error) or its "failed with error code N" (a non-JSON answer).
+    A plain MlflowException carries no answer (its default code maps to 500 even for client errors)."""
+    from mlflow.exceptions import RestException
+
+    response = getattr(error, "response", None)
+    if getattr(response, "status_code", None) is not None:
+        return int(response.status_code)
+    if isinstance(error, RestException):
+        return int(error.get_http_status_code())
+    found = re.search(r"failed with error code (\d{3})", str(error))
+    return int(found.group(1)) if found else None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether an MLflow client error means "the server is down or busy: try again"."""
+    text = str(error)
+    if _OVERLOAD.search(text):
+        return True
+    status = _status(error)
+    if status is not None and (status >= 500 or status == 429):
+        return status != 501  # 501: the server does not implement it, which no retry changes
+    import requests
+
+    return isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)) or \
+        (status is None and _NO_ANSWER.search(text) is not None)
+
+
+def _html(text: str) -> bool:
+    return re.search(r"<(!doctype|html|head|body)\b", text, re.IGNORECASE) is not None
+
+
+def mlflow_failure(error: BaseException, permanent: type[UserError], what: str) -> UserError:
+    """`error` from an MLflow call as a one-line `TrackingUnavailable` (transient) or `permanent(...)`."""
+    message = getattr(error, "message", None) or str(error)
+    if is_transient(error):
+        return TrackingUnavailable(f"{what}: MLflow is unavailable ({error_reason(error)}); it is retried, and the "
+                                   "step restarted if it stays down")
+    if _html(message) or re.search(r"JSONDecodeError|Expecting value|not in a valid JSON format", message):
+        return permanent(f"{what}: the tracking URI answers HTML, not MLflow's API; is MLFLOW_TRACKING_URI / "
+                         "tracking.uri the MLflow server's address (not its UI behind a proxy or login page)?")
+    return permanent(f"{what}: {redact(message.splitlines()[0] if message else type(error).__name__)[:300]}")
 
 
 def tracking_uri(configured: str | None = None) -> str | None:
@@ -54,26 +116,41 @@ def error_reason(error: BaseException) -> str:
     return redact(found.group(0).strip() if found else f"{type(error).__name__}: {text[:200]}")
 
 
-def check_reachable(uri: str, retries: int = 2) -> None:
-    """`TrackingError` (one line) unless the MLflow server at `uri` answers an API call; quick (a few s)."""
+def check_reachable(uri: str, budget: float | None = None) -> None:
+    """Return once the MLflow server at `uri` answers its API; a down or busy one is retried within the
+    budget (maskdit/core/retry.py) and then a `TrackingUnavailable`; one that refuses us or is no MLflow
+    server (HTML, 404) a permanent `TrackingError`. One line either way."""
     if urlsplit(uri).scheme not in ("http", "https"):
         return  # a local store (sqlite, file): nothing to reach
+    retrying(lambda: _probe(uri), f"MLflow at {redact(uri)}", budget)
+
+
+def _probe(uri: str) -> None:
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
+    fix = ("start the server or fix MLFLOW_TRACKING_URI / tracking.uri (unset both to run without tracking)")
     try:
         response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
-                                max_retries=retries, backoff_factor=1, timeout=REQUEST_TIMEOUT_S,
+                                max_retries=0, backoff_factor=0, timeout=REQUEST_TIMEOUT_S,
                                 raise_on_status=False, params={"max_results": 1})
     except Exception as error:  # noqa: BLE001 - requests and MLflow wrap connection errors in many types
-        raise TrackingError(f"MLflow at {redact(uri)} is unreachable ({error_reason(error)}); start the server or "
-                            "fix MLFLOW_TRACKING_URI / tracking.uri (unset both to run without tracking)") from None
-    if response.status_code in (401, 403):
-        raise TrackingError(f"MLflow at {redact(uri)} refused us (HTTP {response.status_code}); set "
+        raise TrackingUnavailable(f"MLflow at {redact(uri)} is unreachable ({error_reason(error)}); {fix}") from None
+    code, body = response.status_code, response.text[:2000]
+    if code in (401, 403):
+        raise TrackingError(f"MLflow at {redact(uri)} refused us (HTTP {code}); set "
                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the maskdit-mlflow Secret)")
-    if response.status_code >= 400:
-        raise TrackingError(f"{redact(uri)} answered HTTP {response.status_code} to an MLflow API call; is "
+    if code >= 500 or code == 429 or _OVERLOAD.search(body):
+        raise TrackingUnavailable(f"MLflow at {redact(uri)} is unavailable (HTTP {code}: {redact(body[:200])!r})")
+    if code >= 400:
+        raise TrackingError(f"{redact(uri)} answered HTTP {code} to an MLflow API call; is "
                             "MLFLOW_TRACKING_URI / tracking.uri the MLflow server's address?")
+    try:
+        response.json()
+    except ValueError:
+        raise TrackingError(f"{redact(uri)} answers HTML (or other non-JSON) to an MLflow API call; is "
+                            "MLFLOW_TRACKING_URI / tracking.uri the MLflow server's address (not its UI behind a "
+                            "proxy or login page)?") from None
 
 
 @contextmanager

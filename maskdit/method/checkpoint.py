@@ -103,6 +103,8 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[
             if not source.is_file():
                 raise storage.ObjectNotFound(f"cannot read {uri}: no such file")
         state = torch.load(source, map_location=map_location, weights_only=True)
+    except storage.StorageUnavailable:  # the store is down: transient, not a bad checkpoint
+        raise
     except storage.StorageError as error:
         raise CheckpointError(f"checkpoint {uri}: {error}") from None
     except Exception as error:  # noqa: BLE001 - torch raises many kinds on a truncated or foreign file
@@ -171,6 +173,23 @@ def check_model_config(expected: ModelConfig, state: dict[str, Any], uri: str) -
         )
 
 
+def load_weights(net: torch.nn.Module, weights: dict[str, Any], source: str) -> None:
+    """`net.load_state_dict(weights)` (strict), a `ModelMismatchError` naming `source` when they do not fit.
+
+    The model config may match while the tensors do not (an edited file, a model version whose
+    weights were replaced): torch's size-mismatch RuntimeError is then a one-line error, exit 2.
+    """
+    try:
+        net.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()
+        problems = [line.strip() for line in first[1:] if line.strip()][:3]
+        raise ModelMismatchError(f"the weights of {source} do not fit the model its config describes "
+                                 f"({'; '.join(problems) or (first[0] if first else type(error).__name__)}"
+                                 f"{'; ...' if len(first) > 4 else ''}); use a checkpoint or model version "
+                                 "saved by maskdit for this model") from None
+
+
 def load_ema_model(uri: str, device: str | torch.device = "cpu"):
     """(EDMPrecond with the EMA weights in eval mode, ModelConfig, meta) from a checkpoint file or folder."""
     from maskdit.method.diffusion import EDMPrecond
@@ -179,7 +198,7 @@ def load_ema_model(uri: str, device: str | torch.device = "cpu"):
     uri, state = resolve(uri)
     cfg = ModelConfig(**state["model_config"])
     net = MaskDiT(cfg)
-    net.load_state_dict(state["ema"])
+    load_weights(net, state["ema"], f"checkpoint {uri}")
     precond = EDMPrecond(net).to(device).eval().requires_grad_(False)
     meta = {
         "uri": uri,

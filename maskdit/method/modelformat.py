@@ -31,12 +31,24 @@ class ModelFormatError(UserError, ValueError):
 
 def download(uri: str, dest: str) -> Path:
     """The file or folder at `uri` (`models:/...` path) downloaded into `dest`."""
+    from maskdit.core.retry import retrying
+
+    return retrying(lambda: _download_once(uri, dest), f"MLflow registry {uri}")
+
+
+def _download_once(uri: str, dest: str) -> Path:
+    """One try: a registry that is down or busy is a `TrackingUnavailable` (retried); one that refuses the
+    path (unknown model or version, a path outside the version, HTML) a `ModelFormatError` (exit 2)."""
     import mlflow
+    import requests
+
+    from maskdit.core.tracking_server import mlflow_failure, quick_requests
 
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest))
-    except mlflow.exceptions.MlflowException as error:
-        raise ModelFormatError(f"cannot read {uri} from the MLflow registry: {error.message}") from None
+        with quick_requests():
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest))
+    except (mlflow.exceptions.MlflowException, requests.RequestException, OSError) as error:
+        raise mlflow_failure(error, ModelFormatError, f"cannot read {uri} from the MLflow registry") from None
 
 
 def model_description(uri: str, dest: str) -> dict[str, Any]:

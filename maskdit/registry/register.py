@@ -142,7 +142,7 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
     if not tracking_uri:
         raise RegistryError("no MLflow tracking URI: set MLFLOW_TRACKING_URI or pass tracking_uri")
     tracking_uri = connect(tracking_uri)  # credentials in the URI go to MLflow's env, not into logs
-    check_reachable(tracking_uri)  # one line in seconds, not minutes of retries and a traceback
+    check_reachable(tracking_uri)  # down: retried within MASKDIT_RETRY_BUDGET_S, then one line and exit 143
     client = mlflow.MlflowClient()
     version_tags = {FID_TAG: f"{float(fid):.6g}", **{k: str(v) for k, v in sampler.model_dump().items()},
                     **({"kfp_run_id": kfp_run_id} if kfp_run_id else {}), **(tags or {})}

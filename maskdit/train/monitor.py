@@ -30,7 +30,7 @@ import torch
 
 from maskdit.core import distributed, storage, tracking
 from maskdit.core.distributed import DistInfo
-from maskdit.core.errors import UserError
+from maskdit.core.errors import ServiceUnavailable, UserError
 from maskdit.data.decode import load_decoder
 from maskdit.data.latents import LatentSet
 from maskdit.train.config import TrainConfig
@@ -72,6 +72,8 @@ class Monitor:
         if self.fid_every or dist.is_main:  # a VAE that does not load stops the run now, not at its first grid
             try:
                 self.decode = load_decoder(data.manifest, dist.device)
+            except ServiceUnavailable:  # the store or registry is down: transient, not a bad VAE
+                raise
             except UserError as error:
                 raise MonitorError(f"{error}\nOr turn training-time samples off: monitor.grid_every=0 "
                                    "monitor.fid_samples=0") from None

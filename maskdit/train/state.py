@@ -17,7 +17,7 @@ import torch
 
 from maskdit.core import distributed, storage
 from maskdit.core.config import ConfigError
-from maskdit.core.errors import UserError
+from maskdit.core.errors import EXIT_RETRYABLE, ServiceUnavailable, UserError
 from maskdit.core.tracking_server import tracking_uri
 from maskdit.method import checkpoint
 from maskdit.train import warmstart
@@ -47,16 +47,16 @@ class TrainState:
                 if found is None and cfg.checkpoint.resume_from:
                     found, foreign = warmstart.resume_state(cfg.checkpoint.resume_from), True
             except UserError as error:  # checkpoints there, none loads (or none to resume): every rank stops
-                refused = str(error)
+                refused = (str(error), error.exit_code)
         uri, foreign, refused = distributed.broadcast_object((found[0] if found else None, foreign, refused))
-        if refused:
-            raise checkpoint.CheckpointError(refused)
+        if refused:  # a store that stayed down is retryable on every rank, as it was on rank 0
+            raise (ServiceUnavailable if refused[1] == EXIT_RETRYABLE else checkpoint.CheckpointError)(refused[0])
         if uri is not None:
             state = found[1] if found else checkpoint.load_checkpoint(uri)
             checkpoint.check_model_config(cfg.model, state, uri)
             self._check_position(state, uri)
-            self.precond.net.load_state_dict(state["model"])
-            self.ema.net.load_state_dict(state["ema"])
+            checkpoint.load_weights(self.precond.net, state["model"], uri)
+            checkpoint.load_weights(self.ema.net, state["ema"], uri)
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
@@ -74,8 +74,9 @@ class TrainState:
             self.init_source, state = warmstart.start_from(cfg.init_from, cfg.checkpoint.dir,
                                                            tracking_uri(cfg.tracking.uri), self.dist.is_main)
             warmstart.check_model(cfg.model, state, self.init_source)
-            self.precond.net.load_state_dict(state["model"])
-            self.ema.net.load_state_dict(state["ema"])
+            where = f"init_from {cfg.init_from} ({self.init_source.resolved})"
+            checkpoint.load_weights(self.precond.net, state["model"], where)
+            checkpoint.load_weights(self.ema.net, state["ema"], where)
             log.info("initialised model and EMA from %s (%s, step %d); fresh optimizer", cfg.init_from,
                      self.init_source.resolved, state["step"])
 

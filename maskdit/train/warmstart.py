@@ -28,7 +28,7 @@ from typing import Any
 
 from maskdit.core import distributed, storage
 from maskdit.core.config import StrictModel
-from maskdit.core.errors import UserError
+from maskdit.core.errors import EXIT_RETRYABLE, ServiceUnavailable, UserError
 from maskdit.method import checkpoint
 from maskdit.method.model import ModelConfig
 
@@ -84,15 +84,32 @@ def resolve(uri: str, tracking_uri: str | None) -> tuple[InitSource, dict[str, A
     if not uri.startswith(MODELS):
         found, state = checkpoint.resolve(uri)
         return InitSource(uri=uri, resolved=found, step=state["step"]), state
+    import requests
     from mlflow.exceptions import MlflowException
+
+    from maskdit.core.retry import retrying
+    from maskdit.core.tracking_server import (
+        TrackingUnavailable,
+        mlflow_failure,
+        quick_requests,
+    )
 
     name, alias, version = parse_model_uri(uri)
     client = _registry(uri, tracking_uri)
-    try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException as error:
-        raise InitError(f"init_from {uri}: the MLflow registry at {tracking_uri} says: {error.message}; check the "
-                        "model name and alias (maskdit register sets candidate and champion) or version") from None
+
+    def lookup():
+        try:
+            with quick_requests():
+                return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name,
+                                                                                                               version)
+        except (MlflowException, requests.RequestException) as error:
+            failure = mlflow_failure(error, InitError, f"init_from {uri}: the MLflow registry at {tracking_uri}")
+            if isinstance(failure, TrackingUnavailable):
+                raise failure from None
+            raise InitError(f"{failure}; check the model name and alias (maskdit register sets candidate and "
+                            "champion) or version") from None
+
+    found = retrying(lookup, f"init_from {uri}")
     source = InitSource(uri=uri, resolved=f"{MODELS}{name}/{found.version}", name=name, version=str(found.version),
                         run_id=found.run_id)
     state = load(source, tracking_uri)
@@ -131,11 +148,11 @@ def start_from(uri: str, dir_uri: str, tracking_uri: str | None, is_main: bool) 
             if source is None:
                 source, state = resolve(uri, tracking_uri)
                 storage.put_bytes(storage.join(dir_uri, PIN_FILE), source.model_dump_json(indent=1).encode())
-        except UserError as error:  # every rank stops with rank 0's reason
-            refused = str(error)
+        except UserError as error:  # every rank stops with rank 0's reason (and its exit code)
+            refused = (str(error), error.exit_code)
     shared, refused = distributed.broadcast_object((source.model_dump() if source else None, refused))
     if refused:
-        raise InitError(refused)
+        raise (ServiceUnavailable if refused[1] == EXIT_RETRYABLE else InitError)(refused[0])
     source = InitSource(**shared)
     return source, state if state is not None else load(source, tracking_uri)
 
