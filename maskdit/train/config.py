@@ -123,6 +123,7 @@ class CheckpointConfig(StrictModel):
     keep_last: int = Field(3, ge=1)  # older checkpoints are deleted
     grace_period_s: float = Field(25.0, gt=0)  # seconds from SIGTERM to exit 143 with that step's checkpoint (operating.md)
     resume_from: str | None = None  # another run's checkpoint folder: full state, used while `dir` holds none
+    format: Literal["sharded", "file"] = "sharded"  # sharded: every rank writes its share in the background; file: rank 0 writes one ckpt-<step>.pt (the old way)
 
 
 class TrackingConfig(StrictModel):
