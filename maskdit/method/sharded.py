@@ -143,6 +143,9 @@ def commit(folder: str, ckpt_id: str, step: int, world: int, shards: dict[str, i
     marker = {"format": "maskdit-sharded-checkpoint", "format_version": FORMAT_VERSION, "id": ckpt_id,
               "step": step, "world_size": world, "shards": shards, "model_config": model_config}
     storage.put_bytes(storage.join(folder, COMMIT), json.dumps(marker, indent=1).encode())
+    for stray in storage.list_uris(folder):  # shards an earlier, killed attempt at this step left behind
+        if posixpath.basename(stray) not in shards and posixpath.basename(stray) != COMMIT:
+            storage.delete(stray)
     return folder
 
 
