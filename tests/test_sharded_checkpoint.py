@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -112,11 +111,10 @@ def test_s3_roundtrip_streams_multipart_and_an_error_leaves_nothing(bucket, monk
     assert big.size > 2 * upload.MIN_PART and "-" in big.version  # a multipart ETag: "<md5>-<parts>"
     assert_same(state, checkpoint.load_checkpoint(folder))
 
-    with pytest.raises(RuntimeError, match="serializer failed"):  # noqa: PT012
-        with upload.open_write(f"s3://{bucket}/run/broken.pt") as stream:
-            stream.write(b"x" * (upload.MIN_PART + 10))  # one part sent already
-            raise RuntimeError("serializer failed")
-    assert not storage.exists(f"s3://{bucket}/run/broken.pt")
+    with pytest.raises(RuntimeError, match="serializer failed"), upload.open_write(f"s3://{bucket}/run/b.pt") as stream:
+        stream.write(b"x" * (upload.MIN_PART + 10))  # one part sent already
+        raise RuntimeError("serializer failed")
+    assert not storage.exists(f"s3://{bucket}/run/b.pt")
     assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []  # aborted
 
 
@@ -211,6 +209,18 @@ def _uploading(ck: Path, after: int) -> int | None:
     return None
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process under it at once (torchrun starts its workers in their own sessions)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for process in [*root.children(recursive=True), root]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _elastic(ranks: int, config: Path) -> list[str]:
     return [sys.executable, "-m", "maskdit.elastic", "--standalone", "--nproc-per-node", str(ranks), "--no-python",
             str(Path(sys.executable).with_name("maskdit")), "train", "--config", str(config)]
@@ -221,7 +231,7 @@ def _elastic(ranks: int, config: Path) -> list[str]:
 def test_sigkill_during_a_background_upload_resumes_bitwise(data, tmp_path, ranks):
     """Killed (the whole process group, no grace) while a checkpoint uploads: that checkpoint never counts,
     the previous one is resumed, and the run ends bitwise where an uninterrupted one ends."""
-    steps, every = 30, 3
+    steps, every = 9, 3
     cfg = tiny_config(data, tmp_path / "straight", steps=steps, model=WIDE, **{"checkpoint.every": every})
     env = {**os.environ, **ENV1}
     configs = {}
@@ -234,14 +244,14 @@ def test_sigkill_during_a_background_upload_resumes_bitwise(data, tmp_path, rank
     straight = subprocess.run(command(configs["straight"]), env=env, capture_output=True, text=True, timeout=240)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    ck, after = tmp_path / "killed", random.choice([every, 2 * every])  # a committed checkpoint before the kill
+    ck, after = tmp_path / "killed", every  # a committed checkpoint before the kill
     proc = subprocess.Popen(command(configs["killed"]), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     in_flight, deadline = None, time.monotonic() + 180
     while in_flight is None and proc.poll() is None and time.monotonic() < deadline:
         in_flight = _uploading(ck, after)
         time.sleep(0.001)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)
     _, err = proc.communicate(timeout=60)
     context = f"{ranks} rank(s), killed while step {in_flight} uploaded"
     assert in_flight is not None, f"the kill did not land during an upload:\n{err.decode()[-3000:]}"
