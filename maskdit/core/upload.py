@@ -59,12 +59,12 @@ class _MultipartWriter:
         with storage._s3_errors(self.uri, "write"):
             if self.upload_id is None:
                 self.upload_id = s3.client().create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
-        body, self.buffer = bytes(self.buffer), bytearray()
+        body, self.buffer = self.buffer, bytearray()  # handed over, not copied
         number = len(self.parts) + 1
         self.slots.acquire()  # bounded memory: wait while PARTS_IN_FLIGHT parts are uploading
         self.parts.append(self.pool.submit(self._upload_part, number, body))
 
-    def _upload_part(self, number: int, body: bytes) -> dict:
+    def _upload_part(self, number: int, body: bytearray) -> dict:
         try:
             with storage._s3_errors(self.uri, "write"):
                 reply = s3.client().upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,

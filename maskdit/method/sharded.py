@@ -85,22 +85,25 @@ def owners(tensors: dict[str, torch.Tensor], world: int) -> dict[str, int]:
     return owner
 
 
-def _copy(tensor: torch.Tensor, pinned: dict[str, torch.Tensor] | None, key: str) -> torch.Tensor:
-    """A host copy of `tensor` that training cannot change (reusing a pinned buffer for a CUDA tensor)."""
-    if tensor.device.type == "cuda" and pinned is not None:
-        buffer = pinned.get(key)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = pinned[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        return buffer.copy_(tensor.detach(), non_blocking=True)
-    return tensor.detach().to("cpu", copy=True)
+def _copy(tensor: torch.Tensor, buffers: dict[str, torch.Tensor] | None, key: str) -> torch.Tensor:
+    """A host copy of `tensor` that training cannot change, into `buffers[key]` when given (kept from one
+    checkpoint to the next: no fresh pages to fault in; page-locked for a CUDA tensor, copied asynchronously)."""
+    if buffers is None:
+        return tensor.detach().to("cpu", copy=True)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+        buffer = buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype,
+                                            pin_memory=tensor.device.type == "cuda")
+    return buffer.copy_(tensor.detach(), non_blocking=tensor.device.type == "cuda")
 
 
 def stage(state: dict[str, Any], rank: int, world: int, ckpt_id: str,
-          pinned: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """This rank's shard of `state`, copied to host memory (only its own share: 1/world of the big tensors)."""
+          buffers: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """This rank's shard of `state`, copied to host memory (only its own share: 1/world of the big tensors).
+    With `buffers`, into reused staging buffers: the caller must not stage again before the shard is written."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = {k: (_flatten(v, k, tensors) if k in SHARDED else v) for k, v in state.items()}
-    mine = {key: _copy(tensors[key], pinned, key) for key, r in owners(tensors, world).items() if r == rank}
+    mine = {key: _copy(tensors[key], buffers, key) for key, r in owners(tensors, world).items() if r == rank}
     if rank == 0:  # the small rest (RNG, scaler) is rank 0's; copied so that a later step cannot change it
         skeleton = {k: (v if k in SHARDED else _flatten_copy(v)) for k, v in skeleton.items()}
     if any(t.device.type == "cuda" for t in tensors.values()):

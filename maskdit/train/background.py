@@ -1,7 +1,8 @@
 """Writing this rank's checkpoint shard in the background while training continues.
 
 `save()` stages this rank's share of the state in host memory (the loop's only stall: a copy of
-1/world of model, EMA and optimizer) and starts a thread that streams it to the store
+1/world of model, EMA and optimizer into buffers kept from one checkpoint to the next, so that this
+rank holds 1/world of the state in host memory from its first checkpoint on) and starts a thread that streams it to the store
 (maskdit/method/sharded.py). Rank 0's thread then waits until every rank's shard is stored, writes the
 commit marker and prunes; only then is the checkpoint one. One upload at a time: the next `save()`
 first waits for the previous one (a stall only when uploads are slower than `checkpoint.every`
@@ -38,7 +39,7 @@ class BackgroundCheckpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._step: int | None = None
-        self._pinned: dict[str, torch.Tensor] = {}  # reused page-locked buffers (CUDA)
+        self._buffers: dict[str, torch.Tensor] = {}  # staging buffers, reused (page-locked for CUDA tensors)
         self.stall_s: float | None = None  # of the last save
         self.upload_s: float | None = None  # of the last finished upload (to the commit, on rank 0)
 
@@ -46,7 +47,7 @@ class BackgroundCheckpointer:
         """Stage this rank's shard of `state` and upload it in the background; returns the checkpoint's URI."""
         self.wait()
         start = time.perf_counter()
-        box = [sharded.stage(state, self.rank, self.world, ckpt_id, self._pinned)]
+        box = [sharded.stage(state, self.rank, self.world, ckpt_id, self._buffers)]
         self.stall_s = time.perf_counter() - start
         folder = checkpoint.checkpoint_uri(self.dir_uri, state["step"])
         self._step, self._error = state["step"], None
