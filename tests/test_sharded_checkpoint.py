@@ -277,3 +277,14 @@ def test_train_to_s3_resumes_bitwise(data, tmp_path, bucket):
     assert [s for s, _ in checkpoint.list_checkpoints(ck)] == [8, 10] and checkpoint.uncommitted(ck) == []
     straight = train(build_config(TrainConfig, tiny_config(data, tmp_path / "straight", steps=10)))
     states_equal(checkpoint.load_checkpoint(straight.checkpoint), checkpoint.load_checkpoint(second.checkpoint))
+
+
+def test_a_run_of_file_checkpoints_resumes_bitwise_in_the_sharded_format(data, tmp_path):
+    """Nothing already trained is stranded: a folder of ckpt-<step>.pt files continues, now sharded."""
+    ck = tmp_path / "ck"
+    train(build_config(TrainConfig, tiny_config(data, ck, steps=4, **{"checkpoint.format": "file"})))
+    assert [Path(u).name for _, u in checkpoint.list_checkpoints(str(ck))] == ["ckpt-000000004.pt"]
+    resumed = train(build_config(TrainConfig, tiny_config(data, ck, steps=8)))
+    assert resumed.checkpoint == checkpoint.checkpoint_uri(str(ck), 8)
+    straight = train(build_config(TrainConfig, tiny_config(data, tmp_path / "straight", steps=8)))
+    states_equal(checkpoint.load_checkpoint(straight.checkpoint), checkpoint.load_checkpoint(resumed.checkpoint))
