@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -83,7 +84,7 @@ def training_state(preset: str, device: str = "cpu") -> dict:
 class PeakRss:
     """The process's peak resident memory above its level at entry, sampled every 5 ms in a thread."""
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> Self:
         import psutil
 
         self._process = psutil.Process()
