@@ -48,3 +48,23 @@ def test_gpu_suite_dry_run_writes_json_and_table(tmp_path):
     assert table.count("| tiny | 4 | bf16 |") == 7  # six training rows and the trainer's
     assert "## Batch sweep" in table and "## Profile of the masked step" in table
     assert f"{fid['fid50k_8gpu_s']} s" in table
+
+
+@pytest.mark.slow
+def test_checkpoint_write_dry_run_measures_both_formats_to_both_stores(tmp_path):
+    """benchmarks/checkpoint_write.py --dry-run: the tiny model, old and new format, disk and SeaweedFS."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "ckpt.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint_write.py"), "--dry-run", "--out",
+                          str(out), "--work", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["mode"].startswith("dry run") and result["skipped"] == {}
+    rows = {(r["store"], r["format"]): r for r in result["rows"]}
+    assert set(rows) == {("disk", "file"), ("disk", "sharded"), ("s3", "file"), ("s3", "sharded")}
+    for row in rows.values():
+        assert 0 < row["stall_s"] <= row["total_s"] and row["peak_extra_rss_gb"] >= 0
+    for store in ("disk", "s3"):
+        file = rows[store, "file"]  # the old write blocks the loop for all of it (two clock reads, ms rounding)
+        assert file["total_s"] - file["stall_s"] <= 0.001 + 1e-9
+        assert rows[store, "sharded"]["stall_vs_file"] > 0

@@ -49,7 +49,7 @@ def test_roundtrip_loads_with_weights_only(tmp_path):
     uri = checkpoint.save_checkpoint(str(tmp_path), tiny_state(3))
     assert uri == str(tmp_path / "ckpt-000000003.pt")
     state = checkpoint.load_checkpoint(uri)
-    assert state["format_version"] == checkpoint.FORMAT_VERSION and state["step"] == 3
+    assert state["format_version"] == checkpoint.FILE_FORMAT_VERSION and state["step"] == 3
     assert torch.equal(state["rng"]["torch"], tiny_state(3)["rng"]["torch"])
     original = tiny_state(3)
     for name, value in original["model"].items():

@@ -96,7 +96,8 @@ def test_every_step_runs_in_the_image_venv(image_venv, mlflow_server, tmp_path):
 
     assert json.loads((tmp_path / "dataset" / "manifest.json").read_text())["count"] == 12
     assert np.load(tmp_path / "ref.npz")["mu"].shape == (2048,)
-    assert sorted(p.name for p in (tmp_path / "runs").glob("ckpt-*.pt"))[-1] == "ckpt-000000004.pt"
+    assert sorted(p.name for p in (tmp_path / "runs").glob("ckpt-*/COMMIT.json"))  # sharded, committed
+    assert sorted(p.parent.name for p in (tmp_path / "runs").glob("ckpt-*/COMMIT.json"))[-1] == "ckpt-000000004"
     client = mlflow.MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert float(version.tags["fid"]) == pytest.approx(fid)

@@ -24,7 +24,7 @@ from test_train import CLI, ENV1, data, one_thread, states_equal, tiny_config  #
 from maskdit.core.config import build_config
 from maskdit.core.errors import EXIT_RETRYABLE, EXIT_USER_ERROR, UserError
 from maskdit.core.result import read_result, result_uri
-from maskdit.method import checkpoint
+from maskdit.method import checkpoint, sharded
 from maskdit.train.config import TrainConfig
 from maskdit.train.loop import TrainResult
 from maskdit.train.loop import run as train
@@ -105,21 +105,24 @@ def test_sigterm_one_process_checkpoints_exits_143_and_resumes_bitwise(data, tmp
 # ------------------------------------------------------------------------------ writes
 
 
-def test_a_checkpoint_write_failing_mid_run_is_retryable(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["sharded", "file"])
+def test_a_checkpoint_write_failing_mid_run_is_retryable(data, tmp_path, monkeypatch, fmt):
     """The store was fine at the start (the resume check read it) and fails later: worth a restart, not a
-    UserError (exit 143, not 2)."""
+    UserError (exit 143, not 2). Sharded: the background upload's error reaches the loop at its next wait."""
     ck = tmp_path / "ck"
-    real = checkpoint.save_checkpoint
+    module, name = (sharded, "write_shard") if fmt == "sharded" else (checkpoint, "save_checkpoint")
+    real = getattr(module, name)
 
-    def store_gone_at_step_4(dir_uri, state, keep_last=None):
+    def store_gone_at_step_4(dir_uri, state, *args):
         if state["step"] == 4:
             shutil.rmtree(ck)
             ck.write_text("the checkpoint folder is now a file")
-        return real(dir_uri, state, keep_last)
+        return real(dir_uri, state, *args)
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", store_gone_at_step_4)
+    monkeypatch.setattr(module, name, store_gone_at_step_4)
     with pytest.raises(CheckpointWriteError, match="writing the checkpoint of step 4 failed: cannot write") as error:
-        train(build_config(TrainConfig, tiny_config(data, ck, steps=8, **{"checkpoint.every": 2})))
+        train(build_config(TrainConfig, tiny_config(data, ck, steps=8, **{"checkpoint.every": 2,
+                                                                          "checkpoint.format": fmt})))
     assert not isinstance(error.value, UserError)
 
 
@@ -127,22 +130,23 @@ WIDE = {"preset": "tiny", "hidden_size": 512, "num_heads": 4}  # ~25 MB a state 
 
 
 def _partial_writes(ck: Path) -> list[int]:
-    """Steps whose checkpoint is being written (a non-empty hidden .partial file)."""
+    """Steps whose checkpoint is being written (a non-empty hidden .partial shard in ckpt-<step>/)."""
     found = []
-    for path in ck.glob(".ckpt-*.partial") if ck.is_dir() else []:
+    for path in ck.glob("ckpt-*/.shard-*.partial") if ck.is_dir() else []:
         try:
             if path.stat().st_size > 0:
-                found.append(int(path.name.split("-")[1].split(".")[0]))
-        except FileNotFoundError:  # renamed into place meanwhile
+                found.append(int(path.parent.name.split("-")[1]))
+        except (FileNotFoundError, ValueError):  # renamed into place meanwhile
             pass
-    return found
+    return sorted(set(found))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("grace", [60.0, 0.01])
 def test_sigterm_during_a_checkpoint_write_never_commits_half_a_file(data, tmp_path, grace):
-    """Long grace: the write in flight completes, one more step runs and its checkpoint is written too.
-    Grace shorter than the write: the process exits 143 at once, the write stays a hidden partial file."""
+    """Long grace: the background upload in flight completes, one more step runs and its checkpoint is written
+    too. Grace shorter than the upload: the process exits 143 at once, the upload stays a hidden partial file
+    in a folder without a commit marker (not a checkpoint)."""
     ck = tmp_path / "ck"
     cfg = tiny_config(data, ck, steps=400, model=WIDE, **{"checkpoint.every": 3, "checkpoint.grace_period_s": grace})
     proc = subprocess.Popen([sys.executable, "-c", CLI, "train", "--config", str(_config(tmp_path, "wide", cfg))],

@@ -43,8 +43,8 @@ def test_a_training_step_that_prints_after_its_result(tmp_path, monkeypatch):
     step = TrainStep(stage="pretrain", config=str(config), dataset=data, store_uri=str(tmp_path / "store"),
                      kfp_run_id="run-1", experiment="x", cluster=cluster, timeout_hours=0.1)
     result, parent, logs = train_step(step)
-    assert result.checkpoint == f"{step.checkpoint_dir}/ckpt-000000003.pt" and result.step == 3
-    assert Path(result.checkpoint).is_file() and parent == ""
+    assert result.checkpoint == f"{step.checkpoint_dir}/ckpt-000000003" and result.step == 3
+    assert (Path(result.checkpoint) / "COMMIT.json").is_file() and parent == ""
     assert logs == {"local": f"{step.checkpoint_dir}/logs/local.log"} and "says goodbye" in Path(logs["local"]).read_text()
     assert read_result(TrainResult, result_uri(step.checkpoint_dir)) == result
 

@@ -252,8 +252,8 @@ def test_pruning_keeps_checkpoints_newer_than_the_resumed_one(data, tmp_path):
     train(build(tiny_config(data, ck, steps=2, **{"checkpoint.every": 2})))
     (ck / "ckpt-000000099.pt").write_bytes(b"damaged")
     result = train(build(tiny_config(data, ck, steps=6, **{"checkpoint.every": 2, "checkpoint.keep_last": 1})))
-    assert result.step == 6 and Path(result.checkpoint).is_file()
-    assert sorted(p.name for p in ck.glob("ckpt-*")) == ["ckpt-000000006.pt", "ckpt-000000099.pt"]
+    assert result.step == 6 and Path(result.checkpoint).is_dir()
+    assert sorted(p.name for p in ck.glob("ckpt-*")) == ["ckpt-000000006", "ckpt-000000099.pt"]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -350,7 +350,7 @@ def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
     env = {**os.environ, **ENV1}
     proc = subprocess.Popen([sys.executable, "-c", CLI, "train", "--config", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = ck / "ckpt-000000020.pt"
+    first = ck / "ckpt-000000020" / "COMMIT.json"
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)

@@ -18,11 +18,12 @@ later. The contract, from the outside in:
   the one that failed first. torchrun alone exits 1 in all of these cases, which
   `restartPolicy: ExitCode` reads as permanent.
 - Each worker (`maskdit train`) holds a `StopOnSignal`: the signal only sets a flag; every rank
-  adds its flag to the step's one all-reduce, so all ranks stop after the same step; rank 0
-  writes that step's checkpoint (atomically), MLflow closes the run as KILLED, and the command
+  adds its flag to the step's one all-reduce, so all ranks stop after the same step; every
+  rank writes its shard of that step's checkpoint and rank 0 commits it (maskdit/method/sharded.py), MLflow closes the run as KILLED, and the command
   exits 143. If `grace_period_s` after the signal the process is still alive (a checkpoint write
   that is too slow, a peer that hangs), a watchdog exits it with 143 at once: a checkpoint write
-  in flight is abandoned (a hidden `.partial` file, or an invisible unfinished S3 upload), the
+  in flight is abandoned (a folder without its commit marker, a hidden `.partial` file, or an
+  invisible unfinished S3 upload), the
   newest complete checkpoint stays the one a restart resumes from.
 
 Usage (the PyTorchJob container's command):

@@ -7,7 +7,8 @@ used whenever an endpoint is set). Retries with backoff follow botocore's retry 
 objects go through boto3's managed transfers: multipart uploads and parallel ranged GETs above
 `SETTINGS.multipart_threshold`.
 
-Only storage.py calls this module; everything else reads and writes through storage's URI API.
+Only storage.py and upload.py (its streamed writes) call this module; everything else reads and writes
+through storage's URI API.
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
-"""Training checkpoints: one `torch.save` dict per step, written atomically through `maskdit.core.storage`.
+"""Training checkpoints: finding, loading and pruning them, in either of two formats.
 
-Layout of `<dir>/ckpt-<step:09d>.pt` (everything loads with `torch.load(weights_only=True)`):
+- sharded (format_version 2, what training writes): a folder `<dir>/ckpt-<step:09d>/` of one shard a
+  rank and a commit marker (maskdit/method/sharded.py); a folder without its marker is an upload in
+  flight or abandoned, not a checkpoint;
+- one file (format_version 1, what earlier versions wrote, `checkpoint.format: file`): one `torch.save`
+  dict, `<dir>/ckpt-<step:09d>.pt`, written atomically through `maskdit.core.storage`.
+
+Both load into the same dict (everything loads with `torch.load(weights_only=True)`):
 
     format_version  int
     model_config    dict (ModelConfig fields)
@@ -16,8 +22,8 @@ Layout of `<dir>/ckpt-<step:09d>.pt` (everything loads with `torch.load(weights_
     resumed_from    the other run's checkpoint this run continued (checkpoint.resume_from) or None
     train_config    dict (TrainConfig, JSON-able)
 
-A writer killed mid-write leaves only a hidden `.partial` file (storage's atomic put); the
-previous checkpoint stays valid. Readers take the newest checkpoint that loads and skip corrupt ones;
+A writer killed mid-write leaves only a hidden `.partial` file (storage's atomic put) or a folder
+without a commit marker; the previous checkpoint stays valid. Readers take the newest checkpoint that loads and skip corrupt ones;
 a folder whose checkpoints all fail to load is an error, never an empty folder (training would
 otherwise start over at step 0 next to them). Pruning only deletes checkpoints older than the
 one just written, so a newer, unreadable file is left for a person to look at.
@@ -25,6 +31,7 @@ one just written, so a newer, unreadable file is left for a person to look at.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -34,10 +41,14 @@ import torch
 
 from maskdit.core import storage
 from maskdit.core.errors import UserError
+from maskdit.method import sharded
 from maskdit.method.model import ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = sharded.FORMAT_VERSION  # the newest this code reads
+FILE_FORMAT_VERSION = 1
 _NAME = re.compile(r"ckpt-(\d+)\.pt$")
+_FOLDER = re.compile(r"ckpt-(\d+)/?$")
+_MARKER = re.compile(r"ckpt-(\d+)/" + re.escape(sharded.COMMIT) + "$")
 _REQUIRED = ("format_version", "model_config", "model", "ema", "step")
 log = logging.getLogger(__name__)
 
@@ -50,18 +61,37 @@ class ModelMismatchError(UserError, ValueError):
     """The config's model differs from the checkpoint's; the message names both shapes."""
 
 
-def checkpoint_uri(dir_uri: str, step: int) -> str:
-    return storage.join(dir_uri, f"ckpt-{step:09d}.pt")
+def checkpoint_uri(dir_uri: str, step: int, fmt: str = "sharded") -> str:
+    """URI of step's checkpoint: the folder `ckpt-<step>` (sharded) or the file `ckpt-<step>.pt` (file)."""
+    return storage.join(dir_uri, f"ckpt-{step:09d}" + (".pt" if fmt == "file" else ""))
 
 
 def list_checkpoints(dir_uri: str) -> list[tuple[int, str]]:
-    """(step, uri) of every checkpoint under `dir_uri` (not recursive), oldest first."""
-    found = []
+    """(step, uri) of every checkpoint in `dir_uri`: files, and folders with a commit marker; oldest first."""
+    return sorted(found for found, committed in _scan(dir_uri) if committed)
+
+
+def uncommitted(dir_uri: str) -> list[tuple[int, str]]:
+    """(step, folder uri) of sharded checkpoints whose upload did not finish (no commit marker), oldest first."""
+    return sorted(found for found, committed in _scan(dir_uri) if not committed)
+
+
+def _scan(dir_uri: str) -> list[tuple[tuple[int, str], bool]]:
+    """((step, uri), committed) of every file checkpoint and checkpoint folder directly in `dir_uri`."""
+    files, folders, markers = [], {}, set()
+    top = _parent(checkpoint_uri(dir_uri, 0, "file"))
     for uri in storage.list_uris(dir_uri):
         match = _NAME.search(uri)
-        if match and _parent(uri) == _parent(checkpoint_uri(dir_uri, 0)):
-            found.append((int(match.group(1)), uri))
-    return sorted(found)
+        if match and _parent(uri) == top:
+            files.append(((int(match.group(1)), uri), True))
+            continue
+        folder = uri.rsplit("/", 1)[0]
+        match = _FOLDER.search(folder)
+        if match and _parent(folder) == top:
+            folders[folder] = int(match.group(1))
+            if _MARKER.search(uri):
+                markers.add(folder)
+    return files + [((step, folder), folder in markers) for folder, step in folders.items()]
 
 
 def _parent(uri: str) -> str:
@@ -75,26 +105,55 @@ def nonfinite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
-def save_checkpoint(dir_uri: str, state: dict[str, Any], keep_last: int | None = None) -> str:
-    """Write `state` as `<dir>/ckpt-<step>.pt` atomically, then drop all but the newest `keep_last`."""
+def check_finite(state: dict[str, Any]) -> None:
+    """Refuse to save non-finite model or EMA weights."""
     for key in ("model", "ema"):
         bad = nonfinite_tensors(state[key])
         if bad:
             raise CheckpointError(f"refusing to save step {state['step']}: {key} tensors {bad[:5]} are not finite")
-    uri = checkpoint_uri(dir_uri, state["step"])
+
+
+def save_checkpoint(dir_uri: str, state: dict[str, Any], keep_last: int | None = None) -> str:
+    """Write `state` as the one file `<dir>/ckpt-<step>.pt` atomically (format 1, `checkpoint.format: file`),
+    then drop all but the newest `keep_last`. Builds the whole file in memory first."""
+    check_finite(state)
+    uri = checkpoint_uri(dir_uri, state["step"], "file")
     buffer = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    torch.save({"format_version": FILE_FORMAT_VERSION, **state}, buffer)
     buffer.seek(0)
     storage.put_fileobj(buffer, uri)
     if keep_last is not None:
-        older = [old for step, old in list_checkpoints(dir_uri) if step < state["step"]]
-        for old in older[: max(len(older) - (keep_last - 1), 0)]:
-            storage.delete(old)
+        prune(dir_uri, state["step"], keep_last)
     return uri
 
 
+def prune(dir_uri: str, newest: int, keep_last: int) -> None:
+    """Keep `keep_last` checkpoints up to step `newest`: delete older ones, and uncommitted folders before it."""
+    older = [old for step, old in list_checkpoints(dir_uri) if step < newest]
+    doomed = older[: max(len(older) - (keep_last - 1), 0)] + [f for step, f in uncommitted(dir_uri) if step < newest]
+    for old in doomed:
+        if _NAME.search(old):
+            storage.delete(old)
+        else:  # a folder: the marker first, so that a crash halfway leaves no committed half checkpoint
+            objects = storage.list_uris(old)
+            for uri in sorted(objects, key=lambda u: not u.endswith(sharded.COMMIT)):
+                storage.delete(uri)
+            if not storage.is_s3(old):
+                with contextlib.suppress(OSError):  # S3 has no folders; a local one goes when empty
+                    storage.local_path(old).rmdir()
+
+
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read one checkpoint with `weights_only=True`; `CheckpointError` when it is unreadable or foreign."""
+    """Read one checkpoint (a sharded folder or a file) with `weights_only=True`; `CheckpointError` when it
+    is unreadable, incomplete or foreign."""
+    if _FOLDER.search(str(uri)):
+        try:
+            state = sharded.load(str(uri).rstrip("/"), map_location)
+        except storage.StorageError as error:
+            raise CheckpointError(f"checkpoint {uri}: {error}") from None
+        except sharded.ShardedCheckpointError as error:
+            raise CheckpointError(str(error)) from None
+        return _check_contents(state, uri)
     try:
         if storage.is_s3(uri):
             source: Any = io.BytesIO(storage.get_bytes(uri))
@@ -109,6 +168,10 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[
         raise CheckpointError(f"checkpoint {uri}: {error}") from None
     except Exception as error:  # noqa: BLE001 - torch raises many kinds on a truncated or foreign file
         raise CheckpointError(f"checkpoint {uri} is corrupt or not a torch checkpoint: {error}") from None
+    return _check_contents(state, uri)
+
+
+def _check_contents(state: Any, uri: str) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {uri} lacks {missing}; is it a maskdit training checkpoint?")
@@ -127,6 +190,9 @@ def load_latest(dir_uri: str, map_location: str | torch.device = "cpu") -> tuple
     checkpoints and none of them loads.
     """
     found = list_checkpoints(dir_uri)
+    if not found and uncommitted(dir_uri):
+        log.warning("%s holds no complete checkpoint, only uploads that did not finish (%s): starting from the "
+                    "beginning", dir_uri, ", ".join(uri for _, uri in uncommitted(dir_uri)))
     failures = []
     for _, uri in reversed(found):
         try:
@@ -152,11 +218,11 @@ def latest_checkpoint(dir_uri: str) -> str | None:
 
 def resolve(uri: str, map_location: str | torch.device = "cpu") -> tuple[str, dict[str, Any]]:
     """A checkpoint file URI, or a folder URI (its newest valid checkpoint) -> (uri, state)."""
-    if _NAME.search(str(uri)) or storage.exists(uri):
+    if _NAME.search(str(uri)) or _FOLDER.search(str(uri)) or storage.exists(uri):
         return uri, load_checkpoint(uri, map_location)
     found = load_latest(uri, map_location)
     if found is None:
-        raise CheckpointError(f"no valid checkpoint at {uri}: pass a ckpt-<step>.pt file or a folder holding one")
+        raise CheckpointError(f"no valid checkpoint at {uri}: pass a ckpt-<step> checkpoint or a folder holding one")
     return found
 
 

@@ -67,7 +67,7 @@ def _pretraining(init_from: str | None) -> str:
     if not init_from:
         return "none: trained from scratch in this run"
     step = None
-    match = re.search(r"ckpt-(\d+)\.pt$", init_from)
+    match = re.search(r"ckpt-(\d+)(?:\.pt)?/?$", init_from)  # a file or a sharded checkpoint folder
     if match:
         step = int(match.group(1))
     elif "://" not in init_from or storage.is_s3(init_from):  # a checkpoint folder: its newest file's name

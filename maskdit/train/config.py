@@ -134,11 +134,12 @@ class EmaConfig(StrictModel):
 class CheckpointConfig(StrictModel):
     """Where checkpoints go; a restarted run resumes from the newest valid one."""
 
-    dir: str = Field(description="folder URI (local or s3://) for ckpt-<step>.pt; resume looks here")
+    dir: str = Field(description="folder URI (local or s3://) for the ckpt-<step> checkpoints; resume looks here")
     every: int = Field(10_000, ge=1)  # steps between checkpoints (one is always written at the end)
     keep_last: int = Field(3, ge=1)  # older checkpoints are deleted
     grace_period_s: float = Field(25.0, gt=0)  # seconds from SIGTERM to exit 143 with that step's checkpoint (operating.md)
     resume_from: str | None = None  # another run's checkpoint folder: full state, used while `dir` holds none
+    format: Literal["sharded", "file"] = "sharded"  # sharded: every rank writes its share in the background; file: rank 0 writes one ckpt-<step>.pt (the old way)
 
 
 class TrackingConfig(StrictModel):

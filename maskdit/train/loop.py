@@ -14,7 +14,7 @@ The gradient is the mean over the global batch: each micro loss is sum / per-ran
 DDP averages over ranks.
 
 Preemption (see maskdit/core/elastic.py): SIGTERM or SIGINT sets a flag that every rank adds to the
-step's all-reduce, so all ranks stop after the same step; rank 0 writes that step's checkpoint and
+step's all-reduce, so all ranks stop after the same step; every rank writes its share of that step's checkpoint (rank 0 commits it) and
 `train` raises `Interrupted` (exit 143), within checkpoint.grace_period_s of the signal.
 """
 
@@ -39,7 +39,6 @@ from maskdit.core.errors import Interrupted, UserError
 from maskdit.core.result import StepResult, result_uri
 from maskdit.data.latents import LatentSet, load_dataset
 from maskdit.data.shards import ShardError, manifest_sha256
-from maskdit.method import checkpoint
 from maskdit.method.compiled import training_loss
 from maskdit.method.diffusion import EDMPrecond
 from maskdit.method.model import MaskDiT
@@ -121,6 +120,8 @@ class Trainer(TrainState, Steps):
         self.watched_s = 0.0  # time the monitor took since then
         self._pending: tuple[tuple[int, int], Future] | None = None  # the micro batch being drawn ahead
         self.stop = StopOnSignal(cfg.checkpoint.grace_period_s)  # installed while run() runs
+        self.checkpointer = None  # the background writer (sharded format), made at the first save
+        self.restored_uri: str | None = None  # the checkpoint this run resumed from
         self._restore()
 
         self.model: torch.nn.Module = self.precond
@@ -147,7 +148,7 @@ class Trainer(TrainState, Steps):
     def run(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.is_main
         if self.step >= cfg.steps:
-            final = checkpoint.checkpoint_uri(cfg.checkpoint.dir, self.step) if self.step else None
+            final = self.restored_uri if self.step else None
             log.info("nothing to do: step %d of %d already done", self.step, cfg.steps)
             return self._result(final, {})
         params = cfg.model_dump(mode="json")
@@ -244,6 +245,8 @@ class Trainer(TrainState, Steps):
                 bar.update(1)
                 if self.step % cfg.checkpoint.every == 0 or last or out["stop"]:
                     final = self.save()
+                    if last or out["stop"]:  # the run ends: its checkpoint must be complete first
+                        self.saved()
                 if not out["stop"]:  # stopping: the checkpoint first, the pictures can wait for the next attempt
                     watched = time.perf_counter()
                     self.monitor.after_step(self.step, last)

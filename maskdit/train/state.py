@@ -4,13 +4,16 @@ A run starts from the newest valid checkpoint in its own `checkpoint.dir` (an in
 continues `checkpoint.resume_from`'s newest, else warm-starts from `init_from`
 (maskdit/train/warmstart.py), else fresh. A checkpoint holds model, EMA, optimizer, scaler, step,
 RNG and data position (see maskdit/train/loop.py's determinism contract), so a resume continues
-bit-exactly; rank 0 writes it (atomic, `maskdit.method.checkpoint`) and prunes old ones.
+bit-exactly. Writing (`checkpoint.format`): sharded, every rank its share in the background
+(maskdit/train/background.py, maskdit/method/sharded.py), rank 0 commits and prunes; or one file that
+rank 0 writes while the others wait (`maskdit.method.checkpoint.save_checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -21,14 +24,11 @@ from maskdit.core.errors import EXIT_RETRYABLE, ServiceUnavailable, UserError
 from maskdit.core.tracking_server import tracking_uri
 from maskdit.method import checkpoint
 from maskdit.train import warmstart
+from maskdit.train.background import BackgroundCheckpointer, CheckpointWriteError
 from maskdit.train.warmstart import InitSource
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointWriteError(RuntimeError):
-    """Writing a checkpoint failed after training began (the store went away): retryable, not a UserError.
-    A store that is wrong from the start (no such bucket, bad credentials) fails the resume check first."""
+__all__ = ["CheckpointWriteError", "TrainState"]
 
 
 class TrainState:
@@ -69,6 +69,7 @@ class TrainState:
             else:
                 self.run_id, self.resumed_from = state.get("tracking_run_id"), state.get("resumed_from")
             self.init_source = InitSource(**state["init_from"]) if state.get("init_from") else None
+            self.restored_uri = uri
             log.info("resuming from %s at step %d", uri, self.step)
         elif cfg.init_from:
             self.init_source, state = warmstart.start_from(cfg.init_from, cfg.checkpoint.dir,
@@ -111,8 +112,17 @@ class TrainState:
         }
 
     def save(self) -> str:
-        """Rank 0 writes ckpt-<step>.pt (atomic) and prunes old ones; returns its URI on every rank."""
-        uri = checkpoint.checkpoint_uri(self.cfg.checkpoint.dir, self.step)
+        """Start writing this step's checkpoint (sharded: in the background; `saved()` ends it); its URI."""
+        ck = self.cfg.checkpoint
+        if ck.format == "sharded":
+            if self.checkpointer is None:
+                self.checkpointer = BackgroundCheckpointer(ck.dir, self.dist.rank, self.dist.world_size, ck.keep_last)
+            ckpt_id = distributed.broadcast_object(uuid.uuid4().hex if self.dist.is_main else None)
+            state = self.state()
+            if self.dist.is_main:
+                checkpoint.check_finite(state)
+            return self.checkpointer.save(state, ckpt_id)
+        uri = checkpoint.checkpoint_uri(ck.dir, self.step, "file")
         if self.dist.is_main:
             start = time.perf_counter()
             try:
@@ -121,3 +131,9 @@ class TrainState:
                 raise CheckpointWriteError(f"writing the checkpoint of step {self.step} failed: {error}") from None
             log.info("wrote %s in %.1f s", uri, time.perf_counter() - start)
         return uri
+
+    def saved(self) -> None:
+        """Wait until the checkpoint in flight is committed, on every rank (the last step, a stop)."""
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+        distributed.barrier()

@@ -176,6 +176,6 @@ def resume_state(folder: str) -> tuple[str, dict[str, Any]]:
     """(uri, state) of the newest valid checkpoint in `checkpoint.resume_from`; InitError when it holds none."""
     found = checkpoint.load_latest(folder)
     if found is None:
-        raise InitError(f"checkpoint.resume_from {folder} holds no checkpoint (ckpt-<step>.pt): name the folder of "
+        raise InitError(f"checkpoint.resume_from {folder} holds no checkpoint (ckpt-<step>): name the folder of "
                         "the run to resume (e.g. <store>/runs/<run id>/pretrain), or leave resume_from empty")
     return found
