@@ -527,7 +527,12 @@ def test_only_the_pipeline_and_the_ui_reach_mlflow(overlay) -> None:
     pipeline = {"app.kubernetes.io/part-of": "maskdit"}  # the launcher's training pods; the pipeline's steps
     assert admitted(policies, target, port, job, "maskdit"), "the training pods cannot reach MLflow"
     assert admitted(policies, target, port, pipeline, "maskdit")
-    assert admitted(policies, target, port, pipeline, "kubeflow"), "standalone KFP's steps cannot reach MLflow"
+    # issue 23.1: the steps and their jobs run in the overlay's namespace (kubeflow, or the profile's)
+    step_namespace, _ = K8S_INSTALLS[overlay[0]]
+    assert admitted(policies, target, port, pipeline, step_namespace), f"{step_namespace}'s steps cannot reach MLflow"
+    assert admitted(policies, target, port, job, step_namespace), f"{step_namespace}'s training pods cannot reach MLflow"
+    for elsewhere in {ns for ns, _ in K8S_INSTALLS.values()} - {step_namespace}:
+        assert not admitted(policies, target, port, pipeline, elsewhere), f"{elsewhere}, where nothing runs, is admitted"
     assert admitted(policies, target, port, {}, "ingress-nginx", {"maskdit.io/mlflow-ui": "allowed"})
     assert not admitted(policies, target, port, {}, "ingress-nginx")
     assert not admitted(policies, target, port, pipeline, "default"), "any namespace's pods may reach MLflow"
@@ -615,3 +620,11 @@ def test_a_profile_namespace_is_set_in_one_place(tmp_path) -> None:
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"team-a", MLFLOW_NAMESPACE}
     binding = by_kind_name(docs, "RoleBinding", "maskdit-pipeline")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "team-a"}]
+    # issue 23.1: MLflow's NetworkPolicy admits the renamed namespace's pipeline pods, and no longer the old one
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    mlflow = by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]
+    target, port = mlflow["metadata"]["labels"], mlflow["spec"]["containers"][0]["ports"][0]["containerPort"]
+    pipeline = {"app.kubernetes.io/part-of": "maskdit"}
+    assert admitted(policies, target, port, pipeline, "team-a")
+    assert not admitted(policies, target, port, pipeline, "kubeflow-user-example-com")
+    assert not admitted(policies, target, port, pipeline, "kubeflow")
