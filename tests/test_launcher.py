@@ -134,6 +134,28 @@ def test_manifest_options_for_shared_clusters():
         assert resources["requests"]["memory"] == "64Gi" and resources["limits"]["memory"] == "80Gi"
 
 
+def test_the_grace_period_setting_sets_the_pods_and_trainings_together():
+    """Issue 23.7: the jobs kept Kubernetes' 30 s while an XL/2 checkpoint takes minutes. The one setting gives the
+    pods terminationGracePeriodSeconds above training's own grace period (SIGKILL only after it), and the pipeline's
+    training command gets the same number (components/steps.py)."""
+    from components.cluster import ClusterSettings
+    from components.pytorchjob import EXIT_MARGIN_S
+
+    for grace in (ClusterSettings().grace_period_s, 600.0, 12.5):
+        job = TrainJob.from_settings(ClusterSettings(grace_period_s=grace), step="pretrain", run_id=RUN_ID,
+                                     command=["maskdit", "train"], checkpoint_uri="s3://b/ckpt")
+        manifest = build_pytorchjob(_job(nodes=2, grace_period_s=job.grace_period_s), deadline="2030-01-01T00:00:00Z")
+        assert manifest_errors(manifest, crd_validator()) == []
+        for replica in manifest["spec"]["pytorchReplicaSpecs"].values():
+            seconds = replica["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert isinstance(seconds, int) and grace + EXIT_MARGIN_S <= seconds < grace + EXIT_MARGIN_S + 1
+    assert ClusterSettings().grace_period_s >= 120, "an XL/2 checkpoint takes minutes"
+    with pytest.raises(ValueError, match="grace_period_s=0"):
+        _job(grace_period_s=0)
+    source = (ROOT / "components" / "steps.py").read_text()
+    assert 'f"checkpoint.grace_period_s={step.cluster.grace_period_s:g}"' in source
+
+
 def test_the_job_meets_the_restricted_pod_security_standard():
     manifest = build_pytorchjob(_job(nodes=3))
     for replica in manifest["spec"]["pytorchReplicaSpecs"].values():

@@ -118,5 +118,12 @@ class TrainState:
                 checkpoint.save_checkpoint(self.cfg.checkpoint.dir, self.state(), self.cfg.checkpoint.keep_last)
             except storage.StorageError as error:
                 raise CheckpointWriteError(f"writing the checkpoint of step {self.step} failed: {error}") from None
-            log.info("wrote %s in %.1f s", uri, time.perf_counter() - start)
+            took = time.perf_counter() - start
+            log.info("wrote %s in %.1f s", uri, took)
+            if took > self.cfg.checkpoint.grace_period_s:
+                log.warning("writing the checkpoint took %.1f s, longer than checkpoint.grace_period_s=%g s: a "
+                            "preempted or drained pod would be killed before its checkpoint is complete and lose "
+                            "up to checkpoint.every=%d steps; raise the pipeline's grace_period_s (or "
+                            "checkpoint.grace_period_s and the pods' terminationGracePeriodSeconds) above %.0f s",
+                            took, self.cfg.checkpoint.grace_period_s, self.cfg.checkpoint.every, took)
         return uri
