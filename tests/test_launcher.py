@@ -22,6 +22,7 @@ from components.launcher import (
     JobTimeout,
     LaunchError,
     LaunchResult,
+    StepEvicted,
     StepTerminated,
     deadline_marker,
     delete_run_jobs,
@@ -411,6 +412,54 @@ def test_sigterm_to_the_step_deletes_the_job(k8s_api, api, ckpt):
     assert k8s_api.jobs == {} and ("DELETE", JOB_PATH) in k8s_api.requests
     assert _saved(ckpt, f"{NAME}-master-0") == ["step 1"]
     assert json.loads(Path(deadline_marker(_job(ckpt))).read_text())["passed_at"] is None  # a retry may start it
+
+
+STEP_POD = {"name": "run-abc-pretrain-launcher", "uid": "0b5e6a1c-1111-2222-3333-444455556666"}
+
+
+def _sigterm_to_the_step(k8s_api, api, ckpt, monkeypatch, conditions: list[dict]):
+    """The step in its pod (downward-API env), whose pod has `conditions` when SIGTERM comes; the raised error."""
+    monkeypatch.setenv("MASKDIT_POD_NAME", STEP_POD["name"])
+    monkeypatch.setenv("MASKDIT_POD_UID", STEP_POD["uid"])
+    monkeypatch.setenv("MASKDIT_POD_NAMESPACE", "default")
+    k8s_api.add_pod({"metadata": {"name": STEP_POD["name"], "uid": STEP_POD["uid"], "labels": {}},
+                     "status": {"phase": "Running", "conditions": conditions}})
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))  # stays Running
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(StepTerminated) as info:
+            _run(_job(ckpt), api, timeout_s=5.0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return info.value
+
+
+def test_a_drain_that_evicts_the_step_pod_leaves_the_job_running(k8s_api, api, ckpt, monkeypatch):
+    """Issue 23.8: `kubectl drain` evicting the 1-CPU step pod deleted the 8-GPU job. The Eviction API marks the
+    pod (DisruptionTarget) before SIGTERM: the launcher leaves the job, takes its pod off the job's owners (the
+    garbage collector would delete the job with the pod) and fails the step for KFP to retry; the retry attaches."""
+    error = _sigterm_to_the_step(k8s_api, api, ckpt, monkeypatch, [
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+         "message": "Eviction API: evicting"}, {"type": "Ready", "status": "True"}])
+    assert isinstance(error, StepEvicted) and "EvictionByEvictionAPI" in str(error) and "left PyTorchJob" in str(error)
+    assert "could NOT" not in str(error)
+    assert ("DELETE", JOB_PATH) not in k8s_api.requests and ("default", NAME) in k8s_api.jobs
+    assert not k8s_api.jobs[("default", NAME)]["metadata"].get("ownerReferences"), "the evicted pod still owns it"
+    monkeypatch.setenv("MASKDIT_POD_NAME", "run-abc-pretrain-launcher-retry")  # KFP's retry: a new pod
+    monkeypatch.setenv("MASKDIT_POD_UID", "uid-retry")
+    k8s_api.script(NAME, JobScript(["Created", "Running", "Succeeded"], ["step 1"]))  # training went on: it ends
+    assert _run(_job(ckpt), api).job == NAME
+    owners = k8s_api.jobs[("default", NAME)]["metadata"]["ownerReferences"]
+    assert [o["uid"] for o in owners] == ["uid-retry"]
+
+
+@pytest.mark.parametrize("conditions", [[], [{"type": "DisruptionTarget", "status": "False"}]], ids=["none", "false"])
+def test_kfp_terminate_still_deletes_the_job(k8s_api, api, ckpt, monkeypatch, conditions):
+    """KFP's Terminate deletes the step pod through the API, which sets no DisruptionTarget: the job goes."""
+    error = _sigterm_to_the_step(k8s_api, api, ckpt, monkeypatch, conditions)
+    assert not isinstance(error, StepEvicted) and "deleted PyTorchJob" in str(error)
+    assert k8s_api.jobs == {} and ("DELETE", JOB_PATH) in k8s_api.requests
 
 
 def test_a_retried_step_attaches_to_the_existing_job(k8s_api, api, ckpt, capsys):
