@@ -60,6 +60,10 @@ class ClusterSettings(StrictModel):
     pending_timeout_hours: float = Field(1.0, gt=0, description="Fail (with the scheduler's reason) when a training "
                                          "pod stays Pending this long.")
     local_nproc: int = Field(1, ge=1, description="Processes for the local backend's torchrun.")
+    grace_period_s: float = Field(300.0, gt=0, description="Seconds a training pod has from SIGTERM (preemption, "
+                                  "drain) to write its checkpoint and exit: checkpoint.grace_period_s, and the "
+                                  "pods' terminationGracePeriodSeconds this plus 30 (an XL/2 checkpoint takes "
+                                  "minutes; training warns when one took longer).")
 
 
 def _kfp_type(annotation: Any) -> type:

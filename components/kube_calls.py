@@ -152,6 +152,12 @@ class Calls:
                   GROUP, VERSION, self.namespace, PLURAL, name, until=until)
 
     # --- pods and logs (raw JSON and bytes: no client-side model validation, no JSON-parsing of log text) ---
+    def get_pod(self, name: str, *, until: float) -> dict:
+        def get_raw(**kwargs):
+            return self._json(self.core.read_namespaced_pod(name, self.namespace, _preload_content=False, **kwargs))
+
+        return self.call(f"read pod {name}", get_raw, until=until)
+
     def list_pods(self, selector: str, *, until: float) -> list[dict]:
         def list_raw(**kwargs):
             return self._json(self.core.list_namespaced_pod(self.namespace, label_selector=selector,

@@ -42,6 +42,10 @@ class StepTerminated(LaunchError):
     """The step itself got SIGTERM (KFP Terminate, its pod evicted or deleted): the job was deleted."""
 
 
+class StepEvicted(StepTerminated):
+    """The step's pod was evicted (a node drain) or otherwise disrupted: the job was left running for the retry."""
+
+
 class Terminated(BaseException):
     """Raised by the SIGTERM handler; a BaseException so that no retry loop swallows it."""
 

@@ -13,8 +13,8 @@ holds it): every call has its own timeout and retries transient failures (connec
   owned by the step's pod (HTTP 409 = a retried step: attach, and add its pod as an owner) ->
   follow the master's log across restarts (components/kube_logs.py) -> poll the job and its pods
   until Succeeded/Failed, a pod Pending too long, the deadline, or SIGTERM to the step -> save
-  every replica's log beside the checkpoints -> on the deadline, a stuck pod or SIGTERM delete the
-  job -> return a `LaunchResult`, or raise with the cause, the pods' OOM kills / evictions, where
+  every replica's log beside the checkpoints -> on the deadline, a stuck pod or KFP Terminate delete
+  the job (a drain's SIGTERM keeps it for the retry: components/launch_drain.py) -> return a `LaunchResult`, or raise with the cause, the pods' OOM kills / evictions, where
   the logs are and the master's last lines. docs/operating.md says what each event and KFP action does.
 `delete_run_jobs(run_id)` removes every job labelled with a pipeline run id (the ExitHandler step).
 
@@ -47,10 +47,12 @@ from components.launch_base import (  # noqa: F401 (the errors are part of this 
     JobTimeout,
     LaunchError,
     LaunchResult,
+    StepEvicted,
     StepTerminated,
     Terminated,
     sigterm_raises,
 )
+from components.launch_drain import release_job, step_pod_disruption
 from components.launch_local import launch_local
 from components.pytorchjob import (
     DEADLINE_ANNOTATION,
@@ -282,13 +284,19 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
             failure, cause = JobPending, (f"PyTorchJob {namespace}/{name} cannot run: {stuck}; deleted it. Free or "
                                           f"add the resources, fix the pod's spec, or raise pending_timeout_s.")
         except Terminated:
-            # the step pod's grace period is short (30 s by default): delete first, then save what logs remain
+            # the step pod's grace period is short (30 s by default): act first, then save what logs remain
             budget = min(cleanup_s, TERMINATED_CLEANUP_S)
-            failure, cause = StepTerminated, (
-                f"the step got SIGTERM (KFP Terminate, or its pod was evicted or deleted): deleted PyTorchJob "
-                f"{namespace}/{name}, whose pods checkpoint on SIGTERM; a retry of this step starts it again and it "
-                f"resumes from the checkpoints in {job.checkpoint_uri}")
-            cause += _delete_job(calls, name, until=time.monotonic() + budget / 2)
+            if disruption := step_pod_disruption(calls, owner, until=time.monotonic() + budget / 4):
+                failure, cause = StepEvicted, (  # a drain, not the user: the run goes on (components/launch_drain.py)
+                    f"the step's pod was disrupted ({disruption}): left PyTorchJob {namespace}/{name} running; the "
+                    f"retry of this step attaches to it")
+                cause += release_job(calls, name, owner, until=time.monotonic() + budget / 4)
+            else:
+                failure, cause = StepTerminated, (
+                    f"the step got SIGTERM (KFP Terminate, or its pod deleted): deleted PyTorchJob "
+                    f"{namespace}/{name}, whose pods checkpoint on SIGTERM; a retry of this step starts it again and "
+                    f"it resumes from the checkpoints in {job.checkpoint_uri}")
+                cause += _delete_job(calls, name, until=time.monotonic() + budget / 2)
         except LaunchError:
             raise
         except Exception as error:

@@ -7,6 +7,7 @@ components/launcher.py creates and watches it; components/kube_logs.py reads its
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ DEADLINE_ANNOTATION = "maskdit/deadline"
 JOB_SELECTOR = "training.kubeflow.org/job-name={name}"
 IMAGE_UID = 10001  # the image's user (docker/Dockerfile ARG UID)
 OWNER_ENV = ("MASKDIT_POD_NAME", "MASKDIT_POD_UID", "MASKDIT_POD_NAMESPACE")  # the step pod (downward API)
+EXIT_MARGIN_S = 30  # after training's grace period: torchrun and the interpreter exit
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -44,6 +46,8 @@ class TrainJob:
     backoff_limit: restarts of the job (retryable exit codes, evictions) before it fails.
     queue_name: a Kueue LocalQueue to admit the job through ("" = no Kueue).
     priority_class_name: the pods' PriorityClass ("" = the cluster's default).
+    grace_period_s: checkpoint.grace_period_s of the training command; the pods get
+    `termination_grace_s` of it (SIGKILL comes only after training had its whole period).
     """
 
     step: str
@@ -66,6 +70,7 @@ class TrainJob:
     backoff_limit: int = _DEFAULTS.backoff_limit
     queue_name: str = ""
     priority_class_name: str = ""
+    grace_period_s: float = _DEFAULTS.grace_period_s
 
     def __post_init__(self):
         if self.nodes < 1:
@@ -74,6 +79,8 @@ class TrainJob:
             raise ValueError(f"gpus_per_node={self.gpus_per_node}: use 0 for CPU-only nodes")
         if self.backoff_limit < 0:
             raise ValueError(f"backoff_limit={self.backoff_limit}: use 0 for no restarts")
+        if self.grace_period_s <= 0:
+            raise ValueError(f"grace_period_s={self.grace_period_s}: give the pods > 0 s to checkpoint on SIGTERM")
         if not self.command:
             raise ValueError("command is empty: pass the maskdit command to run, e.g. ['maskdit', 'train', ...]")
 
@@ -133,8 +140,15 @@ def _container(job: TrainJob) -> dict:
     return container
 
 
+def termination_grace_s(grace_period_s: float) -> int:
+    """The pods' terminationGracePeriodSeconds: training's own grace period, plus time for torchrun and the
+    process to exit after the checkpoint (maskdit.elastic exits 143 at `grace_period_s` at the latest)."""
+    return math.ceil(grace_period_s) + EXIT_MARGIN_S
+
+
 def _replica(job: TrainJob, replicas: int) -> dict:
     pod_spec = {
+        "terminationGracePeriodSeconds": termination_grace_s(job.grace_period_s),
         "automountServiceAccountToken": False,  # training talks to S3 and MLflow, never to the API server
         "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID,
                             "fsGroup": IMAGE_UID, "seccompProfile": {"type": "RuntimeDefault"}},

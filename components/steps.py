@@ -174,6 +174,8 @@ def train_step(step: TrainStep):
     command += [f"init_from={step.init_from}"] if step.init_from else []
     command += [f"checkpoint.resume_from={step.resume_from}"] if step.resume_from else []
     command += list(step.overrides)
+    # the pods' terminationGracePeriodSeconds is built from the same setting (components/pytorchjob.py)
+    command += [f"checkpoint.grace_period_s={step.cluster.grace_period_s:g}"]
     env = step_env(step.kfp_run_id, step.kfp_run_name, step.experiment)
     cluster = step.cluster
     job = TrainJob.from_settings(cluster, step=step.stage, run_id=step.kfp_run_id, command=command,

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from maskdit.core.errors import exit_on_user_error
+from pipelines.kfp_auth import TOKEN_ENV, TOKEN_HINT, client, kfp_errors, read_token
 from pipelines.kfp_backend import (
     NEWEST_BACKEND,
     OPTIONAL_ENV_SINCE,
@@ -99,11 +100,11 @@ def run_local_cmd(
     run_local(parse_params(param), pipeline_root.resolve())
 
 
-def _client(host: str | None):
-    """A KFP client (`kfp.Client(namespace=...)` names where KFP itself runs, not the run's namespace)."""
-    import kfp
-
-    return kfp.Client(host=host)
+TokenOption = Annotated[Optional[str], typer.Option(
+    envvar=TOKEN_ENV, help=f"Multi-user Kubeflow: a service-account token with audience pipelines.kubeflow.org "
+    f"({TOKEN_HINT}); better through ${TOKEN_ENV} than on the command line.")]
+TokenFileOption = Annotated[Optional[Path], typer.Option(
+    help="A file holding the token instead, e.g. /var/run/secrets/kubeflow/pipelines/token in a notebook pod.")]
 
 
 @pipeline_app.command("submit")
@@ -116,11 +117,17 @@ def submit_cmd(
     run_name: Annotated[Optional[str], typer.Option(help="Run name (default: maskdit-<time>).")] = None,
     package: Annotated[Path, typer.Option(help="Compiled pipeline YAML.")] = PIPELINE_YAML,
     param: ParamOption = None,
+    token: TokenOption = None,
+    token_file: TokenFileOption = None,
 ) -> None:
     """Start one run on Kubeflow Pipelines."""
-    result = _client(host).create_run_from_pipeline_package(
-        str(package), arguments=parse_params(param), run_name=run_name or f"maskdit-{time.strftime('%Y%m%d-%H%M%S')}",
-        experiment_name=experiment, namespace=namespace, service_account=service_account)
+    arguments = parse_params(param)
+    with exit_on_user_error():
+        bearer = read_token(token, token_file)
+        with kfp_errors(host, bearer):
+            result = client(host, bearer).create_run_from_pipeline_package(
+                str(package), arguments=arguments, run_name=run_name or f"maskdit-{time.strftime('%Y%m%d-%H%M%S')}",
+                experiment_name=experiment, namespace=namespace, service_account=service_account)
     typer.echo(f"run {result.run_id}")
 
 
@@ -134,13 +141,19 @@ def schedule_cmd(
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "maskdit",
     package: Annotated[Path, typer.Option(help="Compiled pipeline YAML.")] = PIPELINE_YAML,
     param: ParamOption = None,
+    token: TokenOption = None,
+    token_file: TokenFileOption = None,
 ) -> None:
     """Schedule recurring retrains (one at a time, no catch-up of missed runs)."""
-    client = _client(host)
-    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
-    recurring = client.create_recurring_run(experiment_id, name, cron_expression=cron, max_concurrency=1,
-                                            no_catchup=True, params=parse_params(param),
-                                            pipeline_package_path=str(package), service_account=service_account)
+    params = parse_params(param)
+    with exit_on_user_error():
+        bearer = read_token(token, token_file)
+        with kfp_errors(host, bearer):
+            kfp_client = client(host, bearer)
+            experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
+            recurring = kfp_client.create_recurring_run(
+                experiment_id, name, cron_expression=cron, max_concurrency=1, no_catchup=True, params=params,
+                pipeline_package_path=str(package), service_account=service_account)
     typer.echo(f"recurring run {recurring.recurring_run_id}")
 
 

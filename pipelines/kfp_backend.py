@@ -11,6 +11,9 @@ The SDK (kfp / kfp-kubernetes 2.17) writes `optional` on every secret and Config
 (`use_secret_as_env(..., optional=...)`), which backends before 2.15 reject.
 `--kfp-backend 2.14` leaves that field out; each such Secret and ConfigMap is then required,
 with every key the pipeline reads (the overlays in k8s/ create them all, the optional ones empty).
+The step pods' `securityContext` (runAsNonRoot as the image's user) needs a 2.16 backend: for an
+older one it is left out, and the pods run as the image's USER without the API server knowing it
+(a namespace that enforces runAsNonRoot then rejects them: docs/operating.md).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from maskdit.core.errors import UserError
 SUPPORTED_BACKENDS = ("2.14", "2.15", "2.16", "2.17")
 MINIMUM_BACKEND, NEWEST_BACKEND = SUPPORTED_BACKENDS[0], SUPPORTED_BACKENDS[-1]
 OPTIONAL_ENV_SINCE = "2.15"  # kubeflow/pipelines#12216 (commit 55ec846): `optional` on SecretAsEnv/ConfigMapAsEnv
+SECURITY_CONTEXT_SINCE = "2.16"  # KubernetesExecutorConfig.securityContext (kfp-kubernetes set_security_context)
 
 # ------------------------------------------------------------------------------------------
 # The fields each backend knows, as JSON names: "field", "field:Message" where the value is a
@@ -279,13 +283,16 @@ def unknown_fields(spec: dict[str, Any], platform: dict[str, Any] | None, versio
 
 def for_backend(platform: dict[str, Any], version: str) -> dict[str, Any]:
     """The platform document with what `version` lacks left out: before 2.15, `optional` on
-    secret/ConfigMap env (the Secret or ConfigMap, and its keys, then must exist)."""
-    if _version_key(check_backend(version)) >= _version_key(OPTIONAL_ENV_SINCE):
-        return platform
+    secret/ConfigMap env (the Secret or ConfigMap, and its keys, then must exist); before 2.16, the
+    step pods' securityContext."""
+    key = _version_key(check_backend(version))
     executors = platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
     for config in executors.values():
-        for entry in config.get("secretAsEnv", []) + config.get("configMapAsEnv", []):
-            entry.pop("optional", None)
+        if key < _version_key(SECURITY_CONTEXT_SINCE):
+            config.pop("securityContext", None)
+        if key < _version_key(OPTIONAL_ENV_SINCE):
+            for entry in config.get("secretAsEnv", []) + config.get("configMapAsEnv", []):
+                entry.pop("optional", None)
     return platform
 
 
@@ -296,7 +303,7 @@ def rewrite_for_backend(path: Path, version: str) -> Path:
     head, sep, platform_text = text.rpartition("\n---\n")
     spec = yaml.safe_load(head if sep else text)
     platform = yaml.safe_load(platform_text) if sep else None
-    if platform is not None and _version_key(check_backend(version)) < _version_key(OPTIONAL_ENV_SINCE):
+    if platform is not None and _version_key(check_backend(version)) < _version_key(SECURITY_CONTEXT_SINCE):
         platform = for_backend(platform, version)
         path.write_text(head + sep + yaml.safe_dump(platform, sort_keys=True))
     unknown = unknown_fields(spec, platform, version)

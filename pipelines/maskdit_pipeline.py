@@ -29,6 +29,7 @@ from components.encode import encode
 from components.evaluate import evaluate
 from components.fingerprint import fingerprint
 from components.pretrain import pretrain
+from components.pytorchjob import IMAGE_UID
 from components.register import register
 from components.settings import settings
 from components.steps import CONFIG_MAP, MLFLOW_SECRET, S3_SECRET
@@ -46,6 +47,9 @@ def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
                                                        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"})
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "maskdit")  # MLflow's NetworkPolicy admits these
+    # the image's user, never root: a namespace that enforces runAsNonRoot admits the step pods (kfp-kubernetes
+    # >= 2.16; `--kfp-backend` before 2.16 leaves it out, pipelines/kfp_backend.py)
+    kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
     return task
 
 

@@ -146,6 +146,11 @@ def test_main_image_shape() -> None:
     assert all("--no-cache-dir" in line for line in pip_lines)
     assert not any(kw == "COPY" and "--from" not in rest for kw, rest in final), (
         "the final stage copies only from the build stage")
+    # issue 23.11: Triton builds its launchers at run time (torch.compile on GPUs): a C compiler and libc headers
+    installs = [rest for kw, rest in final if kw == "RUN" and "apt-get install" in rest]
+    assert installs and {"gcc", "libc6-dev"} <= set(re.findall(r"[\w.+-]+", installs[0])), (
+        "the final stage needs gcc and libc6-dev for torch.compile (Triton)")
+    assert "rm -rf /var/lib/apt/lists/*" in installs[0]
     final_env = " ".join(rest for kw, rest in final if kw == "ENV")
     assert "HF_HOME=" in final_env
     assert dict(final).get("ENTRYPOINT") == '["maskdit"]'

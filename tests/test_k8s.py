@@ -527,7 +527,12 @@ def test_only_the_pipeline_and_the_ui_reach_mlflow(overlay) -> None:
     pipeline = {"app.kubernetes.io/part-of": "maskdit"}  # the launcher's training pods; the pipeline's steps
     assert admitted(policies, target, port, job, "maskdit"), "the training pods cannot reach MLflow"
     assert admitted(policies, target, port, pipeline, "maskdit")
-    assert admitted(policies, target, port, pipeline, "kubeflow"), "standalone KFP's steps cannot reach MLflow"
+    # issue 23.1: the steps and their jobs run in the overlay's namespace (kubeflow, or the profile's)
+    step_namespace, _ = K8S_INSTALLS[overlay[0]]
+    assert admitted(policies, target, port, pipeline, step_namespace), f"{step_namespace}'s steps cannot reach MLflow"
+    assert admitted(policies, target, port, job, step_namespace), f"{step_namespace}'s training pods cannot reach MLflow"
+    for elsewhere in {ns for ns, _ in K8S_INSTALLS.values()} - {step_namespace}:
+        assert not admitted(policies, target, port, pipeline, elsewhere), f"{elsewhere}, where nothing runs, is admitted"
     assert admitted(policies, target, port, {}, "ingress-nginx", {"maskdit.io/mlflow-ui": "allowed"})
     assert not admitted(policies, target, port, {}, "ingress-nginx")
     assert not admitted(policies, target, port, pipeline, "default"), "any namespace's pods may reach MLflow"
@@ -615,3 +620,43 @@ def test_a_profile_namespace_is_set_in_one_place(tmp_path) -> None:
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"team-a", MLFLOW_NAMESPACE}
     binding = by_kind_name(docs, "RoleBinding", "maskdit-pipeline")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "team-a"}]
+    # issue 23.1: MLflow's NetworkPolicy admits the renamed namespace's pipeline pods, and no longer the old one
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    mlflow = by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]
+    target, port = mlflow["metadata"]["labels"], mlflow["spec"]["containers"][0]["ports"][0]["containerPort"]
+    pipeline = {"app.kubernetes.io/part-of": "maskdit"}
+    assert admitted(policies, target, port, pipeline, "team-a")
+    assert not admitted(policies, target, port, pipeline, "kubeflow-user-example-com")
+    assert not admitted(policies, target, port, pipeline, "kubeflow")
+
+
+@pytest.mark.parametrize("endpoint", ["", "http://minio.storage.svc:9000"], ids=["aws", "s3-compatible"])
+def test_mlflow_gets_no_empty_s3_endpoint(overlay, endpoint: str) -> None:
+    """Issue 23.3: s3.env's AWS_ENDPOINT_URL= left empty (AWS S3 itself) reached MLflow as
+    MLFLOW_S3_ENDPOINT_URL="", which its S3 artifact store rejects ("Invalid endpoint"). The server's
+    command unsets an empty one and passes a set one on: run it here with `env` in place of the server."""
+    container = by_kind_name(overlay[1], "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:2] == ["mlflow", "server"], "the command runs its arguments"
+    base = {"PATH": "/usr/bin:/bin", "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint}
+    proc = subprocess.run([*container["command"], "env"], env=base, capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    seen = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
+        if endpoint:
+            assert seen.get(name) == endpoint, name
+        else:
+            assert name not in seen, f"{name} reaches the server empty"
+
+
+def test_large_artifacts_bypass_the_mlflow_servers_tmp(overlay) -> None:
+    """Issue 23.4: every pod of the pipeline transfers large artifacts through presigned multipart URLs, and
+    the server's /tmp still holds the XL/2 model (2.9 GB) twice for the transfers that do pass it (the UI)."""
+    docs = overlay[1]
+    for configmap in (d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "maskdit-config"):
+        assert configmap["data"]["MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"] == "true"
+        assert configmap["data"]["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "true"
+    spec = by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    tmp = next(m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/tmp")
+    volume = next(v for v in spec["volumes"] if v["name"] == tmp["name"])
+    limit = volume["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi") and int(limit[:-2]) * 2**30 >= 2 * 2.9e9, limit

@@ -59,19 +59,40 @@ def test_each_version_gets_only_fields_it_knows(compiled, version) -> None:
 def test_the_newest_needs_no_rewrite_and_older_ones_lose_only_optional(compiled) -> None:
     assert NEWEST_BACKEND == SUPPORTED_BACKENDS[-1] and compiled[NEWEST_BACKEND] == PIPELINE_YAML.read_text(), (
         "the committed YAML is the default compile (the newest backend)")
-    diff = [line for line in difflib.unified_diff(compiled[NEWEST_BACKEND].splitlines(),
-                                                  compiled["2.14"].splitlines(), lineterm="", n=0)
-            if not line.startswith(("---", "+++", "@@"))]
-    assert diff and all(line[0] == "-" and line[1:].strip() in ("optional: true", "optional: false")
-                        for line in diff), diff[:5]
+    security = ("securityContext:", "runAsGroup: '10001'", "runAsNonRoot: true", "runAsUser: '10001'")  # int64: JSON text
+    for older, dropped in (("2.16", ()), ("2.15", security), ("2.14", ("optional: true", "optional: false",
+                                                                          *security))):
+        diff = [line for line in difflib.unified_diff(compiled[NEWEST_BACKEND].splitlines(),
+                                                      compiled[older].splitlines(), lineterm="", n=0)
+                if not line.startswith(("---", "+++", "@@"))]
+        assert all(line[0] == "-" and line[1:].strip() in dropped for line in diff), (older, diff[:5])
+        assert bool(diff) == bool(dropped), older
+
+
+def test_step_pods_run_as_non_root(compiled) -> None:
+    """Issue 23.9: a namespace that enforces runAsNonRoot rejected the step pods. Every step runs as the image's
+    user (kfp-kubernetes set_security_context), for backends that know the field (2.16+)."""
+    from components.pytorchjob import IMAGE_UID
+
+    for version in SUPPORTED_BACKENDS:
+        _, platform = docs(compiled[version])
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        spec, _ = docs(compiled[version])
+        assert set(executors) == set(spec["deploymentSpec"]["executors"]), "every step has a Kubernetes config"
+        for name, config in executors.items():
+            if version >= "2.16":
+                context = config["securityContext"]  # int64 fields are JSON strings (protojson)
+                assert context["runAsNonRoot"] is True, (version, name)
+                assert int(context["runAsUser"]) == int(context["runAsGroup"]) == IMAGE_UID, (version, name)
+            else:
+                assert "securityContext" not in config, (version, name)
 
 
 def test_the_check_names_what_an_older_backend_rejects(compiled) -> None:
     spec, platform = docs(compiled[NEWEST_BACKEND])
     rejected = unknown_fields(spec, platform, "2.14")
-    assert rejected and all(path.endswith(("secretAsEnv.optional", "configMapAsEnv.optional")) for path in rejected)
-    executor = next(iter(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()))
-    executor["securityContext"] = {"runAsNonRoot": True}  # kfp-kubernetes 2.16's set_security_context
+    assert rejected and all(path.endswith(("secretAsEnv.optional", "configMapAsEnv.optional", ".securityContext"))
+                            for path in rejected)
     assert any(p.endswith(".securityContext") for p in unknown_fields(spec, platform, "2.15"))
     assert unknown_fields(spec, platform, "2.16") == []
     spec["root"]["dag"]["tasks"]["cleanup"]["taskInfo"]["nme"] = "x"
@@ -107,8 +128,9 @@ class KfpApi:
     """KFP's REST API (v2beta1) as far as kfp.Client's run and recurring-run calls use it: it
     records each request and answers what the real API server returns."""
 
-    def __init__(self):
+    def __init__(self, token: str | None = None):
         self.requests: list[tuple[str, str, dict]] = []
+        self.authorizations: list[str | None] = []
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -117,6 +139,13 @@ class KfpApi:
 
             def _answer(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0) or 0)) or b"{}")
+                api.authorizations.append(self.headers.get("Authorization"))
+                if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+                    # what Kubeflow's Istio ingress (oauth2-proxy / the AuthorizationPolicy) answers
+                    self.send_response(401, "Unauthorized")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 api.requests.append((self.command, self.path.split("?")[0], body))
                 path = self.path.split("?")[0]
                 answers = {
@@ -181,3 +210,82 @@ def test_schedule_sends_the_namespace_and_service_account(kfp_api) -> None:
     recurring = kfp_api.posted("/apis/v2beta1/recurringruns")
     assert recurring["service_account"] == "maskdit-runner" and recurring["max_concurrency"] in (1, "1")
     assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-user Kubeflow: a service-account token through the Istio ingress (issue 23.2)
+# ------------------------------------------------------------------------------------------
+
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.profile-token.sig"
+
+
+@pytest.fixture
+def guarded_kfp():
+    """The KFP API behind an ingress that admits only `Authorization: Bearer TOKEN`."""
+    api = KfpApi(token=TOKEN)
+    yield api
+    api.httpd.shutdown()
+    api.httpd.server_close()
+
+
+PROFILE_SUBMIT = ["submit", "--namespace", "kubeflow-user-example-com", "--service-account", "default-editor"]
+
+
+@pytest.mark.parametrize("how", ["option", "env", "file"])
+def test_submit_and_schedule_send_the_token(guarded_kfp, tmp_path, how) -> None:
+    args, env = [], {}
+    if how == "option":
+        args = ["--token", TOKEN]
+    elif how == "env":
+        env = {"MASKDIT_KFP_TOKEN": TOKEN}
+    else:
+        (tmp_path / "token").write_text(TOKEN + "\n")  # as a projected token file ends
+        args = ["--token-file", str(tmp_path / "token")]
+    result = CliRunner().invoke(pipeline_app, [*PROFILE_SUBMIT, "--host", guarded_kfp.host, *args], env=env)
+    assert result.exit_code == 0, result.output
+    assert guarded_kfp.posted("/apis/v2beta1/runs")["service_account"] == "default-editor"
+    result = CliRunner().invoke(pipeline_app, ["schedule", "--cron", "0 0 3 * * 0", "--host", guarded_kfp.host,
+                                               "--namespace", "team-a", *args], env=env)
+    assert result.exit_code == 0, result.output
+    assert guarded_kfp.posted("/apis/v2beta1/recurringruns")
+    assert set(guarded_kfp.authorizations) == {f"Bearer {TOKEN}"}
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == EXIT_USER_ERROR, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [PROFILE_SUBMIT, ["schedule", "--cron", "0 0 3 * * 0"]], ids=["submit", "schedule"])
+def test_a_wrong_or_missing_token_is_one_line(guarded_kfp, command) -> None:
+    wrong = _one_line_error(CliRunner().invoke(pipeline_app, [*command, "--host", guarded_kfp.host,
+                                                              "--token", "expired"]))
+    assert "refused the token (HTTP 401" in wrong and guarded_kfp.host in wrong and "create token" in wrong
+    assert "expired" not in wrong, "the token itself is never printed"
+    missing = _one_line_error(CliRunner().invoke(pipeline_app, [*command, "--host", guarded_kfp.host], env={
+        "MASKDIT_KFP_TOKEN": ""}))
+    assert "no token was given" in missing and "--token" in missing
+    assert not guarded_kfp.requests, "nothing got past the ingress"
+
+
+def test_an_unreadable_token_file_or_two_tokens_are_one_line(tmp_path) -> None:
+    gone = _one_line_error(CliRunner().invoke(pipeline_app, ["submit", "--host", "http://127.0.0.1:9",
+                                                             "--token-file", str(tmp_path / "none")]))
+    assert str(tmp_path / "none") in gone and "create token" in gone
+    (tmp_path / "empty").write_text("\n")
+    assert "is empty" in _one_line_error(CliRunner().invoke(pipeline_app, [
+        "submit", "--token-file", str(tmp_path / "empty")]))
+    assert "not both" in _one_line_error(CliRunner().invoke(pipeline_app, [
+        "submit", "--token", "t", "--token-file", str(tmp_path / "empty")]))
+
+
+def test_an_unreachable_host_is_one_line() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        host = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    error = _one_line_error(CliRunner().invoke(pipeline_app, [*PROFILE_SUBMIT, "--host", host, "--token", TOKEN]))
+    assert f"cannot reach KFP at {host}" in error and "--host" in error

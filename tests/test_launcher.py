@@ -22,6 +22,7 @@ from components.launcher import (
     JobTimeout,
     LaunchError,
     LaunchResult,
+    StepEvicted,
     StepTerminated,
     deadline_marker,
     delete_run_jobs,
@@ -132,6 +133,28 @@ def test_manifest_options_for_shared_clusters():
         resources = pod["containers"][0]["resources"]
         assert resources["requests"]["cpu"] == "8" and "cpu" not in resources["limits"]
         assert resources["requests"]["memory"] == "64Gi" and resources["limits"]["memory"] == "80Gi"
+
+
+def test_the_grace_period_setting_sets_the_pods_and_trainings_together():
+    """Issue 23.7: the jobs kept Kubernetes' 30 s while an XL/2 checkpoint takes minutes. The one setting gives the
+    pods terminationGracePeriodSeconds above training's own grace period (SIGKILL only after it), and the pipeline's
+    training command gets the same number (components/steps.py)."""
+    from components.cluster import ClusterSettings
+    from components.pytorchjob import EXIT_MARGIN_S
+
+    for grace in (ClusterSettings().grace_period_s, 600.0, 12.5):
+        job = TrainJob.from_settings(ClusterSettings(grace_period_s=grace), step="pretrain", run_id=RUN_ID,
+                                     command=["maskdit", "train"], checkpoint_uri="s3://b/ckpt")
+        manifest = build_pytorchjob(_job(nodes=2, grace_period_s=job.grace_period_s), deadline="2030-01-01T00:00:00Z")
+        assert manifest_errors(manifest, crd_validator()) == []
+        for replica in manifest["spec"]["pytorchReplicaSpecs"].values():
+            seconds = replica["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert isinstance(seconds, int) and grace + EXIT_MARGIN_S <= seconds < grace + EXIT_MARGIN_S + 1
+    assert ClusterSettings().grace_period_s >= 120, "an XL/2 checkpoint takes minutes"
+    with pytest.raises(ValueError, match="grace_period_s=0"):
+        _job(grace_period_s=0)
+    source = (ROOT / "components" / "steps.py").read_text()
+    assert 'f"checkpoint.grace_period_s={step.cluster.grace_period_s:g}"' in source
 
 
 def test_the_job_meets_the_restricted_pod_security_standard():
@@ -389,6 +412,54 @@ def test_sigterm_to_the_step_deletes_the_job(k8s_api, api, ckpt):
     assert k8s_api.jobs == {} and ("DELETE", JOB_PATH) in k8s_api.requests
     assert _saved(ckpt, f"{NAME}-master-0") == ["step 1"]
     assert json.loads(Path(deadline_marker(_job(ckpt))).read_text())["passed_at"] is None  # a retry may start it
+
+
+STEP_POD = {"name": "run-abc-pretrain-launcher", "uid": "0b5e6a1c-1111-2222-3333-444455556666"}
+
+
+def _sigterm_to_the_step(k8s_api, api, ckpt, monkeypatch, conditions: list[dict]):
+    """The step in its pod (downward-API env), whose pod has `conditions` when SIGTERM comes; the raised error."""
+    monkeypatch.setenv("MASKDIT_POD_NAME", STEP_POD["name"])
+    monkeypatch.setenv("MASKDIT_POD_UID", STEP_POD["uid"])
+    monkeypatch.setenv("MASKDIT_POD_NAMESPACE", "default")
+    k8s_api.add_pod({"metadata": {"name": STEP_POD["name"], "uid": STEP_POD["uid"], "labels": {}},
+                     "status": {"phase": "Running", "conditions": conditions}})
+    k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))  # stays Running
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(StepTerminated) as info:
+            _run(_job(ckpt), api, timeout_s=5.0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return info.value
+
+
+def test_a_drain_that_evicts_the_step_pod_leaves_the_job_running(k8s_api, api, ckpt, monkeypatch):
+    """Issue 23.8: `kubectl drain` evicting the 1-CPU step pod deleted the 8-GPU job. The Eviction API marks the
+    pod (DisruptionTarget) before SIGTERM: the launcher leaves the job, takes its pod off the job's owners (the
+    garbage collector would delete the job with the pod) and fails the step for KFP to retry; the retry attaches."""
+    error = _sigterm_to_the_step(k8s_api, api, ckpt, monkeypatch, [
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+         "message": "Eviction API: evicting"}, {"type": "Ready", "status": "True"}])
+    assert isinstance(error, StepEvicted) and "EvictionByEvictionAPI" in str(error) and "left PyTorchJob" in str(error)
+    assert "could NOT" not in str(error)
+    assert ("DELETE", JOB_PATH) not in k8s_api.requests and ("default", NAME) in k8s_api.jobs
+    assert not k8s_api.jobs[("default", NAME)]["metadata"].get("ownerReferences"), "the evicted pod still owns it"
+    monkeypatch.setenv("MASKDIT_POD_NAME", "run-abc-pretrain-launcher-retry")  # KFP's retry: a new pod
+    monkeypatch.setenv("MASKDIT_POD_UID", "uid-retry")
+    k8s_api.script(NAME, JobScript(["Created", "Running", "Succeeded"], ["step 1"]))  # training went on: it ends
+    assert _run(_job(ckpt), api).job == NAME
+    owners = k8s_api.jobs[("default", NAME)]["metadata"]["ownerReferences"]
+    assert [o["uid"] for o in owners] == ["uid-retry"]
+
+
+@pytest.mark.parametrize("conditions", [[], [{"type": "DisruptionTarget", "status": "False"}]], ids=["none", "false"])
+def test_kfp_terminate_still_deletes_the_job(k8s_api, api, ckpt, monkeypatch, conditions):
+    """KFP's Terminate deletes the step pod through the API, which sets no DisruptionTarget: the job goes."""
+    error = _sigterm_to_the_step(k8s_api, api, ckpt, monkeypatch, conditions)
+    assert not isinstance(error, StepEvicted) and "deleted PyTorchJob" in str(error)
+    assert k8s_api.jobs == {} and ("DELETE", JOB_PATH) in k8s_api.requests
 
 
 def test_a_retried_step_attaches_to_the_existing_job(k8s_api, api, ckpt, capsys):

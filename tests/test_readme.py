@@ -145,6 +145,12 @@ def check(words: list[str]) -> None:
         assert (ROOT / words[1]).is_file()
     elif tool == "curl":
         _check_invocation(words)
+    elif tool == "export":  # the KFP token for multi-user Kubeflow: the variable submit|schedule read
+        from pipelines.kfp_auth import TOKEN_ENV
+
+        assert words[1].split("=", 1)[0] == TOKEN_ENV, f"docs export {words[1]}, which nothing reads"
+    elif tool == "aws":
+        assert words[1:3] == ["s3", "cp"], f"docs run aws {' '.join(words[1:3])}"
     else:
         pytest.fail(f"README shows a command this test does not know how to check: {' '.join(words)}")
 

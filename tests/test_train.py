@@ -402,3 +402,19 @@ def test_two_gloo_ranks_match_one_process(data, tmp_path, mlflow_server):
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert len(runs) == 1 and runs[0].data.params["batch.global_batch"] == "16"
+
+
+def test_a_checkpoint_slower_than_the_grace_period_warns_naming_both(data, tmp_path, caplog):
+    """Issue 23.7: a pod whose checkpoint takes longer than its grace period loses up to checkpoint.every steps
+    on every preemption; training says so, with the measured time and the setting. A write cannot take less
+    than a nanosecond, nor a million seconds here."""
+    import logging
+    import re
+
+    with caplog.at_level(logging.WARNING, logger="maskdit.train"):
+        train(build(tiny_config(data, tmp_path / "fast", steps=2, **{"checkpoint.grace_period_s": 1e6})))
+        assert "grace_period_s" not in caplog.text
+        train(build(tiny_config(data, tmp_path / "slow", steps=2, **{"checkpoint.grace_period_s": 1e-9})))
+    found = re.search(r"checkpoint took ([\d.]+) s, longer than checkpoint.grace_period_s=1e-09 s", caplog.text)
+    assert found, caplog.text
+    assert "checkpoint.every=" in caplog.text and "raise the pipeline's grace_period_s" in caplog.text

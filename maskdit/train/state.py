@@ -117,6 +117,8 @@ class TrainState:
         if ck.format == "sharded":
             if self.checkpointer is None:
                 self.checkpointer = BackgroundCheckpointer(ck.dir, self.dist.rank, self.dist.world_size, ck.keep_last)
+            self.checkpointer.wait()  # the previous upload: its time is known now
+            self._check_grace(self.checkpointer.upload_s)
             ckpt_id = distributed.broadcast_object(uuid.uuid4().hex if self.dist.is_main else None)
             state = self.state()
             if self.dist.is_main:
@@ -129,11 +131,26 @@ class TrainState:
                 checkpoint.save_checkpoint(self.cfg.checkpoint.dir, self.state(), self.cfg.checkpoint.keep_last)
             except storage.StorageError as error:
                 raise CheckpointWriteError(f"writing the checkpoint of step {self.step} failed: {error}") from None
-            log.info("wrote %s in %.1f s", uri, time.perf_counter() - start)
+            took = time.perf_counter() - start
+            log.info("wrote %s in %.1f s", uri, took)
+            self._check_grace(took)
         return uri
+
+    def _check_grace(self, took: float | None) -> None:
+        """Rank 0 warns when a checkpoint (staging + upload, or the whole file) took longer than the grace period."""
+        if not self.dist.is_main or took is None or took <= self.cfg.checkpoint.grace_period_s:
+            return
+        log.warning("writing the checkpoint took %.1f s, longer than checkpoint.grace_period_s=%g s: a "
+                    "preempted or drained pod would be killed before its checkpoint is complete and lose "
+                    "up to checkpoint.every=%d steps; raise the pipeline's grace_period_s (or "
+                    "checkpoint.grace_period_s and the pods' terminationGracePeriodSeconds) above %.0f s",
+                    took, self.cfg.checkpoint.grace_period_s, self.cfg.checkpoint.every, took)
+        if self.checkpointer is not None:
+            self.checkpointer.upload_s = None  # warned once for that checkpoint
 
     def saved(self) -> None:
         """Wait until the checkpoint in flight is committed, on every rank (the last step, a stop)."""
         if self.checkpointer is not None:
             self.checkpointer.wait()
+            self._check_grace(self.checkpointer.upload_s)
         distributed.barrier()
