@@ -119,9 +119,10 @@ def test_the_runtime_maps_the_exit_codes_and_is_restricted():
     (node,) = jobset["replicatedJobs"]
     job = node["template"]["spec"]
     assert job["backoffLimit"] == 0 and job["template"]["spec"]["restartPolicy"] == "Never"
-    fail, ignore = job["podFailurePolicy"]["rules"]
-    assert fail == {"action": "FailJob", "onExitCodes": {"containerName": "node", "operator": "In", "values": [2]}}
+    ignore, fail = job["podFailurePolicy"]["rules"]  # in order: a disruption first, then the exit code
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert fail == {"action": "FailJob",
+                    "onExitCodes": {"containerName": "node", "operator": "NotIn", "values": [137, 143]}}
     pod = job["template"]["spec"]
     assert restricted_violations(pod) == [] and pod["automountServiceAccountToken"] is False
     (container,) = pod["containers"]
