@@ -345,7 +345,7 @@ def _refused(kind: JobKind, manifest: dict, namespace: str, error: BaseException
     status = http_status(error)
     if status == 403:
         return f"{text}; bind the Role maskdit-pipeline to the step's service account (k8s/overlays, docs/operating.md)"
-    return f"{text}; nothing was created: fix the cluster settings it names (docs/configuration.md)"
+    return f"{text}; nothing was created: fix the pipeline parameter it names (components/cluster.py)"
 
 
 def delete_run_jobs(run_id: str, api, namespace: str | None = None, *, call_timeout_s: float = 30.0,
