@@ -196,3 +196,68 @@ def test_a_runtime_that_does_not_exist_is_one_line(server, tmp_path):
     assert "\n" not in text and "denied the request" in text and "maskdit-typo" in text
     assert "install the runtime" in text and "set the `runtime` parameter" in text
     assert server.jobs == {} and server.pods == {}
+
+
+# --- the training step end to end: its job runs `maskdit train` for real (the stand-in as kubelet) ---
+
+TINY = ["steps=2", "checkpoint.every=2", "batch.global_batch=8", "log_every=1", "monitor.grid_every=0",
+        "monitor.fid_samples=0"]
+
+
+@pytest.fixture(scope="module")
+def digits_dataset(tmp_path_factory) -> str:
+    """30 MNIST digits at 32x32 in pixel space (no VAE), encoded as the encode step would."""
+    from maskdit.data.encode import EncodeConfig, run
+    from maskdit.data.mnist import write_mnist
+
+    root = tmp_path_factory.mktemp("digits")
+    write_mnist(str(root / "mnist"), 30)
+    return run(EncodeConfig(input=str(root / "mnist"), out=str(root / "dataset"), resolution=32, pixel_space=True,
+                            grayscale=True, device="cpu")).dataset
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("job_api", ["trainjob", "pytorchjob"])
+def test_the_training_step_runs_as_either_kind(job_api, digits_dataset, tmp_path, monkeypatch):
+    """The pretrain step's own code (components/steps.train_step) against a cluster that serves both
+    kinds, with job_api forced: the job is created, its master runs torchrun + `maskdit train` (the
+    stand-in runs the pod's command as a kubelet would), the step reads the job's result.json and
+    saves its log - the same checks for both kinds."""
+    import functools
+
+    from components import launcher
+    from components.steps import TrainStep, train_step
+
+    monkeypatch.setattr(launcher, "launch", functools.partial(launcher.launch, poll_s=0.2))  # not the pod's 15 s
+    server = K8sApiServer(kinds=("trainjob", "pytorchjob"), run_pods=True).start()
+    try:
+        server.default_script = server.default_script.__class__(log_lines=[], worker_lines=[])
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
+            "clusters": [{"name": "stand-in", "cluster": {"server": server.host}}],
+            "users": [{"name": "step", "user": {}}],
+            "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "step",
+                                                          "namespace": "default"}}]}))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        from kubernetes.config import kube_config  # it read KUBECONFIG once, at import
+
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+        for key in ("KUBERNETES_SERVICE_HOST", "MLFLOW_TRACKING_URI", "MASKDIT_POD_NAME"):
+            monkeypatch.delenv(key, raising=False)
+        cluster = ClusterSettings(job_api=job_api, namespace="default", gpus_per_node=0, cpu_request="1",
+                                  cpu_limit="", memory_request="1Gi", memory_limit="4Gi", shm_size="1Gi")
+        step = TrainStep(stage="pretrain", config="mnist_pretrain", overrides=TINY, dataset=digits_dataset,
+                         store_uri=str(tmp_path / "store"), kfp_run_id=f"run-{job_api}", experiment="e",
+                         timeout_hours=0.05, cluster=cluster)
+        result, _, logs = train_step(step)
+    finally:
+        server.stop()
+    (job,) = server.jobs.values()
+    assert job["kind"] == {"trainjob": "TrainJob", "pytorchjob": "PyTorchJob"}[job_api]
+    assert job["metadata"]["labels"][RUN_ID_LABEL] == f"run-{job_api}"
+    assert result.step == 2 and result.checkpoint and result.checkpoint.startswith(step.checkpoint_dir)
+    (log,) = logs.values()
+    text = open(log).read()
+    assert "step" in text and str(result.step) in text
