@@ -184,7 +184,7 @@ def test_the_job_meets_the_restricted_pod_security_standard():
         assert restricted_violations(pod) == []
         assert pod["automountServiceAccountToken"] is False
         assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == 10001
-    static = yaml.safe_load((Path(__file__).parents[1] / "k8s/steps/pytorchjob.yaml").read_text())
+    static = yaml.safe_load((Path(__file__).parents[1] / "k8s/components/training-operator/pytorchjob.yaml").read_text())
     assert restricted_violations(static["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]) == []
     # the checker itself catches what the profile forbids
     pod = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
