@@ -50,8 +50,8 @@ image:
 
 # Point k8s/ at the images you pushed (the registry that `make image IMAGE_REPO=...` tagged):
 #   make k8s-image IMAGE_REPO=registry.example.com/ml/maskdit
-# rewrites the two `images:` entries of k8s/components/settings, which every overlay uses.
-K8S_SETTINGS ?= k8s/components/settings/kustomization.yaml
+# rewrites the two `images:` entries of k8s/components/images, which every overlay uses.
+K8S_SETTINGS ?= k8s/components/images/kustomization.yaml
 k8s-image:
 	@case "$(IMAGE_REPO)" in */*) ;; *) echo "make k8s-image: IMAGE_REPO=$(IMAGE_REPO) names no registry the nodes can pull from;"; \
 	  echo "  e.g. make k8s-image IMAGE_REPO=registry.example.com/ml/maskdit"; exit 2;; esac

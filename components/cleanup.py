@@ -1,4 +1,5 @@
-"""The exit step: delete the run's PyTorchJobs and close its MLflow parent run, however the run ended."""
+"""The exit step: delete the run's training jobs (TrainJobs, PyTorchJobs) and close its MLflow parent run,
+however the run ended."""
 
 from kfp import dsl
 
@@ -7,7 +8,8 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def cleanup(kfp_run_id: str, backend: str, namespace: str, experiment: str, status: dsl.PipelineTaskFinalStatus):
-    """Delete every PyTorchJob labelled with this pipeline run (terminating a KFP run does not), then
+    """Delete every training job (TrainJob, PyTorchJob) labelled with this pipeline run (terminating a KFP
+    run does not), then
     mark the run's MLflow parent run FINISHED or FAILED."""
     from components.steps import cleanup_step, close_stale_runs, finish_parent_run
 

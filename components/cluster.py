@@ -36,6 +36,11 @@ class ClusterSettings(StrictModel):
     backend: Literal["kubernetes", "local"] = Field(
         "kubernetes", description='"kubernetes" (a training job per training step) or "local" (torchrun in the step '
         "itself).")
+    job_api: Literal["auto", "trainjob", "pytorchjob"] = Field(
+        "auto", description='Kind of training job: "trainjob" (Kubeflow Trainer v2), "pytorchjob" (Training Operator '
+        'v1.9) or "auto" (whichever the cluster serves; TrainJob when both).')
+    runtime: str = Field("maskdit", min_length=1, description="ClusterTrainingRuntime a TrainJob runs on "
+                         "(k8s/steps/trainingruntime.yaml).")
     namespace: str = Field("", description="Namespace for the training jobs; empty = the pipeline's own.")
     nodes: int = Field(1, ge=1, description="Nodes per training job (one torchrun each).")
     gpus_per_node: int = Field(8, ge=0, description="GPUs per node (= processes per node); 0 = one CPU process per "

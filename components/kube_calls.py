@@ -16,7 +16,6 @@ import random
 import sys
 import time
 
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 BACKOFF_MAX_S = 30.0
 
@@ -97,14 +96,22 @@ def _retry_after(error: BaseException) -> float:
 
 
 class Calls:
-    """The API calls of one launch through a TrainingClient's kubernetes clients (`custom_api`, `core_api`)."""
+    """The API calls of one launch through a TrainingClient's kubernetes clients (`custom_api`, `core_api`),
+    on jobs of one kind (a components/jobkind.JobKind; `with_kind` gives the same calls on another)."""
 
-    def __init__(self, api, namespace: str, *, call_timeout_s: float = 30.0, backoff_s: float = 1.0, out=None):
+    def __init__(self, api, namespace: str, *, kind=None, call_timeout_s: float = 30.0, backoff_s: float = 1.0,
+                 out=None):
+        self.api = api
         self.custom, self.core = api.custom_api, api.core_api
         self.namespace = namespace
+        self.kind = kind
         self.call_timeout_s = call_timeout_s
         self.backoff_s = backoff_s
         self.out = out or sys.stdout
+
+    def with_kind(self, kind) -> Calls:
+        return Calls(self.api, self.namespace, kind=kind, call_timeout_s=self.call_timeout_s,
+                     backoff_s=self.backoff_s, out=self.out)
 
     def call(self, what: str, fn, *args, until: float, timeout: tuple | None = None, **kwargs):
         """`fn(*args, **kwargs)` with a per-call timeout, retried while transient and before `until` (monotonic)."""
@@ -129,27 +136,47 @@ class Calls:
         finally:
             response.release_conn()
 
-    # --- PyTorchJobs ---
+    # --- discovery ---
+    def served(self, kind, *, until: float) -> bool:
+        """Whether the API server serves `kind` (its group/version lists the plural); 404 = not installed."""
+        def get_raw(_request_timeout):
+            return self._json(self.core.api_client.call_api(
+                f"/apis/{kind.group}/{kind.version}", "GET", {}, [], {"Accept": "application/json"},
+                response_type="object", auth_settings=["BearerToken"], _return_http_data_only=True,
+                _preload_content=False, _request_timeout=_request_timeout))
+
+        try:
+            found = self.call(f"discover {kind.group}/{kind.version}", get_raw, until=until)
+        except Exception as error:
+            if http_status(error) == 404:
+                return False
+            raise
+        return any(r.get("name") == kind.plural for r in found.get("resources") or [])
+
+    # --- the jobs ---
+    def _api(self) -> tuple[str, str, str, str]:
+        return self.kind.group, self.kind.version, self.namespace, self.kind.plural
+
     def create_job(self, manifest: dict, *, until: float) -> dict:
-        return self.call(f"create PyTorchJob {manifest['metadata']['name']}", self.custom.create_namespaced_custom_object,
-                         GROUP, VERSION, self.namespace, PLURAL, manifest, until=until)
+        return self.call(f"create {self.kind.kind} {manifest['metadata']['name']}",
+                         self.custom.create_namespaced_custom_object, *self._api(), manifest, until=until)
 
     def get_job(self, name: str, *, until: float) -> dict:
-        return self.call(f"read PyTorchJob {name}", self.custom.get_namespaced_custom_object,
-                         GROUP, VERSION, self.namespace, PLURAL, name, until=until)
+        return self.call(f"read {self.kind.kind} {name}", self.custom.get_namespaced_custom_object, *self._api(), name,
+                         until=until)
 
     def list_jobs(self, selector: str, *, until: float) -> list[dict]:
-        return self.call("list PyTorchJobs", self.custom.list_namespaced_custom_object, GROUP, VERSION,
-                         self.namespace, PLURAL, label_selector=selector, until=until).get("items", [])
+        return self.call(f"list {self.kind.kind}s", self.custom.list_namespaced_custom_object, *self._api(),
+                         label_selector=selector, until=until).get("items", [])
 
     def patch_job(self, name: str, patch: dict, *, until: float) -> dict:
         """A JSON merge patch (give `metadata.resourceVersion` to make it conditional: 409 if stale)."""
-        return self.call(f"patch PyTorchJob {name}", self.custom.patch_namespaced_custom_object,
-                         GROUP, VERSION, self.namespace, PLURAL, name, patch, until=until)
+        return self.call(f"patch {self.kind.kind} {name}", self.custom.patch_namespaced_custom_object, *self._api(),
+                         name, patch, until=until)
 
     def delete_job(self, name: str, *, until: float) -> None:
-        self.call(f"delete PyTorchJob {name}", self.custom.delete_namespaced_custom_object,
-                  GROUP, VERSION, self.namespace, PLURAL, name, until=until)
+        self.call(f"delete {self.kind.kind} {name}", self.custom.delete_namespaced_custom_object, *self._api(), name,
+                  until=until)
 
     # --- pods and logs (raw JSON and bytes: no client-side model validation, no JSON-parsing of log text) ---
     def get_pod(self, name: str, *, until: float) -> dict:

@@ -19,10 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from components.kube_calls import Calls, describe, http_status
-from components.pytorchjob import CONTAINER, JOB_SELECTOR
 from maskdit.core import storage
 
-MASTER_SELECTOR = JOB_SELECTOR + ",training.kubeflow.org/replica-type=master"
 IDLE_FACTOR = 10  # a follow stream silent for 10 per-call timeouts is re-opened (a half-dead connection)
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
 
@@ -41,9 +39,9 @@ def _since(ns: int) -> str:
     return datetime.fromtimestamp(ns // 10**9, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _container_status(pod: dict) -> dict | None:
+def _container_status(pod: dict, container: str) -> dict | None:
     for c in (pod.get("status") or {}).get("containerStatuses") or []:
-        if c.get("name") == CONTAINER:
+        if c.get("name") == container:
             return c
     return None
 
@@ -123,13 +121,13 @@ class MasterLog(threading.Thread):
 
     # --- one look at the master ---
     def _master(self) -> dict | None:
-        pods = self.calls.list_pods(MASTER_SELECTOR.format(name=self.job), until=self.until)
+        pods = self.calls.list_pods(self.calls.kind.master(self.job), until=self.until)
         return pods[0] if pods else None
 
     def _pass(self, follow: bool) -> bool:
         """Read what is new in the master's log (following it while it runs); False if it changed meanwhile."""
         pod = self._master()
-        status = _container_status(pod or {}) or {}
+        status = _container_status(pod or {}, self.calls.kind.container) or {}
         state, last = status.get("state") or {}, status.get("lastState") or {}
         if not ("running" in state or "terminated" in state or "terminated" in last):
             return True  # no master, or not started yet
@@ -155,7 +153,7 @@ class MasterLog(threading.Thread):
     def _read(self, pod: str, expect: tuple[str, int], previous: bool, follow: bool) -> bool:
         """Read one container's log from the last time stamp seen; False (nothing read) if the master is no
         longer the (uid, restartCount) `expect`ed: the log opened may be another container's than assumed."""
-        query = [("container", CONTAINER), ("timestamps", "true")]
+        query = [("container", self.calls.kind.container), ("timestamps", "true")]
         query += [("previous", "true")] if previous else []
         query += [("follow", "true")] if follow else []
         query += [("sinceTime", _since(self._hwm))] if self._hwm is not None else []
@@ -163,7 +161,8 @@ class MasterLog(threading.Thread):
                                        idle_s=self.calls.call_timeout_s * IDLE_FACTOR if follow else None)
         try:
             now = self._master()
-            if now is None or (now["metadata"]["uid"], (_container_status(now) or {}).get("restartCount", 0)) != expect:
+            restarts = (_container_status(now or {}, self.calls.kind.container) or {}).get("restartCount", 0)
+            if now is None or (now["metadata"]["uid"], restarts) != expect:
                 return False
             if follow:  # published, so that finish() can cut it
                 with self._lock:
@@ -212,9 +211,9 @@ def _read_all(calls: Calls, pod: dict, until: float) -> bytes:
     """A pod's log: its previous container's (if it restarted), then the current one's."""
     name = pod["metadata"]["name"]
     parts = []
-    restarts = (_container_status(pod) or {}).get("restartCount", 0)
+    restarts = (_container_status(pod, calls.kind.container) or {}).get("restartCount", 0)
     for previous in ([True] if restarts else []) + [False]:
-        query = [("container", CONTAINER)] + ([("previous", "true")] if previous else [])
+        query = [("container", calls.kind.container)] + ([("previous", "true")] if previous else [])
         try:
             response = calls.open_log(name, query, until=until)
         except Exception as error:
@@ -249,7 +248,7 @@ def save_replica_logs(calls: Calls, job, follower: MasterLog, until: float) -> d
     if spool is not None:
         save(follower.pod_name, lambda uri: storage.put_file(spool, uri))
     try:
-        pods = calls.list_pods(JOB_SELECTOR.format(name=job.name), until=until)
+        pods = calls.list_pods(calls.kind.pods(job.name), until=until)
     except Exception as error:
         print(f"[launcher] could not list the pods of {job.name} to save their logs: {describe(error)}",
               file=follower.out, flush=True)

@@ -1,8 +1,11 @@
-"""Launch a distributed `maskdit train` run: as a Kubeflow PyTorchJob, or locally with torchrun.
+"""Launch a distributed `maskdit train` run: as a Kubeflow TrainJob or PyTorchJob, or locally with torchrun.
 
 The pretrain and tune pipeline steps are light pods that call `launch(...)`; the training itself
-runs in the PyTorchJob's pods (Training Operator, kubeflow.org/v1), one `torchrun` per node
-(through `maskdit.elastic`, which maps the workers' exit codes for `restartPolicy: ExitCode`).
+runs in the job's pods, one `torchrun` per node (through `maskdit.elastic`, which maps the workers'
+exit codes to 2 = permanent, 143 = retryable). The job is of one of two kinds (components/jobkind.py,
+chosen by `job_api`, "auto" through the API server's discovery): a Trainer v2 TrainJob
+(trainer.kubeflow.org/v1alpha1, components/trainer_v2.py) or a Training Operator PyTorchJob
+(kubeflow.org/v1, components/pytorchjob.py). Everything below is written once, against `JobKind`.
 
 Kubernetes backend, through the kubernetes client (the Kubeflow Training SDK's `TrainingClient`
 holds it): every call has its own timeout and retries transient failures (connection errors, 429,
@@ -13,9 +16,9 @@ holds it): every call has its own timeout and retries transient failures (connec
   owned by the step's pod (HTTP 409 = a retried step: attach, and add its pod as an owner) ->
   follow the master's log across restarts (components/kube_logs.py) -> poll the job and its pods
   until Succeeded/Failed, a pod Pending too long, the deadline, or SIGTERM to the step -> save
-  every replica's log beside the checkpoints -> on the deadline, a stuck pod or KFP Terminate delete
-  the job (a drain's SIGTERM keeps it for the retry: components/launch_drain.py) -> return a `LaunchResult`, or raise with the cause, the pods' OOM kills / evictions, where
-  the logs are and the master's last lines. docs/operating.md says what each event and KFP action does.
+  every replica's log beside the checkpoints -> on the deadline, a stuck pod or KFP Terminate delete the
+  job (a drain keeps it for the retry: launch_drain.py) -> return a `LaunchResult`, or raise with the cause,
+  the pods' OOM kills / evictions, where the logs are and the master's last lines. docs/operating.md says what each event and KFP action does.
 `delete_run_jobs(run_id)` removes every job labelled with a pipeline run id (the ExitHandler step).
 
 Local backend (components/launch_local.py): torchrun on this machine with the same command and
@@ -28,16 +31,18 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from components.jobkind import KINDS, PYTORCHJOB, JobKind, NoJobApi, resolve
 from components.kube_calls import (
     Calls,
     OutOfTime,
     api_message,
+    describe,
     http_status,
 )
 from components.kube_logs import MasterLog, save_replica_logs
+from components.kube_pods import Incidents, pending_reason
 from components.launch_base import (  # noqa: F401 (the errors are part of this module's interface)
     TERMINATED_CLEANUP_S,
     Backend,
@@ -56,17 +61,13 @@ from components.launch_drain import release_job, step_pod_disruption
 from components.launch_local import launch_local
 from components.pytorchjob import (
     DEADLINE_ANNOTATION,
-    JOB_SELECTOR,
-    KIND,
     OWNER_ENV,
     RUN_ID_LABEL,
     TrainJob,
-    build_pytorchjob,
     label_value,
     step_pod_owner,
 )
 from maskdit.core import storage
-from maskdit.core.errors import is_retryable_exit
 
 
 def _iso(epoch_s: float) -> str:
@@ -85,20 +86,21 @@ def deadline_marker(job: TrainJob) -> str:
     return storage.join(job.checkpoint_uri, "launcher", "deadline.json")
 
 
-def _claim_deadline(job: TrainJob, namespace: str, timeout_s: float) -> float:
+def _claim_deadline(job: TrainJob, kind: JobKind, namespace: str, timeout_s: float) -> float:
     """The step's deadline (epoch seconds): an earlier try's, else now + timeout_s (recorded). Refuses after one."""
     uri = deadline_marker(job)
     if storage.exists(uri):
         marker = json.loads(storage.get_bytes(uri))
         if marker.get("passed_at"):
             raise DeadlinePassed(
-                f"PyTorchJob {marker['namespace']}/{marker['job']} reached its deadline ({marker['timeout_s']:.0f}s, "
+                f"{marker.get('kind', 'PyTorchJob')} {marker['namespace']}/{marker['job']} reached its deadline "
+                f"({marker['timeout_s']:.0f}s, "
                 f"at {marker['deadline']}) in an earlier try of this step and was deleted at {marker['passed_at']}; "
                 f"not starting it again. Its checkpoints stay in {job.checkpoint_uri}. To train on, start a new run "
                 f"with a larger timeout, or delete {uri} to give this run a new deadline.")
         return _epoch(marker["deadline"])
     deadline = time.time() + timeout_s
-    marker = {"job": job.name, "namespace": namespace, "timeout_s": timeout_s, "deadline": _iso(deadline),
+    marker = {"job": job.name, "kind": kind.kind, "namespace": namespace, "timeout_s": timeout_s, "deadline": _iso(deadline),
               "passed_at": None}
     storage.put_bytes(uri, json.dumps(marker, indent=1).encode())
     return deadline
@@ -118,9 +120,8 @@ def _mark_deadline_passed(job: TrainJob) -> None:
 def training_client(namespace: str | None = None, configuration=None):
     """A Kubeflow `TrainingClient`: in-cluster credentials in a pod, else ~/.kube/config.
 
-    `configuration` (a kubernetes.client.Configuration) overrides both, e.g. for a stand-in server.
-    urllib3's own silent retries are turned off: the launcher retries, with backoff, within its deadline.
-    """
+    `configuration` (a kubernetes.client.Configuration) overrides both, e.g. for a stand-in server. urllib3's
+    own silent retries are off: the launcher retries, with backoff, within its deadline."""
     import copy
 
     from kubeflow.training import TrainingClient
@@ -135,52 +136,8 @@ def training_client(namespace: str | None = None, configuration=None):
     else:
         configuration = copy.deepcopy(configuration)
     configuration.retries = False
-    kwargs = {"namespace": namespace} if namespace else {}
-    return TrainingClient(client_configuration=configuration, job_kind=KIND, **kwargs)
-
-
-@dataclass
-class _Incidents:
-    """OOM kills, evictions and failed containers of the job's pods, each reported once."""
-
-    out: object
-    seen: dict[tuple, str] = field(default_factory=dict)
-
-    def note(self, pods: list[dict]) -> None:
-        for pod in pods:
-            meta, status = pod["metadata"], pod.get("status") or {}
-            name = meta["name"]
-            if status.get("reason") == "Evicted":
-                self._add((meta["uid"], "evicted"), f"pod {name}: Evicted: {status.get('message', '')}")
-            for c in status.get("containerStatuses") or []:
-                for ended in ((c.get("lastState") or {}).get("terminated"), (c.get("state") or {}).get("terminated")):
-                    if not ended or ended.get("exitCode", 0) == 0:
-                        continue
-                    key = (meta["uid"], ended.get("containerID") or ended.get("finishedAt"))
-                    kind = "retryable" if is_retryable_exit(ended["exitCode"]) else "permanent"
-                    self._add(key, f"pod {name}: container {c['name']} {ended.get('reason') or 'failed'} "
-                                   f"(exit code {ended['exitCode']}: {kind}, {c.get('restartCount', 0)} restarts)")
-
-    def _add(self, key: tuple, text: str) -> None:
-        if key not in self.seen:
-            self.seen[key] = text
-            print(f"[launcher] {text}", file=self.out, flush=True)
-
-    def __str__(self) -> str:
-        return "".join(f"\n  {text}" for text in self.seen.values())
-
-
-def _pending_reason(pod: dict) -> str:
-    """Why a Pending pod does not run: the scheduler's message, else its container's waiting reason."""
-    status = pod.get("status") or {}
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            return f"{cond.get('reason', 'Unschedulable')}: {cond.get('message', '')}"
-    for c in status.get("containerStatuses") or []:
-        waiting = (c.get("state") or {}).get("waiting")
-        if waiting:
-            return f"container {c['name']} waiting: {waiting.get('reason', '')} {waiting.get('message', '')}".strip()
-    return "not scheduled yet"
+    kwargs = {"namespace": namespace} if namespace else {}  # of the client, only its API clients are used:
+    return TrainingClient(client_configuration=configuration, job_kind=PYTORCHJOB.kind, **kwargs)  # either kind
 
 
 class _Stuck(Exception):
@@ -188,7 +145,7 @@ class _Stuck(Exception):
 
 
 def _wait(calls: Calls, name: str, namespace: str, deadline: float, poll_s: float, pending_timeout_s: float,
-          incidents: _Incidents, out) -> dict:
+          incidents: Incidents, out) -> dict:
     """Poll the job until it is Succeeded or Failed; return its True conditions by type."""
     pending_since: dict[str, float] = {}
     queued = False
@@ -199,17 +156,17 @@ def _wait(calls: Calls, name: str, namespace: str, deadline: float, poll_s: floa
             raise
         except Exception as error:
             if http_status(error) == 404:
-                raise JobFailed(f"PyTorchJob {namespace}/{name} was deleted while this step waited for it (by hand, "
+                raise JobFailed(f"{calls.kind.kind} {namespace}/{name} was deleted while this step waited for it (by hand, "
                                 f"by the run's cleanup, or by garbage collection after the step's pod went away)")
             raise
-        conditions = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
-        pods = calls.list_pods(JOB_SELECTOR.format(name=name), until=deadline)
+        conditions = calls.kind.state(job)
+        pods = calls.list_pods(calls.kind.pods(name), until=deadline)
         incidents.note(pods)
         if "Succeeded" in conditions or "Failed" in conditions:
             return conditions
         if "Suspended" in conditions and not queued:
             queued = True
-            print(f"[launcher] PyTorchJob {namespace}/{name} is suspended (queued by Kueue): waiting", file=out,
+            print(f"[launcher] {calls.kind.kind} {namespace}/{name} is suspended (queued by Kueue): waiting", file=out,
                   flush=True)
         now = time.monotonic()
         pending = {p["metadata"]["uid"]: p for p in pods if (p.get("status") or {}).get("phase") == "Pending"}
@@ -218,7 +175,7 @@ def _wait(calls: Calls, name: str, namespace: str, deadline: float, poll_s: floa
             if now - since > pending_timeout_s:
                 pod = pending[uid]
                 raise _Stuck(f"pod {pod['metadata']['name']} has been Pending for more than {pending_timeout_s:.0f}s: "
-                             f"{_pending_reason(pod)}")
+                             f"{pending_reason(pod)}")
         if now >= deadline:
             raise OutOfTime("waiting for the job", None)
         time.sleep(min(poll_s, max(deadline - now, 0.0)))
@@ -231,21 +188,25 @@ def _delete_job(calls: Calls, name: str, until: float) -> str:
     except Exception as error:
         if http_status(error) != 404:
             return (f"; it could NOT be deleted ({api_message(error)}): delete it by hand with "
-                    f"kubectl -n {calls.namespace} delete pytorchjob {name}")
+                    f"kubectl -n {calls.namespace} delete {calls.kind.resource} {name}")
     return ""
 
 
 def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_s: float = 86400.0,
                       poll_s: float = 15.0, *, pending_timeout_s: float = 3600.0, call_timeout_s: float = 30.0,
                       backoff_s: float = 1.0, cleanup_s: float = 120.0, tail_lines: int = 50,
-                      out=None) -> LaunchResult:
-    """Run `job` as a PyTorchJob through `api` (a TrainingClient); see the module docstring."""
+                      out=None, job_api: str = "auto", runtime: str = "maskdit") -> LaunchResult:
+    """Run `job` as a TrainJob or PyTorchJob (`job_api`) through `api` (a TrainingClient); see the module docstring."""
     out = out or sys.stdout
     namespace = namespace or api.namespace
     name = job.name
     calls = Calls(api, namespace, call_timeout_s=call_timeout_s, backoff_s=backoff_s, out=out)
+    kind = job_kind(calls, job_api, until=time.monotonic() + max(cleanup_s, call_timeout_s))
+    manifest = kind.manifest(job, runtime=runtime)  # a spec the kind cannot carry fails here, before anything runs
+    calls = calls.with_kind(kind)
+    print(f"[launcher] running {name} as a {kind.kind} ({kind.group}/{kind.version})", file=out, flush=True)
     try:
-        deadline_at = _claim_deadline(job, namespace, timeout_s)
+        deadline_at = _claim_deadline(job, kind, namespace, timeout_s)
     except DeadlinePassed:
         _delete_job(calls, name, until=time.monotonic() + cleanup_s)  # a leftover of the earlier try
         raise
@@ -253,10 +214,10 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
     if owner is None and os.environ.get(OWNER_ENV[0]):
         print(f"[launcher] not setting an ownerReference: the step's pod is not in namespace {namespace} "
               f"(Kubernetes would garbage-collect the job at once); the run's cleanup step deletes it", file=out)
-    manifest = build_pytorchjob(job, owner=owner, deadline=_iso(deadline_at))
+    manifest = kind.manifest(job, owner=owner, deadline=_iso(deadline_at), runtime=runtime)
     deadline = time.monotonic() + (deadline_at - time.time())
     follower = MasterLog(calls, name, poll_s=poll_s, tail_lines=tail_lines, until=deadline + cleanup_s, out=out)
-    incidents = _Incidents(out)
+    incidents = Incidents(out)
     failure, cause = None, ""
     delete = timed_out = False
     budget = cleanup_s
@@ -270,30 +231,30 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
             conditions = _wait(calls, name, namespace, deadline, poll_s, pending_timeout_s, incidents, out)
             if "Failed" in conditions:
                 cond = conditions["Failed"]
-                failure, cause = JobFailed, (f"PyTorchJob {namespace}/{name} failed: {cond.get('reason')}: "
+                failure, cause = JobFailed, (f"{kind.kind} {namespace}/{name} failed: {cond.get('reason')}: "
                                              f"{cond.get('message')}")
         except OutOfTime as error:
             delete = timed_out = True
             failure, cause = JobTimeout, (
-                f"PyTorchJob {namespace}/{name} did not finish by the step's deadline ({_iso(deadline_at)}, "
+                f"{kind.kind} {namespace}/{name} did not finish by the step's deadline ({_iso(deadline_at)}, "
                 f"{timeout_s:.0f}s after the step first started it; {error}): deleted it, and a retry of this step "
                 f"will not start it again (marker {deadline_marker(job)}). Raise the step's timeout or check the "
                 f"cluster.")
         except _Stuck as stuck:
             delete = True
-            failure, cause = JobPending, (f"PyTorchJob {namespace}/{name} cannot run: {stuck}; deleted it. Free or "
+            failure, cause = JobPending, (f"{kind.kind} {namespace}/{name} cannot run: {stuck}; deleted it. Free or "
                                           f"add the resources, fix the pod's spec, or raise pending_timeout_s.")
         except Terminated:
             # the step pod's grace period is short (30 s by default): act first, then save what logs remain
             budget = min(cleanup_s, TERMINATED_CLEANUP_S)
             if disruption := step_pod_disruption(calls, owner, until=time.monotonic() + budget / 4):
                 failure, cause = StepEvicted, (  # a drain, not the user: the run goes on (components/launch_drain.py)
-                    f"the step's pod was disrupted ({disruption}): left PyTorchJob {namespace}/{name} running; the "
+                    f"the step's pod was disrupted ({disruption}): left {kind.kind} {namespace}/{name} running; the "
                     f"retry of this step attaches to it")
                 cause += release_job(calls, name, owner, until=time.monotonic() + budget / 4)
             else:
                 failure, cause = StepTerminated, (
-                    f"the step got SIGTERM (KFP Terminate, or its pod deleted): deleted PyTorchJob "
+                    f"the step got SIGTERM (KFP Terminate, or its pod deleted): deleted {kind.kind} "
                     f"{namespace}/{name}, whose pods checkpoint on SIGTERM; a retry of this step starts it again and "
                     f"it resumes from the checkpoints in {job.checkpoint_uri}")
                 cause += _delete_job(calls, name, until=time.monotonic() + budget / 2)
@@ -302,7 +263,7 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
         except Exception as error:
             if http_status(error) is None:
                 raise  # not the API's answer: a bug, keep its traceback
-            failure, cause = LaunchError, f"lost track of PyTorchJob {namespace}/{name}: {api_message(error)}"
+            failure, cause = LaunchError, f"lost track of {kind.kind} {namespace}/{name}: {api_message(error)}"
         finally:
             until = time.monotonic() + budget
             follower.finish(timeout=budget / 2)
@@ -317,7 +278,7 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
         pods = f"\npods:{incidents}" if incidents.seen else ""
         logs = "".join(f"\n  {uri}" for uri in log_uris.values()) or " (none saved)"
         raise failure(f"{cause}{pods}\nlogs:{logs}\nlast {tail_lines} lines of the master's log:\n{tail}")
-    print(f"[launcher] PyTorchJob {namespace}/{name} succeeded", file=out, flush=True)
+    print(f"[launcher] {kind.kind} {namespace}/{name} succeeded", file=out, flush=True)
     return LaunchResult(job=name, namespace=namespace, log_uris=log_uris, tail=tail)
 
 
@@ -326,14 +287,14 @@ def _create_or_attach(calls: Calls, manifest: dict, namespace: str, deadline: fl
     name = manifest["metadata"]["name"]
     try:
         calls.create_job(manifest, until=deadline)
-        print(f"[launcher] created PyTorchJob {namespace}/{name}", file=out, flush=True)
+        print(f"[launcher] created {calls.kind.kind} {namespace}/{name}", file=out, flush=True)
         return deadline
     except OutOfTime:
         raise
     except Exception as error:
         if http_status(error) != 409:
-            raise LaunchError(f"could not create PyTorchJob {namespace}/{name}: {api_message(error)}") from error
-    print(f"[launcher] PyTorchJob {namespace}/{name} already exists (a retried step): attaching", file=out, flush=True)
+            raise LaunchError(_refused(calls.kind, manifest, namespace, error)) from error
+    print(f"[launcher] {calls.kind.kind} {namespace}/{name} already exists (a retried step): attaching", file=out, flush=True)
     existing = calls.get_job(name, until=deadline)
     theirs = (existing["metadata"].get("annotations") or {}).get(DEADLINE_ANNOTATION)
     if theirs:
@@ -360,38 +321,80 @@ def _add_owner(calls: Calls, job: dict, owner: dict, deadline: float, out) -> No
         except Exception as error:
             if http_status(error) != 409:
                 print(f"[launcher] could not add this step's pod as an owner of {name} ({api_message(error)}; "
-                      f"the Role needs 'patch' on pytorchjobs): it stays owned by the earlier try's pod",
+                      f"the Role needs 'patch' on {calls.kind.plural}): it stays owned by the earlier try's pod",
                       file=out, flush=True)
                 return
         job = calls.get_job(name, until=deadline)
 
 
+def job_kind(calls: Calls, job_api: str, *, until: float) -> JobKind:
+    """The kind `job_api` names, checked against the API server's discovery ("auto": TrainJob if served, else
+    PyTorchJob); a one-line `NoJobApi` when the cluster serves none of what was asked for."""
+    try:
+        return resolve(job_api, lambda kind: calls.served(kind, until=until))
+    except NoJobApi:
+        raise
+    except Exception as error:
+        if http_status(error) is None and not isinstance(error, OutOfTime):
+            raise
+        raise LaunchError(f"could not ask the API server which training-job APIs it serves: {describe(error)}; "
+                          f"check the cluster, or set job_api=trainjob or pytorchjob") from error
+
+
+def _refused(kind: JobKind, manifest: dict, namespace: str, error: BaseException) -> str:
+    """One line for a job the API server refused (schema, admission, RBAC), saying what to do."""
+    name = manifest["metadata"]["name"]
+    text = f"the API server refused {kind.kind} {namespace}/{name}: {api_message(error)}"
+    runtime = manifest["spec"].get("runtimeRef", {}).get("name")
+    if runtime and runtime in text and "not found" in text.lower():
+        return (f"{text}; install the runtime (kubectl apply -k of an overlay creates ClusterTrainingRuntime "
+                f"{runtime}, k8s/steps/trainingruntime.yaml) or set the `runtime` parameter to one that exists")
+    status = http_status(error)
+    if status == 403:
+        return f"{text}; bind the Role maskdit-pipeline to the step's service account (k8s/overlays, docs/operating.md)"
+    return f"{text}; nothing was created: fix the pipeline parameter it names (components/cluster.py)"
+
+
 def delete_run_jobs(run_id: str, api, namespace: str | None = None, *, call_timeout_s: float = 30.0,
-                    budget_s: float = 300.0) -> list[str]:
-    """Delete every PyTorchJob labelled with pipeline run `run_id` (retrying for `budget_s`); return their names."""
+                    budget_s: float = 300.0, job_api: str = "auto") -> list[str]:
+    """Delete every training job labelled with pipeline run `run_id`, of each kind `job_api` allows that the
+    cluster serves (retrying for `budget_s`); return their names."""
     calls = Calls(api, namespace or api.namespace, call_timeout_s=call_timeout_s)
     until = time.monotonic() + budget_s
-    names = [item["metadata"]["name"] for item in calls.list_jobs(f"{RUN_ID_LABEL}={label_value(run_id)}", until=until)]
-    for name in names:
-        try:
-            calls.delete_job(name, until=until)
-        except Exception as error:
-            if http_status(error) != 404:  # already gone is what we wanted
-                raise LaunchError(f"could not delete PyTorchJob {calls.namespace}/{name}: {api_message(error)}") \
-                    from error
+    kinds = list(KINDS.values()) if job_api == "auto" else [resolve(job_api, lambda kind: True)]
+    names = []
+    for kind in kinds:
+        if not calls.served(kind, until=until):
+            continue
+        kind_calls = calls.with_kind(kind)
+        found = [i["metadata"]["name"] for i in kind_calls.list_jobs(f"{RUN_ID_LABEL}={label_value(run_id)}",
+                                                                     until=until)]
+        for name in found:
+            try:
+                kind_calls.delete_job(name, until=until)
+            except Exception as error:
+                if http_status(error) != 404:  # already gone is what we wanted
+                    raise LaunchError(f"could not delete {kind.kind} {calls.namespace}/{name}: "
+                                      f"{api_message(error)}") from error
+        names += found
     return names
-
 
 
 def launch(job: TrainJob, backend: Backend = "kubernetes", *, namespace: str | None = None,
            timeout_s: float = 86400.0, local_nproc: int = 1, api=None, poll_s: float = 15.0,
            pending_timeout_s: float = 3600.0, call_timeout_s: float = 30.0, backoff_s: float = 1.0,
-           cleanup_s: float = 120.0, tail_lines: int = 50, out=None) -> LaunchResult:
-    """Run `job` on `backend`; return where its logs are and the master's last lines (raise on failure)."""
+           cleanup_s: float = 120.0, tail_lines: int = 50, out=None, job_api: str = "auto",
+           runtime: str = "maskdit") -> LaunchResult:
+    """Run `job` on `backend`; return where its logs are and the master's last lines (raise on failure).
+
+    job_api (kubernetes backend): "trainjob" (Kubeflow Trainer v2, on ClusterTrainingRuntime `runtime`),
+    "pytorchjob" (Training Operator v1.9), or "auto" (whichever the cluster serves; TrainJob when both).
+    """
     if backend == "kubernetes":
         return launch_kubernetes(job, api or training_client(namespace), namespace, timeout_s, poll_s,
                                  pending_timeout_s=pending_timeout_s, call_timeout_s=call_timeout_s,
-                                 backoff_s=backoff_s, cleanup_s=cleanup_s, tail_lines=tail_lines, out=out)
+                                 backoff_s=backoff_s, cleanup_s=cleanup_s, tail_lines=tail_lines, out=out,
+                                 job_api=job_api, runtime=runtime)
     if backend == "local":
         return launch_local(job, local_nproc, timeout_s, tail_lines, out)
-    raise ValueError(f"backend={backend!r}: use 'kubernetes' (a PyTorchJob) or 'local' (torchrun here)")
+    raise ValueError(f"backend={backend!r}: use 'kubernetes' (a TrainJob or PyTorchJob) or 'local' (torchrun here)")

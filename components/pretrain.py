@@ -19,7 +19,14 @@ def pretrain(dataset: Input[Dataset], config: str, overrides: list, store_uri: s
     `init_from`: weights to start from (checkpoint or models:/ URI); `resume_from`: a failed run's pretraining
     folder to continue; `pretrained`: no pretraining, the Model artifact points at this URI instead.
     """
-    from components.steps import TrainStep, point, pointed, show_training, skip_pretraining, train_step
+    from components.steps import (
+        TrainStep,
+        point,
+        pointed,
+        show_training,
+        skip_pretraining,
+        train_step,
+    )
 
     if pretrained:
         skip_pretraining(pretrained, {"pretrain_init_from": init_from, "pretrain_resume_from": resume_from},

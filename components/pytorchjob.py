@@ -33,7 +33,7 @@ SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/
 
 @dataclass
 class TrainJob:
-    """One distributed training run, as typed parameters (the PyTorchJob is built from these).
+    """One distributed training run, as typed parameters (the PyTorchJob or the Trainer v2 TrainJob is built from these).
 
     command: what each process runs, e.g. ["maskdit", "train", "--config", "...", "key=value"];
     torchrun (started once per node) runs it `gpus_per_node` times (at least once).
@@ -74,7 +74,7 @@ class TrainJob:
 
     def __post_init__(self):
         if self.nodes < 1:
-            raise ValueError(f"nodes={self.nodes}: a PyTorchJob needs at least one node")
+            raise ValueError(f"nodes={self.nodes}: a training job needs at least one node")
         if self.gpus_per_node < 0:
             raise ValueError(f"gpus_per_node={self.gpus_per_node}: use 0 for CPU-only nodes")
         if self.backoff_limit < 0:
@@ -87,7 +87,8 @@ class TrainJob:
     @classmethod
     def from_settings(cls, settings: ClusterSettings, **fields) -> TrainJob:
         """A job placed and sized by the pipeline's cluster settings; `fields`: what, where, env."""
-        placement = settings.model_dump(exclude={"backend", "namespace", "pending_timeout_hours", "local_nproc"})
+        placement = settings.model_dump(exclude={"backend", "job_api", "runtime", "namespace", "pending_timeout_hours",
+                                                 "local_nproc"})
         return cls(**placement, **fields)
 
     @property
@@ -167,13 +168,13 @@ def _replica(job: TrainJob, replicas: int) -> dict:
         # evictions restart the pod, which resumes from the last checkpoint (up to backoffLimit times)
         "restartPolicy": "ExitCode",
         "template": {
-            "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}, "labels": _labels(job)},
+            "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}, "labels": labels(job)},
             "spec": pod_spec,
         },
     }
 
 
-def _labels(job: TrainJob) -> dict[str, str]:
+def labels(job: TrainJob) -> dict[str, str]:
     return {"app.kubernetes.io/part-of": "maskdit", RUN_ID_LABEL: label_value(job.run_id),
             STEP_LABEL: label_value(job.step)}
 
@@ -203,13 +204,13 @@ def build_pytorchjob(job: TrainJob, *, owner: dict | None = None, deadline: str 
     replica_specs = {"Master": _replica(job, 1)}
     if job.nodes > 1:
         replica_specs["Worker"] = _replica(job, job.nodes - 1)
-    labels = _labels(job)
+    job_labels = labels(job)
     if job.queue_name:
-        labels[QUEUE_LABEL] = job.queue_name
+        job_labels[QUEUE_LABEL] = job.queue_name
     annotations = {CHECKPOINT_ANNOTATION: job.checkpoint_uri, "sidecar.istio.io/inject": "false"}
     if deadline:
         annotations[DEADLINE_ANNOTATION] = deadline
-    metadata = {"name": job.name, "labels": labels, "annotations": annotations}
+    metadata = {"name": job.name, "labels": job_labels, "annotations": annotations}
     if owner:
         metadata["ownerReferences"] = [owner]
     return {

@@ -2,7 +2,7 @@
 
 The component functions (components/<step>.py) only forward their inputs here, so the logic is
 plain Python that tests import directly. Encode, evaluate and register run in the component's own
-pod (in-process); pretrain and tune run `maskdit train` as a PyTorchJob (or torchrun locally), and
+pod (in-process); pretrain and tune run `maskdit train` as a training job (TrainJob or PyTorchJob; torchrun locally), and
 their result comes back as `result.json` from object storage, never from a log.
 
 A step's artifacts are small pointers: the data and the checkpoints stay in object storage
@@ -182,7 +182,8 @@ def train_step(step: TrainStep):
                                  checkpoint_uri=step.checkpoint_dir, env=env, secrets=[S3_SECRET, MLFLOW_SECRET],
                                  config_maps=[CONFIG_MAP])
     launched = launch(job, cluster.backend, namespace=cluster.namespace or None, timeout_s=step.timeout_hours * 3600,
-                      pending_timeout_s=cluster.pending_timeout_hours * 3600, local_nproc=cluster.local_nproc)
+                      pending_timeout_s=cluster.pending_timeout_hours * 3600, local_nproc=cluster.local_nproc,
+                      job_api=cluster.job_api, runtime=cluster.runtime)
     result = read_result(TrainResult, result_uri(step.checkpoint_dir))
     if result.checkpoint is None:
         raise StepError(f"the {step.stage} job finished without a checkpoint (steps={result.step}): set steps > 0")
@@ -255,15 +256,16 @@ def grid_html(png: bytes, title: str, rows: dict[str, object]) -> str:
             f'src="data:image/png;base64,{data}"/></body></html>')
 
 
-def cleanup_step(kfp_run_id: str, backend: str, namespace: str) -> list[str]:
-    """Delete the run's PyTorchJobs (kubernetes backend); the local backend leaves nothing behind."""
+def cleanup_step(kfp_run_id: str, backend: str, namespace: str, api=None) -> list[str]:
+    """Delete the run's training jobs, of each kind the cluster serves (kubernetes backend); the local
+    backend leaves nothing behind. `api`: a TrainingClient (default: the cluster's)."""
     if backend != "kubernetes":
-        print(f"backend {backend!r}: no PyTorchJobs to clean up")
+        print(f"backend {backend!r}: no training jobs to clean up")
         return []
     from components.launcher import delete_run_jobs, training_client
 
-    deleted = delete_run_jobs(kfp_run_id, training_client(namespace or None))
-    print(f"deleted PyTorchJobs of run {kfp_run_id}: {deleted or 'none'}")
+    deleted = delete_run_jobs(kfp_run_id, api or training_client(namespace or None), namespace or None)
+    print(f"deleted training jobs of run {kfp_run_id}: {deleted or 'none'}")
     return deleted
 
 

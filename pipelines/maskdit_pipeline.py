@@ -1,16 +1,17 @@
 """The MaskDiT training pipeline (Kubeflow Pipelines v2).
 
     fingerprint -> encode -> pretrain -> tune -> evaluate -> [FID <= fid_threshold] register
-    (all inside an ExitHandler whose exit step deletes the run's PyTorchJobs)
+    (all inside an ExitHandler whose exit step deletes the run's training jobs)
     (with `tune_init_from`, e.g. models:/<name>@champion, pretrain trains nothing: a weekly retrain)
 
-Pretrain and tune are light launcher pods that run `maskdit train` as a PyTorchJob (or, with
+Pretrain and tune are light launcher pods that run `maskdit train` as a training job (a Kubeflow
+Trainer v2 TrainJob or a Training Operator PyTorchJob, parameter `job_api`; or, with
 `backend="local"`, with torchrun on the same machine, for KFP's local runner). Register adds a
 version with alias `candidate` and moves `champion` only when the FID beats the champion's.
 
 Secrets never pass as parameters: the steps read S3 and MLflow credentials from Kubernetes
 Secrets (`maskdit-s3`, `maskdit-mlflow`) and MLflow's address from the ConfigMap `maskdit-config`
-(k8s/); the PyTorchJobs get the same through envFrom. The local runner ignores these settings:
+(k8s/); the training jobs get the same through envFrom. The local runner ignores these settings:
 there the environment of the calling process provides them.
 """
 
@@ -68,9 +69,9 @@ def _sized(task: dsl.PipelineTask, cpu: str, memory: str, gpus, node_selector) -
 
 
 def _launcher(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
-    """A pretrain/tune pod: it only creates and watches the PyTorchJob (retries re-attach to it).
+    """A pretrain/tune pod: it only creates and watches the training job (retries re-attach to it).
 
-    It knows its own pod (downward API) so that the PyTorchJob can be owned by it: deleting the run
+    It knows its own pod (downward API) so that the training job can be owned by it: deleting the run
     deletes the job (components/launcher.py, docs/operating.md).
     """
     task.set_display_name(name).set_caching_options(False).set_retry(num_retries=2, backoff_duration="60s")
@@ -83,7 +84,7 @@ def _launcher(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
 
 @dsl.pipeline(
     name="maskdit",
-    description="MaskDiT: encode -> masked pretraining (PyTorchJob) -> unmasking tuning -> FID -> MLflow registry.",
+    description="MaskDiT: encode -> masked pretraining (training job) -> unmasking tuning -> FID -> MLflow registry.",
 )
 @with_cluster_parameters
 def maskdit_pipeline(
@@ -143,7 +144,7 @@ def maskdit_pipeline(
     run_id, run_name = dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_JOB_NAME_PLACEHOLDER
     exit_task = cleanup(kfp_run_id=run_id, backend=cluster["backend"], namespace=cluster["namespace"],
                         experiment=experiment)
-    exit_task.set_display_name("delete PyTorchJobs, close MLflow run").set_caching_options(False).set_retry(3)
+    exit_task.set_display_name("delete training jobs, close MLflow run").set_caching_options(False).set_retry(3)
     _with_credentials(exit_task.set_cpu_limit("500m").set_memory_limit("1Gi"))
 
     with dsl.ExitHandler(exit_task, name="train and register"):
@@ -166,11 +167,11 @@ def maskdit_pipeline(
                               overrides=pretrain_overrides, timeout_hours=pretrain_timeout_hours,
                               init_from=pretrain_init_from, resume_from=pretrain_resume_from,
                               pretrained=tune_init_from, **run)
-        _launcher(pretrained, "masked pretraining (PyTorchJob)")
+        _launcher(pretrained, "masked pretraining (training job)")
 
         tuned = tune(dataset=encoded.outputs["dataset"], pretrained=pretrained.outputs["model"], config=tune_config,
                      overrides=tune_overrides, timeout_hours=tune_timeout_hours, **run)
-        _launcher(tuned, "unmasking tuning (PyTorchJob)")
+        _launcher(tuned, "unmasking tuning (training job)")
 
         evaluated = evaluate(model=tuned.outputs["model"], dataset=encoded.outputs["dataset"], ref_stats=ref_stats,
                              num_samples=num_samples, sampler=sampler, gpus=step_gpus, store_uri=store_uri,

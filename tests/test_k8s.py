@@ -2,7 +2,8 @@
 
 No cluster runs here, so every overlay is built with kustomize (kubectl's), each built-in
 resource is validated against the Kubernetes API schemas (kubernetes-validate, offline), and
-the PyTorchJob against the Training Operator's CRD schema from shared/crds. Then the rules:
+the PyTorchJob against the Training Operator's CRD schema and the ClusterTrainingRuntime against
+Trainer v2.3.0's, from shared/crds (kept in tests/data/crds). Then the rules:
 where each install puts what (namespaces), RBAC, images, non-root pods, resources that fit the
 node, empty Secrets, MLflow's allowed hosts. tests/test_k8s_rbac.py applies the overlays to the
 stand-in API server and evaluates their RBAC.
@@ -23,7 +24,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from fixtures.k8s_manifests import K8S_INSTALLS, copy_k8s, kustomize_build
+from fixtures.k8s_api import manifest_errors
+from fixtures.k8s_manifests import K8S_INSTALLS, K8S_TRAINERS, copy_k8s, kustomize_build
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -36,11 +38,12 @@ CRD_NAME = "kubeflow.org_pytorchjobs.yaml"
 
 # What the pipeline's steps may do, and nothing more: (apiGroup, resource) -> verbs.
 # Secrets and the ConfigMap only by name (resourceNames).
+# Exactly what the launcher calls (components/kube_calls.py): no watch, no events.
 ALLOWED_RULES = {
-    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete", "patch"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "delete", "patch"},
+    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "delete", "patch"},
+    ("", "pods"): {"list"},
     ("", "pods/log"): {"get"},
-    ("", "events"): {"list", "watch"},
     ("", "secrets"): {"get"},
     ("", "configmaps"): {"get"},
 }
@@ -68,7 +71,18 @@ def secrets_of(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_every_overlay_is_found() -> None:
-    assert set(OVERLAYS) == set(K8S_INSTALLS), "every overlay needs its (namespace, service account) here"
+    assert set(OVERLAYS) == set(K8S_INSTALLS) == set(K8S_TRAINERS), (
+        "every overlay needs its (namespace, service account) and its Trainer here")
+
+
+def test_each_overlay_states_and_carries_the_trainer_it_needs(overlay) -> None:
+    name, docs = overlay
+    said = (K8S / "overlays" / name / "kustomization.yaml").read_text()
+    kinds = {d["kind"] for d in docs}
+    if K8S_TRAINERS[name] == "trainer-v2":
+        assert "Trainer v2.3" in said and "ClusterTrainingRuntime" in kinds and "PyTorchJob" not in kinds
+    else:
+        assert "Training Operator v1.9" in said and "PyTorchJob" in kinds and "ClusterTrainingRuntime" not in kinds
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,14 +94,14 @@ def test_builtin_resources_validate_against_kubernetes(overlay, version: str) ->
     _, docs = overlay
     checked = 0
     for doc in docs:
-        if doc["apiVersion"].startswith("kubeflow.org/"):
+        if doc["apiVersion"].startswith(("kubeflow.org/", "trainer.kubeflow.org/")):
             continue
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as error:
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} is invalid for Kubernetes {version}: {error}")
         checked += 1
-    assert checked >= 8
+    assert checked >= 7
 
 
 def test_the_validator_rejects_an_unknown_field() -> None:
@@ -143,26 +157,47 @@ def pytorchjobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == "PyTorchJob"]
 
 
+def runtimes(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == "ClusterTrainingRuntime"]
+
+
+def training_template(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The overlay's training pod template: the example PyTorchJob's master, or the runtime's node."""
+    if pytorchjobs(docs):
+        return pytorchjobs(docs)[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    return runtimes(docs)[0]["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+
+
+def test_the_runtime_validates_against_the_crd(overlay) -> None:
+    """The rendered ClusterTrainingRuntime against Trainer v2.3.0's CRD (cluster-scoped: no namespace)."""
+    name, docs = overlay
+    for runtime in runtimes(docs):
+        assert manifest_errors(runtime) == [] and "namespace" not in runtime["metadata"]
+        assert runtime["metadata"]["name"] == "maskdit"
+    assert bool(runtimes(docs)) == (K8S_TRAINERS[name] == "trainer-v2")
+
+
 def test_pytorchjob_validates_against_the_crd(overlay, pytorchjob_validator) -> None:
-    _, docs = overlay
+    name, docs = overlay
     jobs = pytorchjobs(docs)
-    assert jobs, "every overlay carries the example PyTorchJob"
+    assert bool(jobs) == (K8S_TRAINERS[name] == "training-operator"), "the Training Operator overlays carry it"
     for job in jobs:
         assert job["apiVersion"] == "kubeflow.org/v1"
         errors = sorted(pytorchjob_validator.iter_errors(job), key=lambda e: list(e.path))
         assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
 
 
-def test_the_crd_check_rejects_mistakes(overlay, pytorchjob_validator) -> None:
+def test_the_crd_check_rejects_mistakes(k8s_built, pytorchjob_validator) -> None:
     """The CRD check is not vacuous: an int nprocPerNode, a string replica count and a misspelt
     field all fail."""
-    job = copy.deepcopy(pytorchjobs(overlay[1])[0])
+    example = pytorchjobs(k8s_built["kfp-standalone"])[0]
+    job = copy.deepcopy(example)
     job["spec"]["nprocPerNode"] = 8
     assert not pytorchjob_validator.is_valid(job)
-    job = copy.deepcopy(pytorchjobs(overlay[1])[0])
+    job = copy.deepcopy(example)
     job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "1"
     assert not pytorchjob_validator.is_valid(job)
-    job = copy.deepcopy(pytorchjobs(overlay[1])[0])
+    job = copy.deepcopy(example)
     job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["nodeSelecter"] = {}
     assert not pytorchjob_validator.is_valid(job)
 
@@ -179,20 +214,29 @@ def test_nothing_cluster_wide(overlay) -> None:
 
 # What the step pods need, where they run; the MLflow server (and the quickstart's store) in maskdit.
 STEP_SIDE = {("Role", "maskdit-pipeline"), ("RoleBinding", "maskdit-pipeline"), ("ConfigMap", "maskdit-config"),
-             ("Secret", "maskdit-s3"), ("Secret", "maskdit-mlflow"), ("PyTorchJob", "maskdit-pretrain-example")}
+             ("Secret", "maskdit-s3"), ("Secret", "maskdit-mlflow")}
+TRAINER_SIDE = {"training-operator": ("PyTorchJob", "maskdit-pretrain-example"),  # where the steps run
+                "trainer-v2": ("ClusterTrainingRuntime", "maskdit")}  # cluster-scoped
 MLFLOW_SIDE = {("Deployment", "mlflow"), ("Service", "mlflow"), ("PersistentVolumeClaim", "mlflow-db"),
                ("ConfigMap", "maskdit-config"), ("Secret", "maskdit-s3"), ("Secret", "maskdit-mlflow")}
 
 
 def test_each_install_puts_the_steps_needs_where_its_steps_run(overlay) -> None:
     """Secrets, ConfigMap, Role and binding in the namespace where KFP runs the steps (and the steps
-    their PyTorchJobs); MLflow with its own Secrets and ConfigMap in maskdit; nowhere else."""
+    their training jobs); MLflow with its own Secrets and ConfigMap in maskdit; nowhere else but the
+    Trainer v2 runtime, which is cluster-scoped."""
     name, docs = overlay
     step_namespace, account = K8S_INSTALLS[name]
     placed: dict[str, set[tuple[str, str]]] = {}
     for doc in docs:
         if doc["kind"] != "Namespace":
             placed.setdefault(doc["metadata"].get("namespace", ""), set()).add((doc["kind"], doc["metadata"]["name"]))
+    trainer = TRAINER_SIDE[K8S_TRAINERS[name]]
+    where = "" if trainer[0] == "ClusterTrainingRuntime" else step_namespace
+    assert trainer in placed.get(where, set()), f"{name}: no {trainer} in {where!r}"
+    placed[where].discard(trainer)
+    if not placed[where]:
+        del placed[where]
     assert set(placed) == {step_namespace, MLFLOW_NAMESPACE}, f"{name}: resources in {sorted(placed)}"
     assert STEP_SIDE <= placed[step_namespace], f"{name}: {sorted(STEP_SIDE - placed[step_namespace])} missing"
     assert MLFLOW_SIDE <= placed[MLFLOW_NAMESPACE], f"{name}: {sorted(MLFLOW_SIDE - placed[MLFLOW_NAMESPACE])}"
@@ -239,6 +283,9 @@ def pod_templates(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, A
         elif doc["kind"] == "PyTorchJob":
             for replica, spec in doc["spec"]["pytorchReplicaSpecs"].items():
                 yield f"{name}/{replica}", spec["template"]
+        elif doc["kind"] == "ClusterTrainingRuntime":
+            for job in doc["spec"]["template"]["spec"]["replicatedJobs"]:
+                yield f"{name}/{job['name']}", job["template"]["spec"]["template"]
         elif doc["kind"] == "Pod":
             yield name, doc
 
@@ -250,7 +297,7 @@ def containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
 def test_there_are_pods_to_check(overlay) -> None:
     names = [name for name, _ in pod_templates(overlay[1])]
     assert any(n.startswith("Deployment/mlflow") for n in names)
-    assert any(n.startswith("PyTorchJob/") for n in names)
+    assert any(n.startswith(("PyTorchJob/", "ClusterTrainingRuntime/")) for n in names)
 
 
 def test_no_pod_runs_as_root_or_escalates(overlay) -> None:
@@ -296,8 +343,7 @@ def test_training_pods_fit_an_8xa100_node_with_headroom(overlay) -> None:
     """The example job (and docs/operating.md's numbers) fit a 96-vCPU / 680 GB node: requests below
     limits, limits below what the node leaves allocatable less DaemonSet room, /dev/shm (memory,
     counted in the pod's memory) inside the request."""
-    job = pytorchjobs(overlay[1])[0]
-    spec = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    spec = training_template(overlay[1])["spec"]
     resources = spec["containers"][0]["resources"]
     for kind in ("cpu", "memory"):
         request, limit = quantity(resources["requests"][kind]), quantity(resources["limits"][kind])
@@ -312,7 +358,8 @@ def test_training_pods_fit_an_8xa100_node_with_headroom(overlay) -> None:
 
 
 def images(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(name, c["image"]) for name, template in pod_templates(docs) for c in containers(template["spec"])]
+    return [(name, c["image"]) for name, template in pod_templates(docs) for c in containers(template["spec"])
+            if "image" in c]  # the runtime's trainer has none: each TrainJob names its image
 
 
 def test_no_image_is_left_unset(overlay) -> None:
@@ -327,21 +374,25 @@ def test_no_image_is_left_unset(overlay) -> None:
             assert "/" in repository and ("." in registry or ":" in registry or registry == "localhost"), (
                 f"{name}: image {image!r} names no registry: make k8s-image IMAGE_REPO=<registry>/maskdit")
             ours[last] = image
-    assert set(ours) == {"maskdit", "maskdit-mlflow"}, f"found {ours}"
-    assert ours["maskdit"].endswith(f":{VERSION}"), f"{ours['maskdit']}: the tag is not pyproject's {VERSION}"
+    # a Trainer v2 install runs maskdit only in the TrainJobs (its image: the pipeline's `image` parameter)
+    expected = {"maskdit", "maskdit-mlflow"} if pytorchjobs(overlay[1]) else {"maskdit-mlflow"}
+    assert set(ours) == expected, f"found {ours}"
+    if "maskdit" in ours:
+        assert ours["maskdit"].endswith(f":{VERSION}"), f"{ours['maskdit']}: the tag is not pyproject's {VERSION}"
 
 
 def test_make_k8s_image_points_every_overlay_at_a_registry(tmp_path) -> None:
     """`make k8s-image IMAGE_REPO=...` rewrites the one images entry all overlays use; a bare name
     is refused."""
     tree = copy_k8s(tmp_path)
-    settings = tree / "components" / "settings" / "kustomization.yaml"
+    settings = tree / "components" / "images" / "kustomization.yaml"
     make = ["make", "-s", "-C", str(ROOT), "k8s-image", f"K8S_SETTINGS={settings}"]
     proc = subprocess.run([*make, "IMAGE_REPO=registry.example.com:5000/ml/maskdit"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     for name in OVERLAYS:
         found = {image for _, image in images(kustomize_build(tree / "overlays" / name))}
-        assert f"registry.example.com:5000/ml/maskdit:{VERSION}" in found, found
+        if pytorchjobs(kustomize_build(tree / "overlays" / name)):  # Trainer v2: maskdit runs only in TrainJobs
+            assert f"registry.example.com:5000/ml/maskdit:{VERSION}" in found, found
         assert any(i.startswith("registry.example.com:5000/ml/maskdit-mlflow:") for i in found), found
     refused = subprocess.run([*make, "IMAGE_REPO=maskdit"], capture_output=True, text=True)
     assert refused.returncode != 0 and "names no registry" in refused.stdout + refused.stderr
@@ -351,7 +402,7 @@ def test_make_k8s_image_points_every_overlay_at_a_registry(tmp_path) -> None:
 def test_every_image_is_pinned(overlay) -> None:
     for name, template in pod_templates(overlay[1]):
         for container in containers(template["spec"]):
-            image = container["image"]
+            image = container.get("image", "maskdit:set-by-each-trainjob")  # the runtime's trainer: none
             tag = image.rpartition(":")[2] if ":" in image.rpartition("/")[2] else ""
             assert "@sha256:" in image or (tag and tag != "latest"), f"{name}: image {image!r} is not pinned"
 
@@ -478,7 +529,7 @@ def test_mlflow_requires_authentication(overlay) -> None:
     assert parser["mlflow"]["database_uri"].startswith("sqlite:////mlflow/")
     assert "admin_password" not in parser["mlflow"], "the admin password belongs in the Secret"
     # the clients sign in with the same Secret
-    job = pytorchjobs(docs)[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    job = training_template(docs)["spec"]["containers"][0]
     refs = [s["secretRef"] for s in job["envFrom"] if "secretRef" in s]
     assert {"name": "maskdit-mlflow"} in refs, "training pods need MLflow's credentials (not optional)"
 
@@ -523,7 +574,7 @@ def test_only_the_pipeline_and_the_ui_reach_mlflow(overlay) -> None:
     target = mlflow["metadata"]["labels"]
     port = mlflow["spec"]["containers"][0]["ports"][0]["containerPort"]
     assert not admitted(policies, target, port, {}, "maskdit"), "MLflow is open to every pod"
-    job = pytorchjobs(docs)[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    job = training_template(docs)["metadata"]["labels"]
     pipeline = {"app.kubernetes.io/part-of": "maskdit"}  # the launcher's training pods; the pipeline's steps
     assert admitted(policies, target, port, job, "maskdit"), "the training pods cannot reach MLflow"
     assert admitted(policies, target, port, pipeline, "maskdit")
@@ -539,13 +590,34 @@ def test_only_the_pipeline_and_the_ui_reach_mlflow(overlay) -> None:
     assert not admitted(policies, target, port, {"app": "x"}, "kubeflow")
     assert not admitted(policies, target, port + 1, pipeline, "maskdit"), "a rule without ports"
     for name, template in pod_templates(docs):  # e.g. the quickstart's SeaweedFS: no business with MLflow
-        if name.startswith(("Deployment/mlflow", "PyTorchJob/")):
+        if name.startswith(("Deployment/mlflow", "PyTorchJob/", "ClusterTrainingRuntime/")):
             continue
         assert not admitted(policies, target, port, template["metadata"].get("labels", {}), "maskdit"), name
 
 
+def test_the_runtime_follows_the_trainer_rules(overlay) -> None:
+    """Trainer v2 installs: the torch policy, the trainer container `node`, the exit-code mapping
+    (tests/test_trainjob.py checks it rule by rule), the GPU nodes, the SIGTERM grace."""
+    name, docs = overlay
+    if K8S_TRAINERS[name] != "trainer-v2":
+        pytest.skip(f"{name} runs PyTorchJobs")
+    runtime = runtimes(docs)[0]
+    assert runtime["spec"]["mlPolicy"]["torch"] == {}
+    job = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]
+    assert job["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    assert job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"] == [137, 143]
+    template = job["spec"]["template"]
+    assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    spec = template["spec"]
+    assert spec["containers"][0]["name"] == "node" and spec["terminationGracePeriodSeconds"] >= 30
+    assert spec["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-A100")
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+
+
 def test_pytorchjob_follows_the_training_operator_rules(overlay) -> None:
-    _, docs = overlay
+    name, docs = overlay
+    if K8S_TRAINERS[name] != "training-operator":
+        pytest.skip(f"{name} runs TrainJobs")
     job = pytorchjobs(docs)[0]
     assert job["spec"]["nprocPerNode"] == "8"
     assert job["spec"]["runPolicy"]["cleanPodPolicy"] in ("Running", "All")
@@ -617,7 +689,8 @@ def test_a_profile_namespace_is_set_in_one_place(tmp_path) -> None:
     assert "namespace: kubeflow-user-example-com" in text
     kustomization.write_text(text.replace("namespace: kubeflow-user-example-com", "namespace: team-a"))
     docs = kustomize_build(tree / "overlays" / "kubeflow-profile")
-    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"team-a", MLFLOW_NAMESPACE}
+    assert {d["metadata"].get("namespace") for d in docs
+            if d["kind"] not in ("Namespace", "ClusterTrainingRuntime")} == {"team-a", MLFLOW_NAMESPACE}
     binding = by_kind_name(docs, "RoleBinding", "maskdit-pipeline")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "team-a"}]
     # issue 23.1: MLflow's NetworkPolicy admits the renamed namespace's pipeline pods, and no longer the old one

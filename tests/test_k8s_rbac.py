@@ -4,8 +4,9 @@ First the authorizer itself (tests/fixtures/k8s_rbac.py) against the rules of Ku
 authorizer; then each overlay of k8s/ applied to the stand-in API server (k8s_api.py) as
 `kubectl apply` creates it, and the step pods' service account asks, through the server's
 authentication and authorization, for what the steps do: read the Secrets and the ConfigMap,
-run a PyTorchJob with the real launcher, read its pods, logs and events - allowed where the
-steps run, refused in any other namespace and to any other account.
+run a TrainJob or PyTorchJob (the one its overlay's Trainer serves) with the real launcher, read
+its pods and logs - allowed where the steps run, refused in any other namespace and to any other
+account, and nothing the launcher does not call (no watch, no events).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.k8s_api import K8sApiServer
-from fixtures.k8s_manifests import K8S_INSTALLS
+from fixtures.k8s_manifests import K8S_INSTALLS, K8S_TRAINERS
 from fixtures.k8s_rbac import (
     SSAR_PATH,
     Access,
@@ -188,7 +189,8 @@ def can_i(server: K8sApiServer, token: str, verb: str, resource: str, namespace:
 def installed(request, k8s_built):
     """(server, access, install name): the stand-in with the overlay applied by an admin."""
     access = Access()
-    server = K8sApiServer(access=access).start()
+    kind = "trainjob" if K8S_TRAINERS[request.param] == "trainer-v2" else "pytorchjob"
+    server = K8sApiServer(access=access, kinds=(kind,), runtimes=()).start()  # the overlay brings the runtime
     try:
         created = apply_objects(server.host, access.admin_token, k8s_built[request.param])
         assert any(c.startswith("RoleBinding/") for c in created)
@@ -217,22 +219,27 @@ def test_the_step_account_reads_the_secrets_and_the_configmap_where_it_runs(inst
     assert call(server, "not-a-token", "GET", f"/api/v1/namespaces/{namespace}/configmaps/maskdit-config")[0] == 401
 
 
-def test_the_step_account_runs_pytorchjobs_only_where_it_runs(installed) -> None:
+@pytest.mark.parametrize("resource,group", [("trainjobs", "trainer.kubeflow.org"), ("pytorchjobs", "kubeflow.org")])
+def test_the_step_account_runs_training_jobs_only_where_it_runs(installed, resource, group) -> None:
     server, access, name = installed
     namespace, account = K8S_INSTALLS[name]
     token = access.token_for(service_account(namespace, account))
-    for verb in ("create", "get", "list", "watch", "delete", "patch"):
-        assert can_i(server, token, verb, "pytorchjobs", namespace, "kubeflow.org"), verb
-        assert not can_i(server, token, verb, "pytorchjobs", "maskdit", "kubeflow.org"), verb
-    for verb, resource in (("get", "pods"), ("list", "pods"), ("watch", "pods"), ("get", "pods/log"),
-                           ("list", "events"), ("watch", "events")):
-        assert can_i(server, token, verb, resource, namespace), (verb, resource)
-        assert not can_i(server, token, verb, resource, "default"), (verb, resource)
-    for verb, resource in (("create", "pods"), ("delete", "pods"), ("create", "pods/exec"), ("list", "secrets"),
-                           ("create", "secrets"), ("update", "configmaps"), ("create", "rolebindings")):
-        group = "rbac.authorization.k8s.io" if resource == "rolebindings" else ""
-        assert not can_i(server, token, verb, resource, namespace, group), (verb, resource)
+    for verb in ("create", "get", "list", "delete", "patch"):
+        assert can_i(server, token, verb, resource, namespace, group), verb
+        assert not can_i(server, token, verb, resource, "maskdit", group), verb
+    assert not can_i(server, token, "watch", resource, namespace, group), "the launcher polls: no watch"
+    assert not can_i(server, token, "create", "clustertrainingruntimes", "", "trainer.kubeflow.org")
+    for verb, resource_ in (("list", "pods"), ("get", "pods/log")):
+        assert can_i(server, token, verb, resource_, namespace), (verb, resource_)
+        assert not can_i(server, token, verb, resource_, "default"), (verb, resource_)
+    for verb, resource_ in (("get", "pods"), ("watch", "pods"), ("list", "events"), ("watch", "events")):
+        assert not can_i(server, token, verb, resource_, namespace), f"{verb} {resource_}: never called"
+    for verb, other in (("create", "pods"), ("delete", "pods"), ("create", "pods/exec"), ("list", "secrets"),
+                        ("create", "secrets"), ("update", "configmaps"), ("create", "rolebindings")):
+        other_group = "rbac.authorization.k8s.io" if other == "rolebindings" else ""
+        assert not can_i(server, token, verb, other, namespace, other_group), (verb, other)
     assert not can_i(server, token, "create", "pytorchjobs", "", "kubeflow.org"), "nothing cluster-wide"
+    assert not can_i(server, token, "create", "trainjobs", "", "trainer.kubeflow.org"), "nothing cluster-wide"
 
 
 def _job(run_id: str, checkpoints: Path) -> TrainJob:
@@ -252,14 +259,20 @@ def test_the_launcher_runs_a_job_as_the_step_account(installed, tmp_path) -> Non
     api = training_client(namespace=namespace, configuration=server.configuration(token))
     launched = launch_kubernetes(_job("run-a", tmp_path), api, namespace, timeout_s=10.0, poll_s=0.05)
     assert "step 2 loss 0.5" in launched.tail
+    plural, group = ("trainjobs", "trainer.kubeflow.org") if K8S_TRAINERS[name] == "trainer-v2" else \
+        ("pytorchjobs", "kubeflow.org")
+    assert server.jobs[(namespace, _job("run-a", tmp_path).name)]["kind"] == \
+        ("TrainJob" if plural == "trainjobs" else "PyTorchJob")
     decisions = [(r.verb, r.resource, r.subresource) for user, r, ok in access.decisions
-                 if ok and user == service_account(namespace, account).name]
-    assert {("create", "pytorchjobs", ""), ("get", "pytorchjobs", ""), ("list", "pods", ""),
+                 if user == service_account(namespace, account).name]
+    assert {("create", plural, ""), ("get", plural, ""), ("list", "pods", ""),
             ("get", "pods", "log")} <= set(decisions), decisions
+    assert all(ok for user, _, ok in access.decisions if user == service_account(namespace, account).name), \
+        "the Role grants every call the launcher makes"
     assert delete_run_jobs("run-a", api, namespace) == [_job("run-a", tmp_path).name]
 
     elsewhere = training_client(namespace="maskdit", configuration=server.configuration(token))
-    with pytest.raises(LaunchError, match=r"HTTP 403 Forbidden: pytorchjobs.kubeflow.org is forbidden"):
+    with pytest.raises(LaunchError, match=rf"HTTP 403 Forbidden: {plural}.{group} is forbidden"):
         launch_kubernetes(_job("run-b", tmp_path), elsewhere, "maskdit", timeout_s=5.0, poll_s=0.05)
     assert not [key for key in server.jobs if key[0] == "maskdit"]
 

@@ -1,4 +1,8 @@
-"""The PyTorchJob launcher against a stand-in API server (tests/fixtures/k8s_api.py) on a bad day, and locally."""
+"""The launcher against a stand-in API server (tests/fixtures/k8s_api.py) on a bad day, and locally.
+
+Every Kubernetes test runs for both job kinds (the `kind` fixture): a Trainer v2 TrainJob and a
+Training Operator PyTorchJob, each on a cluster that serves only that kind (so `job_api=auto` finds it).
+"""
 
 import json
 import os
@@ -11,8 +15,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures.k8s_api import UNSCHEDULABLE, Fault, JobScript, crd_validator, manifest_errors, restricted_violations
+from fixtures.k8s_api import (
+    UNSCHEDULABLE,
+    Fault,
+    JobScript,
+    K8sApiServer,
+    crd_validator,
+    manifest_errors,
+    restricted_violations,
+)
 
+from components.jobkind import KINDS, TRAINJOB
 from components.kube_calls import is_transient
 from components.kube_logs import stamp_ns
 from components.launcher import (
@@ -44,7 +57,6 @@ from components.pytorchjob import (
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "3f2c9a1e-7b4d-4c55-9d0e-1a2b3c4d5e6f"
 NAME = job_name("pretrain", RUN_ID)
-JOB_PATH = f"/apis/kubeflow.org/v1/namespaces/default/pytorchjobs/{NAME}"
 FAST = dict(timeout_s=20.0, poll_s=0.01, call_timeout_s=0.5, backoff_s=0.01, cleanup_s=10.0)
 
 
@@ -56,6 +68,20 @@ def _job(checkpoint_uri="s3://b/ckpt", **overrides) -> TrainJob:
                   secrets=["maskdit-s3", "maskdit-mlflow"], config_maps=["maskdit-config"], env={"MASKDIT_PARENT_RUN_ID": "abc"})
     fields.update(overrides)
     return TrainJob(**fields)
+
+
+@pytest.fixture(params=list(KINDS))
+def kind(request):
+    """Each job kind in turn (components/jobkind.py)."""
+    return KINDS[request.param]
+
+
+@pytest.fixture
+def k8s_api(kind):
+    """A stand-in API server that serves only `kind`'s API (and, for TrainJobs, the project's runtime)."""
+    server = K8sApiServer(kinds=(kind.key,)).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -74,6 +100,23 @@ def _run(job, api, **kwargs) -> LaunchResult:
 
 def _saved(ckpt: Path, pod: str) -> list[str]:
     return (ckpt / "logs" / f"{pod}.log").read_text().splitlines()
+
+
+def _pod(kind, rank: int) -> str:
+    """A pod's name (a glob for TrainJob pods, whose names end in a random suffix), by node rank."""
+    if kind is TRAINJOB:
+        return f"{NAME}-node-0-{rank}-*"
+    return f"{NAME}-master-0" if rank == 0 else f"{NAME}-worker-{rank - 1}"
+
+
+def _log(ckpt: Path, kind, rank: int = 0) -> Path:
+    """The saved log of the job's pod of node rank `rank`."""
+    (path,) = (ckpt / "logs").glob(f"{_pod(kind, rank)}.log")
+    return path
+
+
+def _job_path(kind) -> str:
+    return f"/apis/{kind.group}/{kind.version}/namespaces/default/{kind.plural}/{NAME}"
 
 
 def _printed(text: str, pod: str) -> list[str]:
@@ -164,7 +207,7 @@ def test_the_job_meets_the_restricted_pod_security_standard():
         assert restricted_violations(pod) == []
         assert pod["automountServiceAccountToken"] is False
         assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == 10001
-    static = yaml.safe_load((Path(__file__).parents[1] / "k8s/steps/pytorchjob.yaml").read_text())
+    static = yaml.safe_load((Path(__file__).parents[1] / "k8s/components/training-operator/pytorchjob.yaml").read_text())
     assert restricted_violations(static["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]) == []
     # the checker itself catches what the profile forbids
     pod = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
@@ -228,24 +271,24 @@ def test_transient_and_permanent_errors():
 
 # --- the Kubernetes path, through the real kubernetes client ---
 
-def test_success_saves_every_replicas_log_and_returns_where(k8s_api, api, ckpt, capsys):
+def test_success_saves_every_replicas_log_and_returns_where(k8s_api, api, ckpt, capsys, kind):
     lines = [f"step {i}" for i in range(20)]
     k8s_api.script(NAME, JobScript(["Created", "Running", "Running", "Succeeded"], lines,
                                    worker_lines=["worker says hi"]))
     result = _run(_job(ckpt, nodes=2), api)
-    master, worker = f"{NAME}-master-0", f"{NAME}-worker-0"
+    master, worker = _log(ckpt, kind, 0).stem, _log(ckpt, kind, 1).stem
     assert result.job == NAME and result.namespace == "default"
     assert result.tail.splitlines() == lines
     assert set(result.log_uris) == {master, worker}
     assert Path(result.log_uris[master]) == ckpt / "logs" / f"{master}.log"
     assert _saved(ckpt, master) == lines and _saved(ckpt, worker) == ["worker says hi"]
     printed = capsys.readouterr().out
-    assert "created PyTorchJob default/" in printed and "succeeded" in printed
+    assert f"created {kind.kind} default/" in printed and "succeeded" in printed
     assert _printed(printed, master) == lines  # streamed from the master pod as it ran
     assert _posts(k8s_api) == 1
 
 
-def test_failure_surfaces_reason_and_last_log_lines(k8s_api, api, ckpt):
+def test_failure_surfaces_reason_and_last_log_lines(k8s_api, api, ckpt, kind):
     k8s_api.script(NAME, JobScript(
         ["Created", "Running", "Failed"], [f"line {i}" for i in range(100)] + ["RuntimeError: CUDA out of memory"],
         reason="PyTorchJobFailed", message="PyTorchJob maskdit-pretrain is failed because 1 Master replica(s) failed."))
@@ -254,27 +297,28 @@ def test_failure_surfaces_reason_and_last_log_lines(k8s_api, api, ckpt):
     text = str(info.value)
     assert "PyTorchJobFailed" in text and "1 Master replica(s) failed" in text
     assert "CUDA out of memory" in text and "line 99" in text and "line 10\n" not in text  # only the tail
-    assert f"logs/{NAME}-master-0.log" in text and len(_saved(ckpt, f"{NAME}-master-0")) == 101
+    assert f"logs/{_log(ckpt, kind).name}" in text and len(_log(ckpt, kind).read_text().splitlines()) == 101
     assert k8s_api.jobs  # a failed job is kept for inspection (the run's cleanup removes it)
 
 
-def test_a_flapping_api_is_ridden_out(k8s_api, api, ckpt, capsys):
+def test_a_flapping_api_is_ridden_out(k8s_api, api, ckpt, capsys, kind):
     lines = [f"step {i}" for i in range(30)]
     k8s_api.script(NAME, JobScript(["Created", "Running", "Running", "Running", "Succeeded"], lines))
-    k8s_api.inject(Fault(every=3, status=500),  # every third request: etcd leader change
-                   Fault(every=4, status=429, times=1),  # Retry-After: 1
+    others = r"^(?!.*/(pytorchjobs|trainjobs)$)"  # all but the create: its lost answer below must happen
+    k8s_api.inject(Fault(path=others, every=3, status=500),  # every third request: etcd leader change
+                   Fault(path=others, every=4, status=429, times=1),  # Retry-After: 1
                    Fault(method="GET", path="/pods$", every=5, drop="before"),  # connection reset
                    Fault(method="POST", drop="after", times=1))  # created, but the answer is lost
     result = _run(_job(ckpt), api)
-    assert result.tail.splitlines() == lines and _saved(ckpt, f"{NAME}-master-0") == lines
+    assert result.tail.splitlines() == lines and _log(ckpt, kind).read_text().splitlines() == lines
     printed = capsys.readouterr().out
     assert "HTTP 500 InternalError" in printed and "HTTP 429 TooManyRequests" in printed and "retrying in" in printed
     assert "already exists (a retried step): attaching" in printed  # the lost answer: 409 on the retry
     assert list(k8s_api.jobs) == [("default", NAME)]
 
 
-def test_a_call_slower_than_its_timeout_is_retried(k8s_api, api, ckpt, capsys):
-    k8s_api.inject(Fault(method="GET", path="pytorchjobs/", delay_s=1.5, times=2))
+def test_a_call_slower_than_its_timeout_is_retried(k8s_api, api, ckpt, capsys, kind):
+    k8s_api.inject(Fault(method="GET", path=f"{kind.plural}/", delay_s=1.5, times=2))
     result = _run(_job(ckpt), api, call_timeout_s=0.3)
     assert result.tail.splitlines() == ["step 1 loss 1.0", "step 2 loss 0.5"]
     assert "ReadTimeoutError" in capsys.readouterr().out
@@ -282,15 +326,15 @@ def test_a_call_slower_than_its_timeout_is_retried(k8s_api, api, ckpt, capsys):
 
 def test_a_permanent_error_fails_at_once(k8s_api, api, ckpt):
     k8s_api.inject(Fault(method="POST", status=403))
-    with pytest.raises(LaunchError, match=r"could not create .*HTTP 403 Forbidden: .*cannot do this"):
+    with pytest.raises(LaunchError, match=r"refused .*HTTP 403 Forbidden: .*cannot do this.*bind the Role"):
         _run(_job(ckpt), api)
     assert _posts(k8s_api) == 1
 
 
-def test_a_permanent_error_while_waiting_fails_with_the_servers_words(k8s_api, api, ckpt):
+def test_a_permanent_error_while_waiting_fails_with_the_servers_words(k8s_api, api, ckpt, kind):
     k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
     k8s_api.inject(Fault(method="GET", path="/pods$", every=3, status=403))  # e.g. the Role lost 'list pods'
-    with pytest.raises(LaunchError, match=r"lost track of PyTorchJob default/.*HTTP 403 Forbidden"):
+    with pytest.raises(LaunchError, match=rf"lost track of {kind.kind} default/.*HTTP 403 Forbidden"):
         _run(_job(ckpt), api)
 
 
@@ -302,39 +346,43 @@ def test_a_job_deleted_by_someone_else_is_reported(k8s_api, api, ckpt):
 
 
 def test_an_invalid_manifest_is_rejected_by_the_api(k8s_api, api, ckpt):
-    with pytest.raises(LaunchError, match=r"could not create .*HTTP 422 Invalid: .*requests.cpu: 'lots'"):
+    with pytest.raises(LaunchError, match=r"refused .*HTTP 422 Invalid: .*requests.cpu: 'lots'.*nothing was created") \
+            as info:
         _run(_job(ckpt, cpu_request="lots"), api)  # not a Kubernetes quantity
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
     assert k8s_api.jobs == {} and _posts(k8s_api) == 1
 
 
-def test_a_log_stream_that_disconnects_loses_and_repeats_nothing(k8s_api, api, ckpt, capsys):
+def test_a_log_stream_that_disconnects_loses_and_repeats_nothing(k8s_api, api, ckpt, capsys, kind):
     lines = [f"step {i} loss {i / 10}" for i in range(12)] + ["step 11 loss 1.1", "step 11 loss 1.1"]  # repeats are real
     k8s_api.script(NAME, JobScript(["Created", "Running", "Running", "Succeeded"], lines, lines_at={2: ["done"]}))
     k8s_api.inject(Fault(path="/log$", cut_after=3, times=3))  # each cut mid-line, in the same second
     _run(_job(ckpt), api)
-    assert _saved(ckpt, f"{NAME}-master-0") == lines + ["done"]
-    assert _printed(capsys.readouterr().out, f"{NAME}-master-0") == lines + ["done"]
+    master = _log(ckpt, kind).stem
+    assert _saved(ckpt, master) == lines + ["done"]
+    assert _printed(capsys.readouterr().out, master) == lines + ["done"]
     assert sum(1 for m, p in k8s_api.requests if p.endswith("/log")) >= 4
 
 
 @pytest.mark.parametrize("gate", [True, False], ids=["mid-stream", "while-away"])
-def test_the_master_restarted_keeps_its_whole_log(k8s_api, api, ckpt, capsys, gate):
+def test_the_master_restarted_keeps_its_whole_log(k8s_api, api, ckpt, capsys, gate, kind):
     first, second, third = [f"a{i}" for i in range(5)], [f"b{i}" for i in range(5)], ["c0", "c1"]
     k8s_api.script(NAME, JobScript(["Created", "Running", "Restart", "Running", "Succeeded"], first,
                                    lines_at={2: second, 3: third}, follow_gate=gate))
     result = _run(_job(ckpt), api)
-    assert _saved(ckpt, f"{NAME}-master-0") == first + second + third
+    master = _log(ckpt, kind).stem
+    assert _saved(ckpt, master) == first + second + third
     printed = capsys.readouterr().out
-    assert _printed(printed, f"{NAME}-master-0") == first + second + third
-    assert k8s_api.pods[("default", f"{NAME}-master-0")]["status"]["containerStatuses"][0]["restartCount"] == 1
+    assert _printed(printed, master) == first + second + third
+    assert k8s_api.pods[("default", master)]["status"]["containerStatuses"][0]["restartCount"] == 1
     assert result.tail.splitlines()[-2:] == third
 
 
-def test_a_recreated_master_pod_is_followed(k8s_api, api, ckpt, capsys):
+def test_a_recreated_master_pod_is_followed(k8s_api, api, ckpt, capsys, kind):
     k8s_api.script(NAME, JobScript(["Created", "Running", "Recreate", "Running", "Succeeded"], ["old 0", "old 1"],
                                    lines_at={2: ["new 0"], 3: ["new 1"]}))
     _run(_job(ckpt), api)
-    assert _saved(ckpt, f"{NAME}-master-0") == ["old 0", "old 1", "new 0", "new 1"]
+    assert _log(ckpt, kind).read_text().splitlines() == ["old 0", "old 1", "new 0", "new 1"]
     assert "was re-created: following the new one" in capsys.readouterr().out
 
 
@@ -345,28 +393,29 @@ def test_an_unschedulable_job_fails_with_the_schedulers_reason(k8s_api, api, ckp
     text = str(info.value)
     assert f"pod {NAME}-" in text and "Pending for more than 0s" in text and UNSCHEDULABLE in text
     assert "Insufficient nvidia.com/gpu" in text and "deleted it" in text
-    assert k8s_api.jobs == {}
+    assert k8s_api.jobs == {}, text
 
 
 @pytest.mark.parametrize("incident,reason", [("OOMKilled", "OOMKilled"), ("Evicted", "Evicted")])
-def test_an_oom_killed_or_evicted_worker_is_named(k8s_api, api, ckpt, incident, reason):
+def test_an_oom_killed_or_evicted_worker_is_named(k8s_api, api, ckpt, incident, reason, kind):
     k8s_api.script(NAME, JobScript(["Created", "Running", incident, "Failed"], ["step 1"], reason="PyTorchJobFailed",
                                    message="1 Worker replica(s) failed", follow_gate=False))
     with pytest.raises(JobFailed) as info:
         _run(_job(ckpt, nodes=2), api)
     text = str(info.value)
-    assert f"pod {NAME}-worker-0: " in text and reason in text and "1 Worker replica(s) failed" in text
-    assert (ckpt / "logs" / f"{NAME}-worker-0.log").read_text() == "worker ready\n"
+    worker = _log(ckpt, kind, 1)
+    assert f"pod {worker.stem}: " in text and reason in text and "1 Worker replica(s) failed" in text
+    assert worker.read_text() == "worker ready\n"
 
 
-def test_the_deadline_deletes_the_job_and_says_so(k8s_api, api, ckpt):
+def test_the_deadline_deletes_the_job_and_says_so(k8s_api, api, ckpt, kind):
     k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
     with pytest.raises(JobTimeout, match="did not finish by the step's deadline") as info:
         _run(_job(ckpt), api, timeout_s=0.5)
     assert "deleted it" in str(info.value) and "could NOT" not in str(info.value)
     assert k8s_api.jobs == {} and k8s_api.pods == {}
-    assert ("DELETE", JOB_PATH) in k8s_api.requests
-    assert _saved(ckpt, f"{NAME}-master-0") == ["step 1"]  # saved before the pods went away
+    assert ("DELETE", _job_path(kind)) in k8s_api.requests
+    assert _log(ckpt, kind).read_text().splitlines() == ["step 1"]  # saved before the pods went away
     marker = json.loads(Path(deadline_marker(_job(ckpt))).read_text())
     assert marker["job"] == NAME and marker["passed_at"]
 
@@ -382,19 +431,19 @@ def test_a_retry_after_the_deadline_does_not_start_the_job_again(k8s_api, api, c
     assert _posts(k8s_api) == posts and k8s_api.jobs == {}
 
 
-def test_a_retry_keeps_the_first_tries_deadline(k8s_api, api, ckpt):
+def test_a_retry_keeps_the_first_tries_deadline(k8s_api, api, ckpt, kind):
     k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
     job = _job(ckpt)
     Path(deadline_marker(job)).parent.mkdir(parents=True)
     Path(deadline_marker(job)).write_text(json.dumps({"job": NAME, "namespace": "default", "timeout_s": 60.0,
                                                       "deadline": "2020-01-01T00:00:00Z", "passed_at": None}))
-    k8s_api.add_job(build_pytorchjob(job))  # the first try's job, still running
+    k8s_api.add_job(kind.manifest(job))  # the first try's job, still running
     with pytest.raises(JobTimeout, match="2020-01-01T00:00:00Z"):
         _run(job, api, timeout_s=3600)
     assert k8s_api.jobs == {} and _posts(k8s_api) == 0
 
 
-def test_sigterm_to_the_step_deletes_the_job(k8s_api, api, ckpt):
+def test_sigterm_to_the_step_deletes_the_job(k8s_api, api, ckpt, kind):
     k8s_api.script(NAME, JobScript(["Created", "Running"], ["step 1"]))
 
     def ignore(signum, frame):  # without the launcher's own handler SIGTERM changes nothing: the test times out
@@ -403,14 +452,14 @@ def test_sigterm_to_the_step_deletes_the_job(k8s_api, api, ckpt):
     previous = signal.signal(signal.SIGTERM, ignore)
     try:
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # KFP Terminate: Argo stops the step
-        with pytest.raises(StepTerminated, match="got SIGTERM .* deleted PyTorchJob") as info:
+        with pytest.raises(StepTerminated, match=f"got SIGTERM .* deleted {kind.kind}") as info:
             _run(_job(ckpt), api, timeout_s=5.0)
         assert signal.getsignal(signal.SIGTERM) is ignore  # put back
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert "could NOT" not in str(info.value)
-    assert k8s_api.jobs == {} and ("DELETE", JOB_PATH) in k8s_api.requests
-    assert _saved(ckpt, f"{NAME}-master-0") == ["step 1"]
+    assert k8s_api.jobs == {} and ("DELETE", _job_path(kind)) in k8s_api.requests
+    assert _log(ckpt, kind).read_text().splitlines() == ["step 1"]
     assert json.loads(Path(deadline_marker(_job(ckpt))).read_text())["passed_at"] is None  # a retry may start it
 
 
@@ -435,16 +484,16 @@ def _sigterm_to_the_step(k8s_api, api, ckpt, monkeypatch, conditions: list[dict]
     return info.value
 
 
-def test_a_drain_that_evicts_the_step_pod_leaves_the_job_running(k8s_api, api, ckpt, monkeypatch):
+def test_a_drain_that_evicts_the_step_pod_leaves_the_job_running(k8s_api, api, ckpt, monkeypatch, kind):
     """Issue 23.8: `kubectl drain` evicting the 1-CPU step pod deleted the 8-GPU job. The Eviction API marks the
     pod (DisruptionTarget) before SIGTERM: the launcher leaves the job, takes its pod off the job's owners (the
     garbage collector would delete the job with the pod) and fails the step for KFP to retry; the retry attaches."""
     error = _sigterm_to_the_step(k8s_api, api, ckpt, monkeypatch, [
         {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
          "message": "Eviction API: evicting"}, {"type": "Ready", "status": "True"}])
-    assert isinstance(error, StepEvicted) and "EvictionByEvictionAPI" in str(error) and "left PyTorchJob" in str(error)
+    assert isinstance(error, StepEvicted) and "EvictionByEvictionAPI" in str(error) and f"left {kind.kind}" in str(error)
     assert "could NOT" not in str(error)
-    assert ("DELETE", JOB_PATH) not in k8s_api.requests and ("default", NAME) in k8s_api.jobs
+    assert ("DELETE", _job_path(kind)) not in k8s_api.requests and ("default", NAME) in k8s_api.jobs
     assert not k8s_api.jobs[("default", NAME)]["metadata"].get("ownerReferences"), "the evicted pod still owns it"
     monkeypatch.setenv("MASKDIT_POD_NAME", "run-abc-pretrain-launcher-retry")  # KFP's retry: a new pod
     monkeypatch.setenv("MASKDIT_POD_UID", "uid-retry")
@@ -455,15 +504,15 @@ def test_a_drain_that_evicts_the_step_pod_leaves_the_job_running(k8s_api, api, c
 
 
 @pytest.mark.parametrize("conditions", [[], [{"type": "DisruptionTarget", "status": "False"}]], ids=["none", "false"])
-def test_kfp_terminate_still_deletes_the_job(k8s_api, api, ckpt, monkeypatch, conditions):
+def test_kfp_terminate_still_deletes_the_job(k8s_api, api, ckpt, monkeypatch, conditions, kind):
     """KFP's Terminate deletes the step pod through the API, which sets no DisruptionTarget: the job goes."""
     error = _sigterm_to_the_step(k8s_api, api, ckpt, monkeypatch, conditions)
-    assert not isinstance(error, StepEvicted) and "deleted PyTorchJob" in str(error)
-    assert k8s_api.jobs == {} and ("DELETE", JOB_PATH) in k8s_api.requests
+    assert not isinstance(error, StepEvicted) and f"deleted {kind.kind}" in str(error)
+    assert k8s_api.jobs == {} and ("DELETE", _job_path(kind)) in k8s_api.requests
 
 
-def test_a_retried_step_attaches_to_the_existing_job(k8s_api, api, ckpt, capsys):
-    k8s_api.add_job(build_pytorchjob(_job(ckpt)))
+def test_a_retried_step_attaches_to_the_existing_job(k8s_api, api, ckpt, capsys, kind):
+    k8s_api.add_job(kind.manifest(_job(ckpt)))
     k8s_api.script(NAME, JobScript(["Created", "Running", "Succeeded"], ["resumed", "s3://b/ok"]))
     result = _run(_job(ckpt), api)
     assert result.tail.splitlines() == ["resumed", "s3://b/ok"]
@@ -481,10 +530,10 @@ def test_the_job_is_owned_by_the_step_pod(k8s_api, api, ckpt, monkeypatch):
         "uid": "0b5e6a1c-1111-2222-3333-444455556666", "controller": False, "blockOwnerDeletion": False}]
 
 
-def test_a_retried_step_adds_its_pod_as_an_owner(k8s_api, api, ckpt, monkeypatch):
+def test_a_retried_step_adds_its_pod_as_an_owner(k8s_api, api, ckpt, monkeypatch, kind):
     first = {"apiVersion": "v1", "kind": "Pod", "name": "try-1", "uid": "uid-1", "controller": False,
              "blockOwnerDeletion": False}
-    k8s_api.add_job(build_pytorchjob(_job(ckpt), owner=first))
+    k8s_api.add_job(kind.manifest(_job(ckpt), owner=first))
     monkeypatch.setenv("MASKDIT_POD_NAME", "try-2")
     monkeypatch.setenv("MASKDIT_POD_UID", "uid-2")
     monkeypatch.setenv("MASKDIT_POD_NAMESPACE", "default")
@@ -508,10 +557,10 @@ def test_no_owner_outside_a_pod_or_across_namespaces(k8s_api, api, ckpt, monkeyp
     assert "not setting an ownerReference" in capsys.readouterr().out
 
 
-def test_cleanup_deletes_only_the_runs_jobs(k8s_api, api):
+def test_cleanup_deletes_only_the_runs_jobs(k8s_api, api, kind):
     for step in ("pretrain", "tune"):
-        k8s_api.add_job(build_pytorchjob(_job(step=step)))
-    k8s_api.add_job(build_pytorchjob(_job(run_id="another-run")))
+        k8s_api.add_job(kind.manifest(_job(step=step)))
+    k8s_api.add_job(kind.manifest(_job(run_id="another-run")))
     k8s_api.inject(Fault(method="DELETE", every=2, status=503))
     deleted = delete_run_jobs(RUN_ID, api, "default")
     assert sorted(deleted) == sorted([job_name("pretrain", RUN_ID), job_name("tune", RUN_ID)])
