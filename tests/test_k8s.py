@@ -42,7 +42,7 @@ CRD_NAME = "kubeflow.org_pytorchjobs.yaml"
 ALLOWED_RULES = {
     ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "delete", "patch"},
     ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "delete", "patch"},
-    ("", "pods"): {"list"},
+    ("", "pods"): {"get", "list"},  # get: the launcher reads its own pod on SIGTERM (a drain keeps the job)
     ("", "pods/log"): {"get"},
     ("", "secrets"): {"get"},
     ("", "configmaps"): {"get"},
