@@ -12,6 +12,7 @@ def settings(image: str, backend: str, namespace: str, nodes: int, gpus_per_node
              pending_timeout_hours: float, local_nproc: int) -> dict:
     """The pipeline's cluster parameters as `ClusterSettings` (components/cluster.py): a bad value fails
     this step, naming the parameter, before any data is encoded or any GPU is taken."""
+    values = dict(locals())  # the parameters alone: taken before the import below adds a name
     from components.steps import cluster_settings
 
-    return cluster_settings(locals())
+    return cluster_settings(values)
