@@ -183,3 +183,48 @@ def test_one_two_and_three_ranks_give_the_same_features_and_fid(tiny_sampler, re
     assert [r.world_size for r in results.values()] == [1, 2, 3]
     assert len({r.features_sha256 for r in results.values()}) == 1 and results[1].features_sha256
     assert results[1].fid == results[2].fid == results[3].fid  # the same features, the same float64 arithmetic
+
+
+def _workers(proc: subprocess.Popen) -> dict[str, "psutil.Process"]:
+    """torchrun's live workers by RANK (from their environment)."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+            if rank is not None and "evaluate" in " ".join(child.cmdline()):
+                found[rank] = child
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_evaluation_restarts_the_job_and_no_partial_fid_is_written(tiny_sampler, ref_stats,
+                                                                                      tmp_path):
+    """SIGKILL to rank 1 while the ranks sample: torchrun (as a PyTorchJob would) restarts both ranks, which
+    evaluate again from the first image; result.json appears once, whole, with the FID of an undisturbed run."""
+    import time
+
+    args = [f"checkpoint={tiny_sampler.checkpoint}", f"ref_stats={ref_stats}", "num_samples=8", "batch_size=2",
+            "sampler.num_steps=3", "grid_classes=[1]", "grid_columns=2"]
+    killed_out = tmp_path / "killed"
+    proc = _torchrun_evaluate(2, killed_out, *args, max_restarts=1)
+    deadline = time.monotonic() + 300
+    while "1" not in (workers := _workers(proc)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # the ranks load the model and Inception, then sample: kill one of them on the way
+    assert not (killed_out / "result.json").exists()
+    workers["1"].kill()
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert "closing signal" in output  # torchrun stopped the surviving rank: the group ran again, whole
+    assert output.count("FID ") == 1  # printed by rank 0 once, after the restart
+    clean = _torchrun_evaluate(1, tmp_path / "clean", *args)
+    clean_output, _ = clean.communicate(timeout=600)
+    assert clean.returncode == 0, clean_output[-3000:]
+    after_kill = read_result(EvaluateResult, str(killed_out / "result.json"))
+    undisturbed = read_result(EvaluateResult, str(tmp_path / "clean" / "result.json"))
+    assert after_kill.num_samples == 8 and after_kill.world_size == 2
+    assert after_kill.features_sha256 == undisturbed.features_sha256 and after_kill.fid == undisturbed.fid
