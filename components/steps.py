@@ -1,9 +1,10 @@
 """What the KFP components run: each step calls its `maskdit` step's `run(config)` and shows the result.
 
 The component functions (components/<step>.py) only forward their inputs here, so the logic is
-plain Python that tests import directly. Encode, evaluate and register run in the component's own
-pod (in-process); pretrain and tune run `maskdit train` as a PyTorchJob (or torchrun locally), and
-their result comes back as `result.json` from object storage, never from a log.
+plain Python that tests import directly. Pretrain and tune run `maskdit train` as a PyTorchJob (or
+torchrun locally); encode and evaluate run `maskdit encode` / `maskdit evaluate` the same way when
+given a `job` plan (components/stepjobs.py), else in the component's own pod; register runs in its
+pod. A job's result comes back as `result.json` from object storage, never from a log.
 
 A step's artifacts are small pointers: the data and the checkpoints stay in object storage
 (`store_uri`), and each artifact records the URI in its metadata (`uri`) and in its file (JSON),
