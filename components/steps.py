@@ -354,8 +354,7 @@ def register_step(evaluation_uri: str, dataset_uri: str, model_name: str, kfp_ru
     """`maskdit register` of what the evaluation scored: a new version (alias candidate), champion when best."""
     from maskdit.registry.register import RegisterConfig, run
 
-    env = step_env(kfp_run_id, kfp_run_name, experiment)
-    with environment(env):
+    with environment(step_env(kfp_run_id, kfp_run_name, experiment)):
         result = run(RegisterConfig(evaluation=evaluation_uri, name=model_name, dataset=dataset_uri,
                                     kfp_run_id=kfp_run_id))
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
