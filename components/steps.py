@@ -1,9 +1,10 @@
 """What the KFP components run: each step calls its `maskdit` step's `run(config)` and shows the result.
 
 The component functions (components/<step>.py) only forward their inputs here, so the logic is
-plain Python that tests import directly. Encode, evaluate and register run in the component's own
-pod (in-process); pretrain and tune run `maskdit train` as a training job (TrainJob or PyTorchJob; torchrun locally), and
-their result comes back as `result.json` from object storage, never from a log.
+plain Python that tests import directly. Pretrain and tune run `maskdit train` as a training job (TrainJob or
+PyTorchJob; torchrun locally); encode and evaluate run `maskdit encode` / `maskdit evaluate` the same way when
+given a `job` plan (components/stepjobs.py), else in the component's own pod; register runs in its
+pod. A job's result comes back as `result.json` from object storage, never from a log.
 
 A step's artifacts are small pointers: the data and the checkpoints stay in object storage
 (`store_uri`), and each artifact records the URI in its metadata (`uri`) and in its file (JSON),
@@ -20,15 +21,12 @@ from pathlib import Path
 
 from pydantic import Field
 
-from components.cluster import ClusterSettings
+from components.cluster import CONFIG_MAP, MLFLOW_SECRET, S3_SECRET, ClusterSettings
 from maskdit.core.config import StrictModel
 from maskdit.core.parent_run import close_stale_runs as close_stale_children
 from maskdit.core.parent_run import find_or_create_parent, finish_parents, parent_env
 from maskdit.core.tracking_server import environment
 
-S3_SECRET = "maskdit-s3"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
-MLFLOW_SECRET = "maskdit-mlflow"  # MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD (may be empty)
-CONFIG_MAP = "maskdit-config"  # MLFLOW_TRACKING_URI (k8s/base/kustomization.yaml)
 KFP_RUN_TAG = "kfp.run_id"
 
 
@@ -108,15 +106,17 @@ def fingerprint_step(images: str, resolution: int, vae: str, pixel_space: bool, 
 
 
 def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_space: bool, grayscale: bool,
-                device: str, dataset, dataset_id: str = ""):
+                device: str, dataset, dataset_id: str = "", job: dict | None = None):
     """`maskdit encode` into `<store>/datasets/<name>-<identity[:12]>`; 'mnist' = the bundled digits.
 
     The folder is named by the dataset's identity (maskdit.data.identity), so an unchanged source finds
     the dataset it already made (nothing is encoded) and a changed one gets a new folder. With
     `dataset_id` (the fingerprint step's output, the step's cache key) a source that changed since
-    then is an error: the cache entry would describe other data.
+    then is an error: the cache entry would describe other data. With `job` (`JobPlan` fields) the
+    encode runs as a job on the cluster's GPUs (components/stepjobs.py) unless the dataset is there.
     """
-    from maskdit.data.encode import fingerprint, run
+    from maskdit.core.result import read_result, result_uri
+    from maskdit.data.encode import EncodeResult, fingerprint, reusable, run
     from maskdit.data.imagefolders import EncodeError
 
     identity = fingerprint(_encode_config(images, "", resolution, vae, pixel_space, grayscale, device))
@@ -125,12 +125,33 @@ def encode_step(images: str, store_uri: str, resolution: int, vae: str, pixel_sp
                           f"{dataset_id[:12]}, now {identity.digest[:12]}): re-run the pipeline")
     out = f"{store_uri.rstrip('/')}/datasets/{identity.name}"
     cfg = _encode_config(images, out, resolution, vae, pixel_space, grayscale, device)
-    result = run(cfg.model_copy(update={"dataset_id": identity.digest}))  # the folder must hold what it is named by
+    cfg = cfg.model_copy(update={"dataset_id": identity.digest})  # the folder must hold what it is named by
+    if job and not reusable(out, identity):
+        from components.stepjobs import encode_command, run_job
+
+        plan = JobPlan(**job)  # named by the dataset, not the run: the step stays cached on the data's identity
+        run_job("encode", encode_command(images, out, resolution, vae, pixel_space, grayscale, identity.digest),
+                plan.cluster, identity.digest, f"{out}/job", {}, plan.timeout_hours)
+        result = read_result(EncodeResult, result_uri(out))
+    else:
+        result = run(cfg)
     print(f"dataset {out}: {'re-used, nothing encoded' if result.reused else 'encoded'} "
           f"({result.count} samples, identity {result.dataset_id})")
     point(dataset, result.dataset, manifest=result.manifest, source=images, resolution=resolution,
           count=result.count, num_classes=result.num_classes, dataset_id=result.dataset_id, reused=result.reused)
     return result
+
+
+class JobPlan(StrictModel):
+    """How the encode or evaluate step runs its work as a job (components/stepjobs.py)."""
+
+    cluster: ClusterSettings  # the settings step's output: placement, backend, local_nproc
+    timeout_hours: float = Field(gt=0, description="delete the job and fail after this long")
+
+
+def job_plan(as_job: bool, cluster: dict, timeout_hours: float) -> dict | None:
+    """The `job` argument of encode_step / evaluate_step: None = in-process."""
+    return JobPlan(cluster=cluster, timeout_hours=timeout_hours).model_dump() if as_job else None
 
 
 def cluster_settings(values: dict) -> dict:
@@ -285,22 +306,36 @@ def close_stale_runs(kfp_run_id: str, experiment: str, reason: str, step: str | 
 
 def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_samples: int, sampler: dict,
                   device: str, store_uri: str, kfp_run_id: str, kfp_run_name: str, experiment: str, metrics, samples,
-                  evaluation):
-    """`maskdit evaluate` into `<run dir>/evaluate` (FID + grid); shown in KFP. Empty ref_stats = the dataset's own."""
+                  evaluation, job: dict | None = None):
+    """`maskdit evaluate` into `<run dir>/evaluate` (FID + grid); shown in KFP. Empty ref_stats = the dataset's own.
+    With `job` (`JobPlan` fields) the sampling and Inception run as a job on the cluster's GPUs
+    (components/stepjobs.py) and this step reads its result.json."""
     from maskdit.core import storage
+    from maskdit.core.result import read_result, result_uri
     from maskdit.evaluation import fid
-    from maskdit.evaluation.evaluate import EvaluateConfig, run
+    from maskdit.evaluation.evaluate import EvaluateConfig, EvaluateResult, run
     from maskdit.method.diffusion import SamplerConfig
 
     out = f"{run_dir(store_uri, kfp_run_id)}/evaluate"
     close_stale_runs(kfp_run_id, experiment, "training finished; this attempt's process ended without closing it "
                      "(SIGKILL, OOM or a lost node)", step="train")
-    with environment(step_env(kfp_run_id, kfp_run_name, experiment)):
+    env = step_env(kfp_run_id, kfp_run_name, experiment)
+    with environment(env):
         if not ref_stats:
             ref_stats = fid.run(fid.FIDStatsConfig(source=dataset_uri, out=f"{out}/ref_stats.npz",
                                                    device=device)).stats
-        result = run(EvaluateConfig(checkpoint=checkpoint_uri, dataset=dataset_uri, ref_stats=ref_stats, out=out,
-                                    num_samples=num_samples, sampler=SamplerConfig(**sampler), device=device))
+        settings = SamplerConfig(**sampler)  # a bad key fails here, in seconds, not in the job
+        if job:
+            from components.stepjobs import check_evaluation, evaluate_command, run_job
+
+            plan = JobPlan(**job)
+            run_job("evaluate", evaluate_command(checkpoint_uri, dataset_uri, ref_stats, out, num_samples, sampler),
+                    plan.cluster, kfp_run_id, out, env, plan.timeout_hours)
+            result = read_result(EvaluateResult, result_uri(out))
+            check_evaluation(result, num_samples, settings)
+        else:
+            result = run(EvaluateConfig(checkpoint=checkpoint_uri, dataset=dataset_uri, ref_stats=ref_stats, out=out,
+                                        num_samples=num_samples, sampler=settings, device=device))
     for key, value in (("fid", result.fid), ("cfg_scale", result.sampler.cfg_scale),
                        ("num_steps", result.sampler.num_steps), ("num_samples", result.num_samples),
                        ("precision", result.precision), ("recall", result.recall), ("accuracy", result.accuracy)):

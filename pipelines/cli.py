@@ -82,7 +82,8 @@ def compile_cmd(
 def run_local(arguments: dict[str, Any], pipeline_root: str | Path) -> None:
     """Run the whole DAG with KFP's local runner (subprocesses in this environment, backend local).
 
-    Encode and evaluate run on this machine's CPU unless `step_gpus` says otherwise.
+    Encode and evaluate run on this machine's CPU unless `step_gpus` says otherwise: as torchrun jobs with
+    `local_nproc` processes (`encode_as_job`, `evaluate_as_job`), or in the step's own process.
     """
     from kfp import local
 
@@ -230,7 +231,8 @@ def demo(
                    pretrain_config="mnist_pretrain", tune_config="mnist_tune", local_nproc=DEMO_NPROC,
                    ref_stats=str(ref_stats), num_samples=DEMO_SAMPLES,
                    sampler={"cfg_scale": DEMO_CFG_SCALE, "num_steps": 18},
-                   fid_threshold=fid_threshold, model_name=DEMO_MODEL, experiment=DEMO_EXPERIMENT), out / "kfp")
+                   fid_threshold=fid_threshold, model_name=DEMO_MODEL, experiment=DEMO_EXPERIMENT,
+                   encode_as_job=False, evaluate_as_job=False), out / "kfp")  # small data: in the steps themselves
     grid = _grid_png(store, out / "samples.png")
     ref_n = fid.load_stats(str(ref_stats)).n
     client = mlflow.MlflowClient()

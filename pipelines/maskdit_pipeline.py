@@ -1,6 +1,7 @@
 """The MaskDiT training pipeline (Kubeflow Pipelines v2).
 
     fingerprint -> encode -> pretrain -> tune -> evaluate -> [FID <= fid_threshold] register
+    (encode and evaluate: jobs on the cluster's GPUs like training, or in their own pod: `*_as_job`)
     (all inside an ExitHandler whose exit step deletes the run's training jobs)
     (with `tune_init_from`, e.g. models:/<name>@champion, pretrain trains nothing: a weekly retrain)
 
@@ -25,7 +26,14 @@ from kfp import compiler, dsl, kubernetes
 
 from components import IMAGE
 from components.cleanup import cleanup
-from components.cluster import GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATIONS, with_cluster_parameters
+from components.cluster import (
+    CONFIG_MAP,
+    GPU_RESOURCE,
+    GPU_TOLERATIONS,
+    MLFLOW_SECRET,
+    S3_SECRET,
+    with_cluster_parameters,
+)
 from components.encode import encode
 from components.evaluate import evaluate
 from components.fingerprint import fingerprint
@@ -33,7 +41,6 @@ from components.pretrain import pretrain
 from components.pytorchjob import IMAGE_UID
 from components.register import register
 from components.settings import settings
-from components.steps import CONFIG_MAP, MLFLOW_SECRET, S3_SECRET
 from components.tune import tune
 
 PIPELINE_YAML = Path(__file__).with_name("maskdit_pipeline.yaml")
@@ -76,10 +83,15 @@ def _launcher(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     """
     task.set_display_name(name).set_caching_options(False).set_retry(num_retries=2, backoff_duration="60s")
     task.set_cpu_limit("1").set_memory_limit("2Gi")
+    return _with_credentials(_knows_its_pod(task))
+
+
+def _knows_its_pod(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """The step's pod name, uid and namespace (downward API): the jobs it launches are owned by it."""
     for env, field in (("MASKDIT_POD_NAME", "metadata.name"), ("MASKDIT_POD_UID", "metadata.uid"),
                        ("MASKDIT_POD_NAMESPACE", "metadata.namespace")):
         kubernetes.use_field_path_as_env(task, env, field)
-    return _with_credentials(task)
+    return task
 
 
 @dsl.pipeline(
@@ -103,8 +115,12 @@ def maskdit_pipeline(
     tune_init_from: str = "",
     pretrain_timeout_hours: float = 336.0,
     tune_timeout_hours: float = 48.0,
-    step_gpus: int = 1,
-    step_node_selector: dict = GPU_NODE_SELECTOR,
+    encode_as_job: bool = True,
+    evaluate_as_job: bool = True,
+    encode_timeout_hours: float = 24.0,
+    evaluate_timeout_hours: float = 6.0,
+    step_gpus: int = 0,
+    step_node_selector: dict = {},
     ref_stats: str = "s3://maskdit/fid/VIRTUAL_imagenet256_labeled.npz",
     num_samples: int = 50000,
     sampler: dict = {},
@@ -132,8 +148,12 @@ def maskdit_pipeline(
         tune_init_from: Skip pretraining and tune from this model: a checkpoint or models:/<name>@champion (a weekly retrain); empty = this run's pretraining.
         pretrain_timeout_hours: Delete the pretraining job and fail after this long (2M steps: about 257 h on 8 A100).
         tune_timeout_hours: Delete the tuning job and fail after this long.
-        step_gpus: GPUs of the encode and evaluate pods (1 for VAE latents; 0 in pixel space).
-        step_node_selector: Node labels of the encode and evaluate pods ({} with step_gpus=0, for CPU nodes).
+        encode_as_job: Run `maskdit encode` as a job on gpus_per_node GPUs (a PyTorchJob; torchrun with local_nproc processes on the local backend); false = in the encode pod itself (small data).
+        evaluate_as_job: Run `maskdit evaluate` (sampling, Inception) as a job on gpus_per_node GPUs, like encode_as_job; false = in the evaluate pod itself.
+        encode_timeout_hours: Delete the encode job and fail after this long (ImageNet: 1.28M images).
+        evaluate_timeout_hours: Delete the evaluation job and fail after this long.
+        step_gpus: GPUs of the encode and evaluate pods themselves: 0 when they run as jobs (thin clients); 1 to encode VAE latents or sample in-process.
+        step_node_selector: Node labels of the encode and evaluate pods (e.g. {"nvidia.com/gpu.present": "true"} with step_gpus=1).
         ref_stats: FID reference statistics (.npz with mu and sigma, ADM's VIRTUAL_imagenet256_labeled.npz); empty = the dataset's own.
         num_samples: Samples for FID (50k in the paper).
         sampler: Sampler settings for FID (SamplerConfig fields), e.g. {"cfg_scale": 1.5, "num_steps": 40}; empty = the paper's (CFG 1.5, 40 EDM Heun steps).
@@ -157,9 +177,10 @@ def maskdit_pipeline(
         identity.set_display_name("fingerprint images").set_caching_options(False).set_retry(2)
         _with_credentials(identity.set_cpu_limit("1").set_memory_limit("4Gi"))  # ImageNet: 1.3M listed files
         encoded = encode(images=images, store_uri=store_uri, resolution=resolution, vae=vae,
-                         pixel_space=pixel_space, grayscale=grayscale, gpus=step_gpus, dataset_id=identity.output)
+                         pixel_space=pixel_space, grayscale=grayscale, gpus=step_gpus, dataset_id=identity.output,
+                         as_job=encode_as_job, cluster=checked.output, timeout_hours=encode_timeout_hours)
         encoded.set_display_name("encode images").set_caching_options(True).set_retry(2, backoff_duration="60s")
-        _sized(_with_credentials(encoded), "16", "64Gi", step_gpus, step_node_selector)
+        _knows_its_pod(_sized(_with_credentials(encoded), "16", "64Gi", step_gpus, step_node_selector))
 
         run = dict(store_uri=store_uri, kfp_run_id=run_id, kfp_run_name=run_name, experiment=experiment,
                    cluster=checked.output)
@@ -175,9 +196,10 @@ def maskdit_pipeline(
 
         evaluated = evaluate(model=tuned.outputs["model"], dataset=encoded.outputs["dataset"], ref_stats=ref_stats,
                              num_samples=num_samples, sampler=sampler, gpus=step_gpus, store_uri=store_uri,
-                             kfp_run_id=run_id, kfp_run_name=run_name, experiment=experiment)
+                             kfp_run_id=run_id, kfp_run_name=run_name, experiment=experiment,
+                             as_job=evaluate_as_job, cluster=checked.output, timeout_hours=evaluate_timeout_hours)
         evaluated.set_display_name("samples and FID").set_caching_options(False).set_retry(1)
-        _sized(_with_credentials(evaluated), "8", "64Gi", step_gpus, step_node_selector)
+        _knows_its_pod(_sized(_with_credentials(evaluated), "8", "64Gi", step_gpus, step_node_selector))
 
         # FID (float) against the threshold (float): like types, or dsl.If silently skips both branches
         fid = evaluated.outputs["Output"]

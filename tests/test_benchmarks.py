@@ -68,3 +68,39 @@ def test_checkpoint_write_dry_run_measures_both_formats_to_both_stores(tmp_path)
         file = rows[store, "file"]  # the old write blocks the loop for all of it (two clock reads, ms rounding)
         assert file["total_s"] - file["stall_s"] <= 0.001 + 1e-9
         assert rows[store, "sharded"]["stall_vs_file"] > 0
+
+
+def test_node_projection_arithmetic():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from node_projection import project_encode, project_fid
+
+    # 50,000 images over 8 GPUs at 10 / 250 / 200 img/s a GPU: 6,250 * (0.1 + 0.004 + 0.005) s, plus the rest
+    assert project_fid(10.0, 250.0, 200.0, gather_s=2.0, stats_s=1.0, first_call_s=40.0) == pytest.approx(
+        6250 * 0.109 + 43.0, rel=1e-12)
+    assert project_fid(10.0, 250.0, 200.0, 0.0, 0.0, gpus=1) == pytest.approx(50000 * 0.109, rel=1e-12)
+    gpu_bound = project_encode(500.0, 100.0, gpus=8, cpus=80, workers=8, images=1_000_000)
+    assert gpu_bound == {"seconds": 250.0, "gpu_img_s": 4000.0, "jpeg_decode_img_s": 6400.0, "bound_by": "gpu"}
+    starved = project_encode(500.0, 100.0, gpus=8, cpus=16, workers=8, images=1_000_000)  # 16 threads' worth of CPU
+    assert starved["bound_by"] == "jpeg decoding (cpu)" and starved["seconds"] == 1_000_000 / 1600
+
+
+@pytest.mark.slow
+def test_node_projection_dry_run_writes_json(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "node.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "node_projection.py"), "--dry-run", "--out",
+                          str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["kind"].startswith("dry run") and result["device"] == "cpu" and result["gpus"] == 8
+    measured = result["measured"]
+    assert measured["sample"]["tf32"] is None and measured["sample"]["bf16+compile"] is None  # CUDA only
+    for name in ("fp32", "bf16"):
+        rates = measured["sample"][name]
+        assert rates["img_per_s_40_steps"] > 0 and rates["first_call_s"] > 0
+        assert result["fid50k_s"][name] == pytest.approx(round(
+            50000 / 8 * (1 / rates["img_per_s_40_steps"] + 1 / measured["decode_img_s"]
+                         + 1 / measured["inception_img_s"])
+            + rates["first_call_s"] + measured["gather_s"] + measured["stats_s"], 1), abs=0.051)
+    assert measured["gather_s"] > 0 and measured["gather_world"] == 2 and measured["jpeg_img_s_per_thread"] > 0
+    assert result["encode_imagenet"]["bound_by"] in ("gpu", "jpeg decoding (cpu)")

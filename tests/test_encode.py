@@ -317,3 +317,38 @@ def test_torchrun_two_ranks_split_the_shards(tmp_path, tiny_vae):
     a = load_dataset(str(tmp_path / "one"), cache_dir=tmp_path / "c")
     b = load_dataset(str(tmp_path / "two"), cache_dir=tmp_path / "c")
     torch.testing.assert_close(a.moments(torch.arange(9)), b.moments(torch.arange(9)), atol=2e-3, rtol=2e-3)
+
+
+def _torchrun_encode(nproc: int, input_dir: Path, out: Path, vae: str) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--no-python",
+           str(bin_dir / "maskdit"), "encode", f"input={input_dir}", f"out={out}", f"vae={vae}", f"resolution={RES}",
+           "shard_size=4", "batch_size=3", "device=cpu", "workers=1", "progress=false"]
+    # one thread per process in every run: the same kernels, so the same bits, whatever the process count
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_write_the_same_bytes_and_a_restart_may_change_the_rank_count(tmp_path, tiny_vae):
+    """Batches never straddle shards (4 images a shard, batches of 3: [3, 1] in each), so a shard's bytes do
+    not depend on which rank wrote it; a job restarted with 3 ranks re-encodes only the shard that was lost."""
+    make_images(tmp_path / "in")  # 15 images: shards of 4, 4, 4, 3
+    for n in (1, 2):
+        done = _torchrun_encode(n, tmp_path / "in", tmp_path / f"ranks{n}", tiny_vae)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (read_manifest(str(tmp_path / f"ranks{n}")) for n in (1, 2))
+    assert [s.sha256 for s in one.shards] == [s.sha256 for s in two.shards] and len(one.shards) == 4
+    for k in range(4):
+        name = shards.shard_name(k)
+        assert (tmp_path / "ranks1" / "shards" / name).read_bytes() == (tmp_path / "ranks2" / "shards" / name).read_bytes()
+
+    shard_dir = tmp_path / "ranks2" / "shards"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
+    (shard_dir / shards.shard_name(1)).unlink()  # the 2-rank job was killed while writing shard 1
+    (tmp_path / "ranks2" / "manifest.json").unlink()
+    done = _torchrun_encode(3, tmp_path / "in", tmp_path / "ranks2", tiny_vae)  # restarted with 3 ranks
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
+    rewritten = sorted(name for name in again if again[name] != mtimes.get(name))
+    assert rewritten == sorted([shards.shard_name(1), shards.shard_name(1).replace(".safetensors", ".json")])
+    assert read_manifest(str(tmp_path / "ranks2")).shards == one.shards

@@ -1,6 +1,9 @@
 """`maskdit evaluate`: FID summary + grid (and MLflow logging) from a tiny model; bad input."""
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +157,75 @@ def test_the_grid_shows_every_class_of_a_ten_class_data_set(tiny_sampler, ref_st
     width, height = Image.open(out / "grid.png").size
     side = 64 + 2  # 8 px samples enlarged to 64 px, 2 px padding
     assert (height, width) == (10 * side + 2, 3 * side + 2)  # one row a class (0-9), one column a seed
+
+
+def _torchrun_evaluate(nproc: int, out: Path, *args: str, max_restarts: int = 0) -> subprocess.Popen:
+    bin_dir = Path(sys.executable).parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={max_restarts}", "--no-python", str(bin_dir / "maskdit"), "evaluate", f"out={out}",
+           "device=cpu", *args]
+    # one thread per process in every run: the same kernels, so the same bits, whatever the process count
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_one_two_and_three_ranks_give_the_same_features_and_fid(tiny_sampler, ref_stats, tmp_path):
+    """Batches are fixed by image index, so the features are the same bits for any rank count; with 3 ranks
+    and 2 batches (6 samples, batch 4) the third rank has no image at all and the job still finishes."""
+    args = [f"checkpoint={tiny_sampler.checkpoint}", f"ref_stats={ref_stats}", "num_samples=6", "batch_size=4",
+            "sampler.num_steps=2", "grid_classes=[1]", "grid_columns=2"]
+    runs = {n: _torchrun_evaluate(n, tmp_path / f"ranks{n}", *args) for n in (1, 2, 3)}
+    results = {}
+    for n, proc in runs.items():
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+        results[n] = read_result(EvaluateResult, str(tmp_path / f"ranks{n}" / "result.json"))
+    assert [r.world_size for r in results.values()] == [1, 2, 3]
+    assert len({r.features_sha256 for r in results.values()}) == 1 and results[1].features_sha256
+    assert results[1].fid == results[2].fid == results[3].fid  # the same features, the same float64 arithmetic
+
+
+def _workers(proc: subprocess.Popen) -> dict[str, "psutil.Process"]:
+    """torchrun's live workers by RANK (from their environment)."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+            if rank is not None and "evaluate" in " ".join(child.cmdline()):
+                found[rank] = child
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_evaluation_restarts_the_job_and_no_partial_fid_is_written(tiny_sampler, ref_stats,
+                                                                                      tmp_path):
+    """SIGKILL to rank 1 while the ranks sample: torchrun (as a PyTorchJob would) restarts both ranks, which
+    evaluate again from the first image; result.json appears once, whole, with the FID of an undisturbed run."""
+    import time
+
+    args = [f"checkpoint={tiny_sampler.checkpoint}", f"ref_stats={ref_stats}", "num_samples=8", "batch_size=2",
+            "sampler.num_steps=3", "grid_classes=[1]", "grid_columns=2"]
+    killed_out = tmp_path / "killed"
+    proc = _torchrun_evaluate(2, killed_out, *args, max_restarts=1)
+    deadline = time.monotonic() + 300
+    while "1" not in (workers := _workers(proc)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # the ranks load the model and Inception, then sample: kill one of them on the way
+    assert not (killed_out / "result.json").exists()
+    workers["1"].kill()
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert "closing signal" in output  # torchrun stopped the surviving rank: the group ran again, whole
+    assert output.count("FID ") == 1  # printed by rank 0 once, after the restart
+    clean = _torchrun_evaluate(1, tmp_path / "clean", *args)
+    clean_output, _ = clean.communicate(timeout=600)
+    assert clean.returncode == 0, clean_output[-3000:]
+    after_kill = read_result(EvaluateResult, str(killed_out / "result.json"))
+    undisturbed = read_result(EvaluateResult, str(tmp_path / "clean" / "result.json"))
+    assert after_kill.num_samples == 8 and after_kill.world_size == 2
+    assert after_kill.features_sha256 == undisturbed.features_sha256 and after_kill.fid == undisturbed.fid

@@ -83,7 +83,7 @@ def test_gpus_tolerations_node_selectors_and_secrets(tmp_path, monkeypatch):
     containers = {name: e.container for name, e in deployment.executors.items()}
     for gpu_step in ("exec-encode", "exec-evaluate"):
         accelerator = containers[gpu_step].resources.accelerator
-        # sized by pipeline parameters: 1 GPU on a GPU node by default, 0 and any node in pixel space
+        # sized by pipeline parameters: 0 GPUs on any node by default (the work runs as a job), 1 to run in-process
         assert accelerator.resource_type == "nvidia.com/gpu" and "step_gpus" in accelerator.resource_count
         assert [t.key for t in executors[gpu_step].tolerations] == ["nvidia.com/gpu"]
         selector = json_format.MessageToDict(executors[gpu_step].node_selector)
@@ -98,10 +98,14 @@ def test_gpus_tolerations_node_selectors_and_secrets(tmp_path, monkeypatch):
     # the PyTorchJobs get their GPUs, node selector and tolerations as (documented) parameters
     params = spec.root.input_definitions.parameters
     assert json_format.MessageToDict(params["node_selector"].default_value) == {"nvidia.com/gpu.present": "true"}
-    assert json_format.MessageToDict(params["step_node_selector"].default_value) == {"nvidia.com/gpu.present": "true"}
-    assert params["step_gpus"].default_value.number_value == 1
+    assert json_format.MessageToDict(params["step_node_selector"].default_value) == {}
+    assert params["step_gpus"].default_value.number_value == 0
+    # encode and evaluate run as jobs by default (the pods are thin clients), each with its own deadline
+    assert params["encode_as_job"].default_value.bool_value and params["evaluate_as_job"].default_value.bool_value
+    assert params["encode_timeout_hours"].default_value.number_value == 24.0
+    assert params["evaluate_timeout_hours"].default_value.number_value == 6.0
     # the launcher pods know themselves (downward API), so the PyTorchJob can be owned by them
-    for step in ("exec-pretrain", "exec-tune"):
+    for step in ("exec-pretrain", "exec-tune", "exec-encode", "exec-evaluate"):
         fields = {f.name: f.field_path for f in executors[step].field_path_as_env}
         assert fields == {"MASKDIT_POD_NAME": "metadata.name", "MASKDIT_POD_UID": "metadata.uid",
                           "MASKDIT_POD_NAMESPACE": "metadata.namespace"}

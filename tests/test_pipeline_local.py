@@ -41,12 +41,15 @@ def _arguments(digits, bucket, name, experiment, fid_threshold):
                 pretrain_config="mnist_pretrain", pretrain_overrides=["steps=6", "checkpoint.every=3", *TINY],
                 tune_config="mnist_tune", tune_overrides=["steps=3", "checkpoint.every=3", *TINY],
                 local_nproc=1, ref_stats="", num_samples=16, sampler={"cfg_scale": 1.5, "num_steps": 3},
-                fid_threshold=fid_threshold, model_name=name, experiment=experiment)
+                fid_threshold=fid_threshold, model_name=name, experiment=experiment,
+                encode_as_job=False, evaluate_as_job=False)  # in the step's process; the first test: as jobs
 
 
 def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     name, experiment = "maskdit-local-dag", "pipeline-local"
-    run_local(_arguments(digits, bucket, name, experiment, fid_threshold=1e6), tmp_path / "kfp")
+    # encode and evaluate as jobs, as on Kubernetes: torchrun with 2 processes (training too)
+    run_local({**_arguments(digits, bucket, name, experiment, fid_threshold=1e6), "local_nproc": 2,
+               "encode_as_job": True, "evaluate_as_job": True}, tmp_path / "kfp")
 
     version = tracking.get_model_version_by_alias(name, "champion")
     assert version.version == "1" and sorted(version.aliases) == ["candidate", "champion"]
@@ -71,6 +74,10 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     evaluation = read_result(EvaluateResult, f"{run_dir}/evaluate/result.json")
     # the version's tag holds the FID to 6 significant digits (f"{fid:.6g}"): off by at most 5e-6 relative
     assert evaluation.fid == pytest.approx(float(tags["fid"]), rel=1e-5) and evaluation.sampler.num_steps == 3
+    assert evaluation.world_size == 2  # the evaluation job's two ranks; its log lies beside its result
+    assert f"FID {evaluation.fid:.4g}" in storage.get_bytes(f"{run_dir}/evaluate/logs/local.log").decode()
+    dataset = tags["dataset_manifest"].rsplit("/", 1)[0]
+    assert "samples of shape" in storage.get_bytes(f"{dataset}/job/logs/local.log").decode()  # the encode job's
     assert read_result(RegisterResult, f"{run_dir}/evaluate/register/result.json").version == "1"
     # the version's source is the tune run, with the evaluate run's metrics (issue 13.3)
     assert version.run_id == read_result(TrainResult, f"{run_dir}/tune/result.json").run_id is not None

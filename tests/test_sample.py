@@ -43,6 +43,18 @@ def test_rank_indices_cover_everything_once():
     assert sorted(sum(shares, [])) == list(range(10))
 
 
+def test_rank_indices_keep_whole_batches_together():
+    shares = [sample.rank_indices(10, r, 2, batch_size=4) for r in range(2)]
+    assert shares == [[0, 1, 2, 3, 8, 9], [4, 5, 6, 7]]  # batches [0..3], [4..7], [8, 9]
+    by_three = [sample.rank_indices(10, r, 3, batch_size=4) for r in range(3)]
+    assert by_three == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [sample.rank_indices(5, r, 4, batch_size=4) for r in range(4)] == [[0, 1, 2, 3], [4], [], []]
+    for world in (1, 2, 3, 5):  # cut into batch_size chunks, a rank's share gives the same batches for any world
+        batches = sorted(tuple(share[i:i + 4]) for r in range(world)
+                         for share in [sample.rank_indices(10, r, world, 4)] for i in range(0, len(share), 4))
+        assert batches == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
+
+
 def test_random_labels_and_grid_plan():
     assert torch.equal(sample.random_labels(20, 10, seed=3), sample.random_labels(20, 10, seed=3))
     assert sample.random_labels(2000, 10).bincount().min() > 150  # uniform

@@ -155,6 +155,11 @@ def fingerprint(cfg: EncodeConfig) -> DatasetId:
     return _identity(cfg, options, _source(cfg, files), "pixel_space" if cfg.pixel_space else vae_identity(cfg.vae))
 
 
+def reusable(out: str, identity: DatasetId) -> bool:
+    """Whether `out` already holds the complete dataset of `identity` (then encode does nothing)."""
+    return _reusable(out.rstrip("/"), identity) is not None
+
+
 @contextmanager
 def _input_folder(cfg: EncodeConfig) -> Iterator[str]:
     """The input as a folder or prefix of class folders (the bundled digits: written to a temporary one)."""

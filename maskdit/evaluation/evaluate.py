@@ -1,19 +1,25 @@
 """`maskdit evaluate`: generate N samples, Inception features, FID against reference statistics.
 
-Each rank generates its strided share of the N images (image i: seed `seed + i`, a uniform
-random label drawn from `seed`), computes their pool3 features on the spot (no image is kept
-but the grid's) and, for a data set with a reference classifier (MNIST: `maskdit.evaluation.classifier`),
+Each rank generates its share of the N images, whole batches strided over the ranks (image i:
+seed `seed + i`, a uniform random label drawn from `seed`; batch b = images b*B .. (b+1)*B - 1 on
+rank b mod W, so every image shares its forward passes with the same images for any number of
+ranks and its features are the same bits: `features_sha256` in the result), computes their pool3
+features on the spot (no image is kept but the grid's; rank 0 holds only the N x 2048 features)
+and, for a data set with a reference classifier (MNIST: `maskdit.evaluation.classifier`),
 whether the classifier sees the class asked for; rank 0 gathers both in index order, computes
 FID (precision/recall when the reference file holds features; the class-conditional accuracy
 where there is a classifier), and writes `result.json` and
 `grid.png` to `out` (the `EvaluateResult` as `out/result.json`); with MLflow configured both go to
-the run (metrics `fid`, `accuracy`, ...). Every input and the output location are checked before the first
+the run (metrics `fid`, `accuracy`, ...). result.json is written once, by rank 0, after every
+rank's features arrived: a rank that dies fails the gather, the job (restarted by torchrun or its
+PyTorchJob) evaluates again from the first image, and no FID of part of the samples is ever written. Every input and the output location are checked before the first
 sample, so a typo costs seconds, not the hours of an FID-50K.
 Alternatively `samples` names an npz of images already generated (`maskdit sample --npz`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any, Literal
 
@@ -80,6 +86,7 @@ class EvaluateResult(StepResult):
     ref_n: int | None = None
     inception: str
     inception_sha256: str | None = None  # digest of the Inception weights file
+    features_sha256: str | None = None  # digest of the (N, 2048) float32 features in index order: rank-invariant
     world_size: int
     seconds: float
     grid: str  # the sample grid PNG (URI)
@@ -162,7 +169,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
         if len(images) < cfg.num_samples:
             raise EvalError(f"{cfg.samples} holds {len(images)} samples, fewer than num_samples={cfg.num_samples}; "
                             "generate more or lower num_samples")
-        idx = rank_indices(cfg.num_samples, info.rank, info.world_size)
+        idx = rank_indices(cfg.num_samples, info.rank, info.world_size, cfg.batch_size)
         batches = (images[idx[i:i + cfg.batch_size]] for i in range(0, len(idx), cfg.batch_size))
         feats = inception.features(judge(batches, sample_labels[idx]), progress=info.is_main, total=len(idx))
     else:
@@ -173,20 +180,21 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
         check_labels(torch.tensor(classes), source.config.num_classes)  # the grid comes last: check it first
         labels = random_labels(cfg.num_samples, source.config.num_classes, cfg.seed)
         seeds = [cfg.seed + i for i in range(cfg.num_samples)]
-        idx = rank_indices(cfg.num_samples, info.rank, info.world_size)
+        idx = rank_indices(cfg.num_samples, info.rank, info.world_size, cfg.batch_size)
         batches = generate_batches(source.precond, source.decode, labels[idx], [seeds[i] for i in idx],
                                    cfg.sampler, cfg.batch_size, progress=info.is_main)
         feats = inception.features(judge(batches, labels[idx].numpy()))
     feats = gather_rows(feats.astype(np.float32), idx, cfg.num_samples, info.world_size)
     correct = None
     if classifier is not None:  # every rank has the same data set, so the same classifier (or none)
-        mine = np.concatenate(judged).astype(np.float32)[:, None]  # (n_rank, 1)
+        mine = (np.concatenate(judged) if judged else np.zeros(0)).astype(np.float32)[:, None]  # (n_rank, 1)
         correct = gather_rows(mine, idx, cfg.num_samples, info.world_size)
     if not info.is_main:
         return None
     if feats is None or len(feats) != cfg.num_samples:
         raise EvalError(f"got {0 if feats is None else len(feats)} sample features, asked for {cfg.num_samples}")
 
+    features_sha256 = hashlib.sha256(np.ascontiguousarray(feats).tobytes()).hexdigest()  # (N, 2048) in index order
     stats = fid.feature_stats(feats)
     precision = recall = None
     if ref.features is not None:
@@ -210,7 +218,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
         checkpoint=(source.meta.get("uri") if source else None) or cfg.samples or cfg.checkpoint,
         step=source.meta.get("step") if source else None, dataset=source.meta.get("dataset") if source else None,
         samples=cfg.samples, ref_stats=cfg.ref_stats, ref_stats_sha256=ref.sha256, ref_n=ref.n,
-        inception=cfg.inception, inception_sha256=inception.sha256,
+        inception=cfg.inception, inception_sha256=inception.sha256, features_sha256=features_sha256,
         world_size=info.world_size, seconds=round(time.time() - started, 3), grid=grid_uri)
     result.write(result_uri(cfg.out))
 

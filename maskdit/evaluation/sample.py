@@ -2,7 +2,7 @@
 
 Image i uses seed `seed + i` (grid: `seed + column`) and its class label; its noise comes from its
 own generator (`diffusion.SeededNoise`), so image i is the same whatever the batch size or the
-number of ranks. Rank r generates indices r, r + W, r + 2W, ... (W ranks); PNGs are written by
+number of ranks. Rank r generates batches r, r + W, r + 2W, ... (W ranks, `rank_indices`); PNGs are written by
 index from every rank, the npz is gathered on rank 0 in index order.
 
 What to sample from (a checkpoint or a registered model) is `maskdit.evaluation.sources`. The step is
@@ -50,9 +50,16 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
         raise SampleError(f"class {int(bad[0])} is outside 0..{num_classes - 1} (the model has {num_classes} classes)")
 
 
-def rank_indices(n: int, rank: int, world_size: int) -> list[int]:
-    """The strided share of indices 0..n-1 that rank `rank` of `world_size` generates."""
-    return list(range(rank, n, world_size))
+def rank_indices(n: int, rank: int, world_size: int, batch_size: int = 1) -> list[int]:
+    """The share of indices 0..n-1 that rank `rank` of `world_size` generates: whole batches, strided.
+
+    Batch b holds indices b*batch_size .. (b+1)*batch_size - 1 and goes to rank b mod world_size, so an
+    image always shares its forward passes with the same images whatever the number of ranks: its
+    pixels and its Inception features are the same bits for 1 or 8 ranks. A rank past the last
+    batch (more ranks than batches) gets nothing.
+    """
+    return [i for b in range(rank, -(-n // batch_size), world_size)
+            for i in range(b * batch_size, min((b + 1) * batch_size, n))]
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,7 +168,7 @@ def sample_to(source, out: str, class_labels: torch.Tensor, seeds: Sequence[int]
     """Generate this rank's share of the images; PNGs `<out>/<index:06d>.png`, npz `<out>/samples.npz`."""
     from maskdit.core import storage
 
-    idx = rank_indices(len(seeds), rank, world_size)
+    idx = rank_indices(len(seeds), rank, world_size, batch_size)
     labels = class_labels[idx]
     my_seeds = [seeds[i] for i in idx]
     files: list[str] = []
