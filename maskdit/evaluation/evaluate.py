@@ -24,6 +24,7 @@ from pydantic import Field
 from maskdit.core.config import StrictModel
 from maskdit.core.errors import UserError
 from maskdit.core.result import StepResult, result_uri
+from maskdit.evaluation.fid import FID
 from maskdit.method.diffusion import SamplerConfig
 
 
@@ -62,7 +63,7 @@ class EvaluateResult(StepResult):
     """`out/result.json`: the FID and everything needed to compare it with another one fairly."""
 
     kind: Literal["evaluate"] = "evaluate"
-    fid: float
+    fid: FID  # finite and >= 0: a result.json holding another is refused where it is read
     precision: float | None = None  # when the reference statistics hold raw features
     recall: float | None = None
     accuracy: float | None = None  # share of samples the data set's reference classifier labels as asked (None: none)
@@ -201,8 +202,14 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
     else:
         shown = images[:cfg.grid_columns * 4]  # up to 4 rows of the given samples
         save_grid(shown, -(-len(shown) // cfg.grid_columns), grid_uri)
+    score = fid.fid_from_stats(stats, ref)
+    if -fid.rounding_slack(stats, ref) <= score < 0:  # rounding around a true 0
+        score = 0.0
+    if not (np.isfinite(score) and score >= 0):
+        raise EvalError(f"FID came out {score} (a distance is finite and >= 0): the reference statistics "
+                        f"{cfg.ref_stats} or the samples' features are broken; recompute them with maskdit fid-stats")
     result = EvaluateResult(
-        fid=fid.fid_from_stats(stats, ref), precision=precision, recall=recall,
+        fid=score, precision=precision, recall=recall,
         accuracy=None if correct is None else round(float(correct.mean()), 6),
         classifier=classifier.name if classifier else None,
         classifier_accuracy=round(classifier.heldout_accuracy, 6) if classifier else None, num_samples=cfg.num_samples,

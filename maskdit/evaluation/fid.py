@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from maskdit.core.config import StrictModel
 from maskdit.core.result import StepResult, result_uri
 from maskdit.evaluation.inception import BUNDLED, FEATURE_DIM, FIDError, InceptionFeatures, sha256_file
 
+# An FID as results carry it (evaluate's, register's): a distance, so finite and >= 0; pydantic refuses the rest
+# where a result is read, so a NaN or negative FID can never reach the champion gate.
+FID = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -55,6 +58,16 @@ class FIDStats:
                            "network or layer?")
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise FIDError(f"{source}: mu or sigma holds NaN or inf; recompute the statistics")
+        # a covariance is symmetric PSD; rounding leaves it so within `slack`: the file's dtype's eps times D (the
+        # length of the sums a Gram matrix and an eigensolver accumulate) times the trace (>= its largest eigenvalue)
+        slack = FEATURE_DIM * np.finfo(sigma.dtype if sigma.dtype.kind == "f" else np.float64).eps * \
+            max(float(np.abs(np.diag(sigma)).sum()), np.finfo(np.float64).tiny)
+        asymmetry = float(np.abs(sigma - sigma.T).max())
+        lowest = float(np.linalg.eigvalsh((sigma.astype(np.float64) + sigma.T) / 2)[0]) if asymmetry <= slack else 0.0
+        if asymmetry > slack or not np.isfinite(lowest) or lowest < -slack:
+            raise FIDError(f"{source}: sigma is not a covariance (" + (f"asymmetric by {asymmetry:.3g}" if asymmetry > slack
+                           else f"eigenvalue {lowest:.3g}") + f", tolerance {slack:.3g}); recompute the statistics "
+                           "with maskdit fid-stats")
         if self.features is not None and np.asarray(self.features).shape[1:] != (FEATURE_DIM,):
             raise FIDError(f"{source}: features have shape {np.asarray(self.features).shape}, expected (n, {FEATURE_DIM})")
         self.mu, self.sigma = mu.astype(np.float64), sigma.astype(np.float64)
@@ -111,6 +124,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def rounding_slack(a: FIDStats, b: FIDStats) -> float:
+    """How far below 0 rounding alone can take the FID of two valid fits: each of the D eigenvalues of
+    S1^(1/2) S2 S1^(1/2) carries an error of at most D eps lambda_max (<= D eps Tr S1 Tr S2), its clipped root
+    at most the square root of that; the trace term counts twice."""
+    d, eps = len(a.mu), np.finfo(np.float64).eps
+    return 2 * d * float(np.sqrt(d * eps * np.trace(a.sigma) * np.trace(b.sigma)))
 
 
 def fid_from_features(features: np.ndarray, ref: FIDStats) -> float:

@@ -34,6 +34,7 @@ import torch
 
 from maskdit.core import storage
 from maskdit.core.errors import UserError
+from maskdit.method import weights
 from maskdit.method.model import ModelConfig
 
 FORMAT_VERSION = 1
@@ -115,6 +116,10 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[
             f"checkpoint {uri} has format_version {state['format_version']}, newer than this maskdit's "
             f"{FORMAT_VERSION}; upgrade maskdit"
         )
+    try:  # its config against its tensors, finite weights (maskdit/method/weights.py)
+        weights.check_state(state, uri)
+    except weights.WeightsError as error:
+        raise CheckpointError(str(error)) from None
     return state
 
 
@@ -173,14 +178,8 @@ def check_model_config(expected: ModelConfig, state: dict[str, Any], uri: str) -
 
 def load_ema_model(uri: str, device: str | torch.device = "cpu"):
     """(EDMPrecond with the EMA weights in eval mode, ModelConfig, meta) from a checkpoint file or folder."""
-    from maskdit.method.diffusion import EDMPrecond
-    from maskdit.method.model import MaskDiT
-
     uri, state = resolve(uri)
-    cfg = ModelConfig(**state["model_config"])
-    net = MaskDiT(cfg)
-    net.load_state_dict(state["ema"])
-    precond = EDMPrecond(net).to(device).eval().requires_grad_(False)
+    precond, cfg = weights.ema_precond(state, uri, device)
     meta = {
         "uri": uri,
         "step": state["step"],
