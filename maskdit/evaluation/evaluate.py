@@ -151,7 +151,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
     def judge(batches, labels: np.ndarray):
         """Pass the image batches on; on the side, compare the classifier's labels with `labels` (in order)."""
         done = 0
-        for images in batches:
+        for images in batches:  # (B, H, W, 3) uint8
+            ref.check_resolution(int(images.shape[1]), int(images.shape[2]), f"reference statistics {cfg.ref_stats}")
             if classifier is not None:
                 judged.append(classifier.predict(images) == labels[done:done + len(images)])
             done += len(images)

@@ -49,6 +49,14 @@ class FIDStats:
     n: int | None = None  # number of images (saved when known; ADM files lack it)
     features: np.ndarray | None = None  # raw (n, 2048) features, only for precision/recall
     sha256: str | None = None  # digest of the .npz file they were read from (load_stats)
+    resolution: int | None = None  # side in px of the (square) images they fit (None: mixed, or an ADM file)
+
+    def check_resolution(self, height: int, width: int, source: str) -> None:
+        """FIDError unless images of `height` x `width` px are what these statistics were computed from."""
+        if self.resolution is not None and (height, width) != (self.resolution, self.resolution):
+            raise FIDError(f"{source} fits {self.resolution} px images and the samples are {height}x{width} px: FIDs "
+                           f"at different resolutions are not comparable; compute reference statistics of "
+                           f"{height} px images (maskdit fid-stats)")
 
     def check(self, source: str = "statistics") -> FIDStats:
         mu, sigma = np.asarray(self.mu), np.asarray(self.sigma)
@@ -209,7 +217,8 @@ def _read_stats_npz(path: Path, uri: str) -> FIDStats:
                 raise FIDError(f"{uri} has keys {sorted(npz.files)}, expected 'mu' and 'sigma' (ADM/EDM format)")
             n = int(npz["n"]) if "n" in npz else None
             feats = npz["features"] if "features" in npz else None
-            return FIDStats(npz["mu"], npz["sigma"], n, feats).check(uri)
+            resolution = int(npz["resolution"]) if "resolution" in npz else None
+            return FIDStats(npz["mu"], npz["sigma"], n, feats, resolution=resolution).check(uri)
     except (OSError, ValueError) as error:
         if isinstance(error, FIDError):
             raise
@@ -226,6 +235,8 @@ def save_stats(stats: FIDStats, uri: str) -> None:
         arrays["n"] = np.asarray(stats.n)
     if stats.features is not None:
         arrays["features"] = np.asarray(stats.features, np.float32)
+    if stats.resolution is not None:
+        arrays["resolution"] = np.asarray(stats.resolution)
     np.savez(buf, **arrays)
     storage.put_bytes(uri, buf.getvalue())
 
@@ -284,7 +295,17 @@ def compute_source_stats(source: str, inception: InceptionFeatures, batch_size: 
         raise FIDError(f"source {source!r} does not exist; give an image folder or a dataset URI")
     else:
         batches, total = dataset_batches(source, batch_size, limit, device=inception.device)
-    return feature_stats(inception.features(batches, progress=progress, total=total), keep_features)
+    sizes: set[tuple[int, int]] = set()
+
+    def recorded(batches: Iterator) -> Iterator:
+        for images in batches:  # (B, H, W, 3) uint8
+            sizes.add((int(images.shape[1]), int(images.shape[2])))
+            yield images
+
+    stats = feature_stats(inception.features(recorded(batches), progress=progress, total=total), keep_features)
+    [(height, width)] = sizes if len(sizes) == 1 else [(None, None)]
+    stats.resolution = height if height == width else None  # recorded in the file, checked by evaluate
+    return stats
 
 
 # ------------------------------------------------------------------------------------------

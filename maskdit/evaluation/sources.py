@@ -101,7 +101,7 @@ def _load_registered(uri: str, device: torch.device | str) -> SamplerSource:
         state = registered_state(uri, tmp, description)
         precond, config = ema_precond(state, uri, device)
         check_decoder_fits(config, manifest, uri)
-        vae = artifact_path(description, VAE_ARTIFACT)
+        vae = artifact_path(description, VAE_ARTIFACT, uri)
         if vae:  # the VAE inside the model
             manifest = manifest.model_copy(update={"vae": str(download_vae(uri, description, vae, tmp))})
         decode = load_decoder(manifest, device)

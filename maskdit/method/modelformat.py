@@ -71,14 +71,14 @@ def model_format(description: dict[str, Any]) -> int:
     return description["metadata"]["maskdit_format"]
 
 
-def artifact_path(description: dict[str, Any], name: str) -> str | None:
+def artifact_path(description: dict[str, Any], name: str, uri: str = "the model") -> str | None:
     """The path inside the model of the artifact `name`, as its `MLmodel` names it (None: it names none);
     ModelFormatError for a path that leaves the model's folder (absolute, or with `..`)."""
     artifacts = (description.get("flavors", {}).get("python_function", {}).get("artifacts") or {})
     path = (artifacts.get(name) or {}).get("path")
     if path is not None and (not isinstance(path, str) or path.startswith(("/", "\\")) or ":" in path
                              or ".." in PurePosixPath(path.replace("\\", "/")).parts):
-        raise ModelFormatError(f"its MLmodel names the {name} artifact at {path!r}, outside the model's folder; "
+        raise ModelFormatError(f"{uri}: its MLmodel names the {name} artifact at {path!r}, outside the model's folder; "
                                "refusing it: register the model again with `maskdit register`")
     return path
 
@@ -110,7 +110,7 @@ def check_artifact(uri: str, description: dict[str, Any], name: str, local: Path
 
 def required_artifacts(uri: str, description: dict[str, Any], *names: str) -> list[str]:
     """The paths of the artifacts `names`; ModelFormatError when the `MLmodel` lacks one."""
-    paths = [artifact_path(description, name) for name in names]
+    paths = [artifact_path(description, name, uri) for name in names]
     if not all(paths):
         plural = "s" if len(names) > 1 else ""
         raise ModelFormatError(f"{uri}: its MLmodel names no {'/'.join(names)} artifact{plural}; was it registered "
