@@ -155,7 +155,8 @@ def test_a_dead_holders_lock_is_broken_a_live_one_waited_for(tracking, monkeypat
     run_id = tracking.create_run(tracking.create_experiment("lock")).info.run_id
     tracking.create_registered_model(name)
     version = tracking.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags={"fid": "3"}).version
-    tracking.create_registered_model(name + LOCK_SUFFIX)  # a holder that died before releasing it
+    tracking.create_registered_model(name + LOCK_SUFFIX, tags={registry.LOCK_OF_TAG: name,  # a holder that died
+                                                              registry.LOCK_TOKEN_TAG: "dead"})
     monkeypatch.setattr(registry, "LOCK_WAIT_S", 1.0)
     with pytest.raises(registry.RegistryError, match=f"{name}.champion-lock.* was held for 1 s"):
         registry.promote(tracking, name, version, 3.0, {"fid": "3"})  # not stale yet: wait, then give up

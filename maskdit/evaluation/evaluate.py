@@ -30,6 +30,7 @@ from pydantic import Field
 from maskdit.core.config import StrictModel
 from maskdit.core.errors import UserError
 from maskdit.core.result import StepResult, result_uri
+from maskdit.evaluation.fid import FID
 from maskdit.method.diffusion import SamplerConfig
 
 
@@ -68,7 +69,7 @@ class EvaluateResult(StepResult):
     """`out/result.json`: the FID and everything needed to compare it with another one fairly."""
 
     kind: Literal["evaluate"] = "evaluate"
-    fid: float
+    fid: FID  # finite and >= 0: a result.json holding another is refused where it is read
     precision: float | None = None  # when the reference statistics hold raw features
     recall: float | None = None
     accuracy: float | None = None  # share of samples the data set's reference classifier labels as asked (None: none)
@@ -157,7 +158,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
     def judge(batches, labels: np.ndarray):
         """Pass the image batches on; on the side, compare the classifier's labels with `labels` (in order)."""
         done = 0
-        for images in batches:
+        for images in batches:  # (B, H, W, 3) uint8
+            ref.check_resolution(int(images.shape[1]), int(images.shape[2]), f"reference statistics {cfg.ref_stats}")
             if classifier is not None:
                 judged.append(classifier.predict(images) == labels[done:done + len(images)])
             done += len(images)
@@ -209,8 +211,14 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult | None:
     else:
         shown = images[:cfg.grid_columns * 4]  # up to 4 rows of the given samples
         save_grid(shown, -(-len(shown) // cfg.grid_columns), grid_uri)
+    score = fid.fid_from_stats(stats, ref)
+    if -fid.rounding_slack(stats, ref) <= score < 0:  # rounding around a true 0
+        score = 0.0
+    if not (np.isfinite(score) and score >= 0):
+        raise EvalError(f"FID came out {score} (a distance is finite and >= 0): the reference statistics "
+                        f"{cfg.ref_stats} or the samples' features are broken; recompute them with maskdit fid-stats")
     result = EvaluateResult(
-        fid=fid.fid_from_stats(stats, ref), precision=precision, recall=recall,
+        fid=score, precision=precision, recall=recall,
         accuracy=None if correct is None else round(float(correct.mean()), 6),
         classifier=classifier.name if classifier else None,
         classifier_accuracy=round(classifier.heldout_accuracy, 6) if classifier else None, num_samples=cfg.num_samples,

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from maskdit.core.config import StrictModel
 from maskdit.core.result import StepResult, result_uri
 from maskdit.evaluation.inception import BUNDLED, FEATURE_DIM, FIDError, InceptionFeatures, sha256_file
 
+# An FID as results carry it (evaluate's, register's): a distance, so finite and >= 0; pydantic refuses the rest
+# where a result is read, so a NaN or negative FID can never reach the champion gate.
+FID = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -46,6 +49,14 @@ class FIDStats:
     n: int | None = None  # number of images (saved when known; ADM files lack it)
     features: np.ndarray | None = None  # raw (n, 2048) features, only for precision/recall
     sha256: str | None = None  # digest of the .npz file they were read from (load_stats)
+    resolution: int | None = None  # side in px of the (square) images they fit (None: mixed, or an ADM file)
+
+    def check_resolution(self, height: int, width: int, source: str) -> None:
+        """FIDError unless images of `height` x `width` px are what these statistics were computed from."""
+        if self.resolution is not None and (height, width) != (self.resolution, self.resolution):
+            raise FIDError(f"{source} fits {self.resolution} px images and the samples are {height}x{width} px: FIDs "
+                           f"at different resolutions are not comparable; compute reference statistics of "
+                           f"{height} px images (maskdit fid-stats)")
 
     def check(self, source: str = "statistics") -> FIDStats:
         mu, sigma = np.asarray(self.mu), np.asarray(self.sigma)
@@ -55,6 +66,16 @@ class FIDStats:
                            "network or layer?")
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise FIDError(f"{source}: mu or sigma holds NaN or inf; recompute the statistics")
+        # a covariance is symmetric PSD; rounding leaves it so within `slack`: the file's dtype's eps times D (the
+        # length of the sums a Gram matrix and an eigensolver accumulate) times the trace (>= its largest eigenvalue)
+        slack = FEATURE_DIM * np.finfo(sigma.dtype if sigma.dtype.kind == "f" else np.float64).eps * \
+            max(float(np.abs(np.diag(sigma)).sum()), np.finfo(np.float64).tiny)
+        asymmetry = float(np.abs(sigma - sigma.T).max())
+        lowest = float(np.linalg.eigvalsh((sigma.astype(np.float64) + sigma.T) / 2)[0]) if asymmetry <= slack else 0.0
+        if asymmetry > slack or not np.isfinite(lowest) or lowest < -slack:
+            raise FIDError(f"{source}: sigma is not a covariance (" + (f"asymmetric by {asymmetry:.3g}" if asymmetry > slack
+                           else f"eigenvalue {lowest:.3g}") + f", tolerance {slack:.3g}); recompute the statistics "
+                           "with maskdit fid-stats")
         if self.features is not None and np.asarray(self.features).shape[1:] != (FEATURE_DIM,):
             raise FIDError(f"{source}: features have shape {np.asarray(self.features).shape}, expected (n, {FEATURE_DIM})")
         self.mu, self.sigma = mu.astype(np.float64), sigma.astype(np.float64)
@@ -136,6 +157,14 @@ def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
+def rounding_slack(a: FIDStats, b: FIDStats) -> float:
+    """How far below 0 rounding alone can take the FID of two valid fits: each of the D eigenvalues of
+    S1^(1/2) S2 S1^(1/2) carries an error of at most D eps lambda_max (<= D eps Tr S1 Tr S2), its clipped root
+    at most the square root of that; the trace term counts twice."""
+    d, eps = len(a.mu), np.finfo(np.float64).eps
+    return 2 * d * float(np.sqrt(d * eps * np.trace(a.sigma) * np.trace(b.sigma)))
+
+
 def fid_from_features(features: np.ndarray, ref: FIDStats) -> float:
     """FID of (n, D) features against `ref` through an n x n eigenproblem instead of two D x D ones.
 
@@ -214,7 +243,8 @@ def _read_stats_npz(path: Path, uri: str) -> FIDStats:
                 raise FIDError(f"{uri} has keys {sorted(npz.files)}, expected 'mu' and 'sigma' (ADM/EDM format)")
             n = int(npz["n"]) if "n" in npz else None
             feats = npz["features"] if "features" in npz else None
-            return FIDStats(npz["mu"], npz["sigma"], n, feats).check(uri)
+            resolution = int(npz["resolution"]) if "resolution" in npz else None
+            return FIDStats(npz["mu"], npz["sigma"], n, feats, resolution=resolution).check(uri)
     except (OSError, ValueError) as error:
         if isinstance(error, FIDError):
             raise
@@ -231,6 +261,8 @@ def save_stats(stats: FIDStats, uri: str) -> None:
         arrays["n"] = np.asarray(stats.n)
     if stats.features is not None:
         arrays["features"] = np.asarray(stats.features, np.float32)
+    if stats.resolution is not None:
+        arrays["resolution"] = np.asarray(stats.resolution)
     np.savez(buf, **arrays)
     storage.put_bytes(uri, buf.getvalue())
 
@@ -289,7 +321,17 @@ def compute_source_stats(source: str, inception: InceptionFeatures, batch_size: 
         raise FIDError(f"source {source!r} does not exist; give an image folder or a dataset URI")
     else:
         batches, total = dataset_batches(source, batch_size, limit, device=inception.device)
-    return feature_stats(inception.features(batches, progress=progress, total=total), keep_features)
+    sizes: set[tuple[int, int]] = set()
+
+    def recorded(batches: Iterator) -> Iterator:
+        for images in batches:  # (B, H, W, 3) uint8
+            sizes.add((int(images.shape[1]), int(images.shape[2])))
+            yield images
+
+    stats = feature_stats(inception.features(recorded(batches), progress=progress, total=total), keep_features)
+    [(height, width)] = sizes if len(sizes) == 1 else [(None, None)]
+    stats.resolution = height if height == width else None  # recorded in the file, checked by evaluate
+    return stats
 
 
 # ------------------------------------------------------------------------------------------

@@ -82,6 +82,9 @@ def generate_batches(precond, decode: Decoder, class_labels: torch.Tensor, seeds
             labels = class_labels[start:start + batch_size]
             x0 = sample_latents(precond, labels, list(seeds[start:start + batch_size]),
                                 **sampler.sampler_kwargs())  # (B, C, h, w)
+            if not torch.isfinite(x0).all():  # a diverged or altered model: a black image would hide it
+                raise SampleError(f"the model's output for seeds {list(seeds[start:start + batch_size])[:4]} holds NaN "
+                                  "or inf; no image written: its weights are broken, sample another checkpoint")
             images = decode(x0).cpu()  # (B, H, W, 3) uint8
             bar.update(len(images))
             yield images

@@ -4,11 +4,13 @@
   VAE named by a dataset manifest (`dataset`, else the checkpoint's `train_config.data.uri`);
 - `models:/<name>@<alias>` or `models:/<name>/<version>`: a version that `maskdit register` logged.
   Its files are read directly (`maskdit.method.modelformat`) - the `MLmodel` description, the
-  inference checkpoint (loaded with `weights_only`), the manifest, a latent model's VAE
-  (safetensors) - so nothing stored in the registry is unpickled or executed here (not even its
-  copy of maskdit): a crafted model version cannot run code on the machine that samples from it.
-  A version that is not a maskdit model (no `maskdit_format` in its metadata) is refused before
-  any download of weights.
+  EMA weights (safetensors; a format-1 version's inference checkpoint, loaded with `weights_only`),
+  the manifest, a latent model's VAE (safetensors) - so nothing stored in the registry is unpickled
+  or executed here (not even its copy of maskdit): a crafted model version cannot run code on the
+  machine that samples from it. Each file is checked against the sha256 recorded at registration
+  and the weights against their config before the network is built (`maskdit.method.weights`). A
+  version that is not a maskdit model (no `maskdit_format` in its metadata) is refused before any
+  download of weights.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ import torch
 
 from maskdit.core.errors import UserError
 from maskdit.method.modelformat import (
-    CHECKPOINT_ARTIFACT,
     MANIFEST_ARTIFACT,
     VAE_ARTIFACT,
     ModelFormatError,
     artifact_path,
-    download,
+    download_checked,
     download_vae,
     model_description,
+    registered_state,
     required_artifacts,
 )
 
@@ -89,18 +91,19 @@ def load_registered(uri: str, device: torch.device | str = "cpu") -> SamplerSour
 def _load_registered(uri: str, device: torch.device | str) -> SamplerSource:
     from maskdit.data.decode import load_decoder
     from maskdit.data.shards import Manifest
-    from maskdit.method.checkpoint import load_ema_model
+    from maskdit.method.weights import ema_precond
 
     with tempfile.TemporaryDirectory(prefix="maskdit-model-") as tmp:
         description = model_description(uri, tmp)
-        paths = required_artifacts(uri, description, CHECKPOINT_ARTIFACT, MANIFEST_ARTIFACT)
-        checkpoint = download(f"{uri.rstrip('/')}/{paths[0]}", tmp)
-        manifest = Manifest.model_validate_json(download(f"{uri.rstrip('/')}/{paths[1]}", tmp).read_text())
-        precond, config, meta = load_ema_model(str(checkpoint), device)
+        [manifest_path] = required_artifacts(uri, description, MANIFEST_ARTIFACT)
+        manifest_file = download_checked(uri, description, MANIFEST_ARTIFACT, manifest_path, tmp)
+        manifest = Manifest.model_validate_json(manifest_file.read_text())
+        state = registered_state(uri, tmp, description)
+        precond, config = ema_precond(state, uri, device)
         check_decoder_fits(config, manifest, uri)
-        vae = artifact_path(description, VAE_ARTIFACT)
+        vae = artifact_path(description, VAE_ARTIFACT, uri)
         if vae:  # the VAE inside the model
-            manifest = manifest.model_copy(update={"vae": str(download_vae(uri, vae, tmp))})
+            manifest = manifest.model_copy(update={"vae": str(download_vae(uri, description, vae, tmp))})
         decode = load_decoder(manifest, device)
     sampler = (description.get("metadata") or {}).get("sampler") or {}
-    return SamplerSource(precond, decode, config, {"uri": uri, "step": meta["step"], "sampler": sampler})
+    return SamplerSource(precond, decode, config, {"uri": uri, "step": state["step"], "sampler": sampler})

@@ -41,7 +41,7 @@ import torch
 
 from maskdit.core import storage
 from maskdit.core.errors import UserError
-from maskdit.method import sharded
+from maskdit.method import sharded, weights
 from maskdit.method.model import ModelConfig
 
 FORMAT_VERSION = sharded.FORMAT_VERSION  # the newest this code reads
@@ -180,6 +180,10 @@ def _check_contents(state: Any, uri: str) -> dict[str, Any]:
             f"checkpoint {uri} has format_version {state['format_version']}, newer than this maskdit's "
             f"{FORMAT_VERSION}; upgrade maskdit"
         )
+    try:  # its config against its tensors, finite weights (maskdit/method/weights.py)
+        weights.check_state(state, uri)
+    except weights.WeightsError as error:
+        raise CheckpointError(str(error)) from None
     return state
 
 
@@ -239,14 +243,14 @@ def check_model_config(expected: ModelConfig, state: dict[str, Any], uri: str) -
         )
 
 
-def load_weights(net: torch.nn.Module, weights: dict[str, Any], source: str) -> None:
-    """`net.load_state_dict(weights)` (strict), a `ModelMismatchError` naming `source` when they do not fit.
+def load_weights(net: torch.nn.Module, tensors: dict[str, Any], source: str) -> None:
+    """`net.load_state_dict(tensors)` (strict), a `ModelMismatchError` naming `source` when they do not fit.
 
     The model config may match while the tensors do not (an edited file, a model version whose
     weights were replaced): torch's size-mismatch RuntimeError is then a one-line error, exit 2.
     """
     try:
-        net.load_state_dict(weights)
+        net.load_state_dict(tensors)
     except (RuntimeError, TypeError, AttributeError) as error:
         first = str(error).strip().splitlines()
         problems = [line.strip() for line in first[1:] if line.strip()][:3]
@@ -258,14 +262,8 @@ def load_weights(net: torch.nn.Module, weights: dict[str, Any], source: str) -> 
 
 def load_ema_model(uri: str, device: str | torch.device = "cpu"):
     """(EDMPrecond with the EMA weights in eval mode, ModelConfig, meta) from a checkpoint file or folder."""
-    from maskdit.method.diffusion import EDMPrecond
-    from maskdit.method.model import MaskDiT
-
     uri, state = resolve(uri)
-    cfg = ModelConfig(**state["model_config"])
-    net = MaskDiT(cfg)
-    load_weights(net, state["ema"], f"checkpoint {uri}")
-    precond = EDMPrecond(net).to(device).eval().requires_grad_(False)
+    precond, cfg = weights.ema_precond(state, uri, device)
     meta = {
         "uri": uri,
         "step": state["step"],

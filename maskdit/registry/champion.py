@@ -10,10 +10,17 @@ this one with 10000: not comparable"). A registration without an evaluation (`re
 existing champion it is not comparable, and so is any version against a champion registered
 without settings: a person moves the alias then (`MlflowClient().set_registered_model_alias`).
 
+Only a finite, non-negative FID takes part (`FID`, checked where results are read and again here);
+a champion whose recorded FID is not one (registered before that check) is replaced by the next
+version that has one, so a NaN champion cannot block every later model.
+
 Compare-and-set. MLflow has no conditional alias update, so read-compare-move is made atomic
 with a per-model lock: a registered model named `<name>.champion-lock`. Creating a registered
 model is an insert under a unique name in MLflow's store, so exactly one of several concurrent
-creators succeeds; the winner's token is a tag written in the same insert. The holder reads the
+creators succeeds; the winner's token is a tag written in the same insert, with the tag
+`maskdit.lock_of` = `<name>`. A registered model of that name is maskdit's lock only when it carries
+that tag and has no versions: a user's model that happens to have the name is never deleted (not
+even when it looks stale) and the registration stops with one line naming it. The holder reads the
 champion, compares, moves the alias, re-reads it (verify-after-write) and deletes the lock; the
 others poll until it is gone. A lock older than `LOCK_STALE_S` (its holder died between create
 and delete; the critical section is a few REST calls) is broken by the next registration. Should
@@ -24,6 +31,7 @@ as champion. tests/test_registry.py races two processes on a real MLflow server.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import uuid
@@ -40,6 +48,7 @@ SETTINGS = ("ref_stats_sha256", "num_samples", "cfg_scale", "num_steps", "sigma_
             "inception_sha256")
 LOCK_SUFFIX = ".champion-lock"  # registered model `<name>.champion-lock`: the champion alias's lock
 LOCK_TOKEN_TAG = "maskdit.lock_token"
+LOCK_OF_TAG = "maskdit.lock_of"  # the model whose champion alias it locks: what marks a registered model as a lock
 LOCK_STALE_S = 120.0  # a lock this old lost its holder (the critical section is a few REST calls)
 LOCK_WAIT_S = 300.0  # give up waiting for the lock after this (> LOCK_STALE_S: a dead holder's lock is broken first)
 
@@ -94,7 +103,7 @@ def champion_lock(client, name: str) -> Iterator[Callable[[], bool]]:
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
         try:  # an insert under a unique name: one concurrent creator wins
-            client.create_registered_model(lock, tags={LOCK_TOKEN_TAG: token},
+            client.create_registered_model(lock, tags={LOCK_TOKEN_TAG: token, LOCK_OF_TAG: name},
                                            description=f"lock of the {CHAMPION} alias of {name} (maskdit register)")
             break
         except MlflowException as error:
@@ -128,6 +137,12 @@ def _lock_token(client, lock: str, stale_only: bool = False) -> str | None:
         model = client.get_registered_model(lock)
     except MlflowException:
         return None
+    if model.tags.get(LOCK_OF_TAG) != lock[: -len(LOCK_SUFFIX)] or client.search_model_versions(
+            f"name = '{lock}'", max_results=1):  # not our lock: someone's model of that name
+        raise RegistryError(f"a registered model named {lock!r} exists and is not maskdit's lock (no "
+                            f"{LOCK_OF_TAG} tag, or it has versions); maskdit uses that name to lock the {CHAMPION} "
+                            f"alias of {lock[: -len(LOCK_SUFFIX)]!r}: rename that model, or register under another "
+                            "name")
     if stale_only and time.time() - model.creation_timestamp / 1000 < LOCK_STALE_S:
         return None
     return model.tags.get(LOCK_TOKEN_TAG, "")
@@ -154,7 +169,9 @@ def promote(client, name: str, version: str, fid: float,
             if previous == version:  # a retry after a lost lock: we set it, and nobody better moved it since
                 return True, *before, None
             reason = None if previous is None else not_comparable(tags, previous_tags, previous)
-            if reason is None and previous_fid is not None and not float(fid) < previous_fid:
+            if previous_fid is not None and not (math.isfinite(previous_fid) and previous_fid >= 0):
+                reason = None  # a champion without a valid FID (registered before the check) yields to a valid one
+            elif reason is None and previous_fid is not None and not float(fid) < previous_fid:
                 reason = f"champion version {previous} has FID {previous_fid:.6g}, this one {float(fid):.6g}"
             if reason is not None:
                 return False, previous, previous_fid, reason

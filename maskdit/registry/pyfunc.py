@@ -49,10 +49,12 @@ class MaskDiTModel(mlflow.pyfunc.PythonModel):
 
         from maskdit.data.decode import load_decoder
         from maskdit.data.shards import Manifest
-        from maskdit.method.checkpoint import load_ema_model
+        from maskdit.method.modelformat import local_state
+        from maskdit.method.weights import ema_precond
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.precond, self.model_config, _ = load_ema_model(context.artifacts["checkpoint"], self.device)
+        state = local_state(context.artifacts)  # checked: digests, config against tensors, finite
+        self.precond, self.model_config = ema_precond(state, "the model's weights", self.device)
         manifest = Manifest.model_validate_json(Path(context.artifacts["manifest"]).read_text())
         if VAE_ARTIFACT in context.artifacts:  # the VAE inside the model, not the one the manifest names
             manifest = manifest.model_copy(update={"vae": context.artifacts[VAE_ARTIFACT]})

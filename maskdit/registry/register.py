@@ -2,8 +2,9 @@
 
 The step is `run(RegisterConfig) -> RegisterResult`: it reads the evaluate step's result (FID,
 sampler settings, reference statistics, checkpoint) and calls `register(...)`, which logs a pyfunc
-model whose artifacts are an inference-only checkpoint (the EMA weights, no optimizer), the dataset
-manifest and, for a latent model, the VAE; with it go the maskdit code and pinned requirements
+model whose artifacts are the EMA weights alone as bfloat16 safetensors (`maskdit.method.weights.save_ema`),
+the dataset manifest and, for a latent model, the VAE, with the sha256 of each file in the model's
+metadata (every load checks them, `maskdit.method.modelformat`); with it go the maskdit code and pinned requirements
 (`maskdit.registry.bundle`), so a fresh environment loads and serves it. The model is logged in the run
 that trained the checkpoint (its `tracking_run_id`, the tune run), so that run is the version's
 source; a checkpoint trained without tracking gets a `register-<name>` run instead. The version
@@ -18,6 +19,7 @@ with what `predict` takes and returns, is maskdit/registry/pyfunc.py.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -32,8 +34,9 @@ from maskdit.core import storage
 from maskdit.core.config import StrictModel
 from maskdit.core.result import RESULT_FILE, StepResult, read_result, result_uri
 from maskdit.evaluation.evaluate import EvaluateResult
+from maskdit.evaluation.fid import FID
 from maskdit.method.diffusion import SamplerConfig
-from maskdit.method.modelformat import CHECKPOINT_ARTIFACT, MANIFEST_ARTIFACT, MODEL_FORMAT, VAE_ARTIFACT
+from maskdit.method.modelformat import DIGESTS, MANIFEST_ARTIFACT, MODEL_FORMAT, VAE_ARTIFACT, WEIGHTS_ARTIFACT
 from maskdit.registry.bundle import copy_code, model_card, requirements, save_vae
 from maskdit.registry.champion import CANDIDATE, FID_TAG, RegistryError, promote
 from maskdit.registry.pyfunc import SIGNATURE, MaskDiTModel  # also a name older versions pickled (pyfunc.py)
@@ -60,26 +63,36 @@ class RegisterResult(StepResult):
     champion: bool  # did this version become the champion
     aliases: list[str]
     previous_champion: str | None  # version that was champion before, if any
-    previous_champion_fid: float | None
+    previous_champion_fid: float | None  # as recorded (a version registered before the FID check may hold NaN)
     run_id: str
     model_uri: str  # models:/<name>/<version>
-    fid: float
+    fid: FID
     reason: str | None = None  # why this version did not become the champion (None when it did)
 
 
 def _export(checkpoint_uri: str, dest: Path) -> tuple[str, dict]:
-    """An inference-only copy of a training checkpoint (EMA weights as model and ema, no optimizer);
-    returns (its URI, what it says besides weights: model_config, step, train_config, tracking_run_id)."""
-    import torch
-
+    """The registered weights of a training checkpoint: its EMA alone, bfloat16 safetensors at `dest`; returns
+    (its URI, what it says besides weights: model_config, step, train_config, tracking_run_id)."""
     from maskdit.method.checkpoint import resolve
+    from maskdit.method.weights import save_ema
 
-    uri, state = resolve(checkpoint_uri)
-    slim = {k: state.get(k) for k in ("format_version", "model_config", "step", "train_config")}
-    info = {**slim, "tracking_run_id": state.get("tracking_run_id")}
-    slim.update(model=state["ema"], ema=state["ema"], optimizer=None, scaler=None)
-    torch.save(slim, dest)
+    uri, state = resolve(checkpoint_uri)  # checked: config against tensors, finite (maskdit.method.weights)
+    save_ema(dest, state["ema"], model_config=state["model_config"], step=state["step"],
+             train_config=state.get("train_config"))
+    info = {k: state.get(k) for k in ("model_config", "step", "train_config", "tracking_run_id")}
     return uri, info
+
+
+def _digests(artifacts: dict[str, str]) -> dict[str, object]:
+    """{artifact name: sha256 of the file, or {file in the folder: sha256}}: the model's metadata records them."""
+    from maskdit.method.weights import sha256_file
+
+    found: dict[str, object] = {}
+    for name, path in artifacts.items():
+        local = Path(path)
+        found[name] = (sha256_file(local) if local.is_file() else
+                       {str(f.relative_to(local)): sha256_file(f) for f in sorted(local.rglob("*")) if f.is_file()})
+    return found
 
 
 def _manifest(dataset_uri: str | None, train_config: dict, dest: Path):
@@ -137,6 +150,9 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
     from maskdit import __version__
     from maskdit.core.tracking_server import check_reachable, connect
 
+    if not (math.isfinite(float(fid)) and float(fid) >= 0):  # what EvaluateResult.fid / RegisterResult.fid demand
+        raise RegistryError(f"FID {fid} is no distance (a finite number >= 0): refusing to register it; evaluate "
+                            "the checkpoint again (a NaN FID means the model or the statistics are broken)")
     sampler = sampler or (evaluation.sampler if evaluation else SamplerConfig())
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri  # the environment wins, as in tracking.py
     if not tracking_uri:
@@ -157,10 +173,10 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
                                                  ("recall", evaluation.recall)) if v is not None})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        checkpoint_uri, state = _export(checkpoint_uri, tmp / "ema.pt")
+        checkpoint_uri, state = _export(checkpoint_uri, tmp / "ema.safetensors")
         train_config = state.get("train_config") or {}
         dataset_uri, manifest, manifest_sha256 = _manifest(dataset_uri, train_config, tmp / "manifest.json")
-        artifacts = {CHECKPOINT_ARTIFACT: str(tmp / "ema.pt"), MANIFEST_ARTIFACT: str(tmp / "manifest.json")}
+        artifacts = {WEIGHTS_ARTIFACT: str(tmp / "ema.safetensors"), MANIFEST_ARTIFACT: str(tmp / "manifest.json")}
         if manifest.space == "latent" and manifest.vae:  # the VAE goes inside: loading never fetches it
             artifacts[VAE_ARTIFACT] = str(save_vae(manifest.vae, tmp / VAE_ARTIFACT))
         elif manifest.space == "latent":
@@ -180,7 +196,7 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
                 artifacts=artifacts, code_paths=[str(copy_code(tmp / "code"))],
                 model_config={"sampler": sampler.model_dump()},
                 metadata={"maskdit_format": MODEL_FORMAT, "maskdit_version": __version__,
-                          "sampler": sampler.model_dump()},
+                          "sampler": sampler.model_dump(), DIGESTS: _digests(artifacts)},
                 pip_requirements=requirements(latent=manifest.space == "latent"))
         # the evaluation's numbers on the logged model (the registry shows them), in the run that measured them
         measured_in = _source_run(client, evaluation.run_id if evaluation else None) or run_id

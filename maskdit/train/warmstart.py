@@ -16,8 +16,9 @@ and broadcasts it; every rank loads exactly that version. A job restarted before
 checkpoint reads the pin instead of resolving again (the alias may have moved meanwhile); after
 that, it resumes from its own checkpoints, which record the source (`init_from`, `resumed_from`
 in the checkpoint's state), and `TrainResult` and the MLflow run's tags report it as lineage.
-A registered model is read from its files with `weights_only` (`maskdit.method.modelformat`): nothing in
-the registry is unpickled.
+A registered model is read from its files (`maskdit.method.modelformat`): safetensors, or a format-1
+checkpoint with `weights_only`; nothing in the registry is unpickled, and the weights pass the checks of
+`maskdit.method.weights` (recorded sha256, config against tensors, finite) as a checkpoint's do.
 """
 
 from __future__ import annotations
@@ -120,15 +121,14 @@ def load(source: InitSource, tracking_uri: str | None) -> dict[str, Any]:
     """The training state of a resolved source (every rank loads the same file or version)."""
     if not source.resolved.startswith(MODELS):
         return checkpoint.load_checkpoint(source.resolved)
-    from maskdit.method.modelformat import ModelFormatError, registered_checkpoint
+    from maskdit.method.modelformat import ModelFormatError, registered_state
 
     _registry(source.uri, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="maskdit-init-") as tmp:
-        try:
-            path = registered_checkpoint(source.resolved, tmp)
+        try:  # checked: recorded digests, config against tensors, finite (maskdit.method.weights)
+            return registered_state(source.resolved, tmp)
         except ModelFormatError as error:
             raise InitError(f"init_from {source.uri} ({source.resolved}): {error}") from None
-        return checkpoint.load_checkpoint(str(path))
 
 
 def _pinned(dir_uri: str, uri: str) -> InitSource | None:
