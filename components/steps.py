@@ -169,11 +169,15 @@ def train_step(step: TrainStep):
     from maskdit.core.result import read_result, result_uri
     from maskdit.train.loop import TrainResult
 
-    command = ["maskdit", "train", "--config", step.config, f"data.uri={step.dataset}",
+    from components.parameters import check_overrides
+
+    overrides = check_overrides(f"{step.stage}_overrides", list(step.overrides), step.stage)
+    # after `--` every item is a key=value override, never an option (--config, --help)
+    command = ["maskdit", "train", "--config", step.config, "--", f"data.uri={step.dataset}",
                f"checkpoint.dir={step.checkpoint_dir}"]
     command += [f"init_from={step.init_from}"] if step.init_from else []
     command += [f"checkpoint.resume_from={step.resume_from}"] if step.resume_from else []
-    command += list(step.overrides)
+    command += overrides
     env = step_env(step.kfp_run_id, step.kfp_run_name, step.experiment)
     cluster = step.cluster
     job = TrainJob.from_settings(cluster, step=step.stage, run_id=step.kfp_run_id, command=command,
