@@ -338,12 +338,25 @@ def check_writable(uri: str | os.PathLike, what: str = "output") -> None:
 
 
 def get_tree(prefix_uri: str | os.PathLike, directory: str | os.PathLike) -> Path:
-    """Download every object under `prefix_uri` into `directory`, keeping relative paths."""
+    """Download every object under `prefix_uri` into `directory`, keeping relative paths.
+
+    A key that would land outside `directory` (`..`, an absolute part; S3 allows both) is refused
+    before anything is written.
+    """
     uri, directory = str(prefix_uri).rstrip("/"), Path(directory)
     found = list_uris(uri)
     if not found:
         raise ObjectNotFound(f"nothing under {uri}; check the URI")
+    root = directory.resolve()
+    targets = []
     for item in found:
         relative = item[len(uri):].lstrip("/")
-        get_file(item, directory / relative)
+        target = (root / relative).resolve()
+        parts = Path(relative).parts
+        if ".." in parts or target == root or not target.is_relative_to(root):
+            raise StorageError(f"{item} would be written outside {directory} (its key has '..' or is absolute): "
+                               f"remove or rename that object under {uri}")
+        targets.append((item, target))
+    for item, target in targets:
+        get_file(item, target)
     return directory
