@@ -185,7 +185,7 @@ def train_step(step: TrainStep):
                                  config_maps=[CONFIG_MAP])
     launched = launch(job, cluster.backend, namespace=cluster.namespace or None, timeout_s=step.timeout_hours * 3600,
                       pending_timeout_s=cluster.pending_timeout_hours * 3600, local_nproc=cluster.local_nproc)
-    result = read_result(TrainResult, result_uri(step.checkpoint_dir))
+    result = read_result(TrainResult, result_uri(step.checkpoint_dir), within=step.checkpoint_dir)
     if result.checkpoint is None:
         raise StepError(f"the {step.stage} job finished without a checkpoint (steps={result.step}): set steps > 0")
     return result, env.get("MASKDIT_PARENT_RUN_ID", ""), launched.log_uris

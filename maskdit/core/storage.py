@@ -68,6 +68,20 @@ def local_path(uri: str | os.PathLike) -> Path:
     return Path(text).expanduser()
 
 
+def inside(uri: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `uri` names something under `folder` (same store; `..` and symlinks resolved)."""
+    import posixpath
+
+    if is_s3(uri) != is_s3(folder):
+        return False
+    if is_s3(uri):
+        (bucket, key), (root_bucket, root) = _split_s3(str(uri)), _split_s3(str(folder))
+        key, root = posixpath.normpath("/" + key), posixpath.normpath("/" + root)
+        return bucket == root_bucket and key.startswith(root.rstrip("/") + "/")
+    path, root_path = local_path(uri).resolve(), local_path(folder).resolve()
+    return path != root_path and path.is_relative_to(root_path)
+
+
 def join(uri: str | os.PathLike, *parts: str) -> str:
     """`join("s3://b/run", "shards", "x.safetensors")` -> `"s3://b/run/shards/x.safetensors"`."""
     text = str(uri)
