@@ -16,6 +16,7 @@ Writes are atomic: a reader never sees half an object.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -35,6 +36,10 @@ _COPY_CHUNK = 8 * 1024 * 1024  # bytes a local copy reads at a time
 
 class StorageError(UserError, RuntimeError):
     """An object store or file system refused an operation; the message names URI and endpoint."""
+
+
+class NoSpaceError(StorageError):
+    """A local write failed for want of room (a full disk, a quota, a file-size limit): permanent until someone acts."""
 
 
 class ObjectNotFound(StorageError):
@@ -216,7 +221,23 @@ def put_fileobj(fileobj: IO[bytes], uri: str | os.PathLike) -> None:
         with _atomic_local(local_path(uri)) as handle:
             _copy_stream(fileobj, handle)
     except OSError as error:
+        if error.errno in _NO_SPACE:
+            raise NoSpaceError(f"cannot write {uri}: {error.strerror}") from None
         raise StorageError(f"cannot write {uri}: {error}") from None
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def remove_partials(dir_uri: str | os.PathLike, name_glob: str = "*") -> list[Path]:
+    """Delete the hidden `.partial` files that writers of `name_glob` killed mid-write (SIGKILL) left in the
+    local folder `dir_uri` (S3 keeps no partial objects); the caller must be the folder's only writer."""
+    if is_s3(dir_uri) or not local_path(dir_uri).is_dir():
+        return []
+    stale = [p for p in local_path(dir_uri).glob(f".{name_glob}.*{_PARTIAL}") if p.is_file() and not p.is_symlink()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def put_bytes(uri: str | os.PathLike, data: bytes) -> None:

@@ -17,7 +17,8 @@ Layout of `<dir>/ckpt-<step:09d>.pt` (everything loads with `torch.load(weights_
     train_config    dict (TrainConfig, JSON-able)
 
 A writer killed mid-write leaves only a hidden `.partial` file (storage's atomic put); the
-previous checkpoint stays valid. Readers take the newest checkpoint that loads and skip corrupt ones;
+previous checkpoint stays valid, and the next save removes the file. A full disk or a file-size
+limit is a `CheckpointError` (permanent: restarting cannot help) naming the room needed. Readers take the newest checkpoint that loads and skip corrupt ones;
 a folder whose checkpoints all fail to load is an error, never an empty folder (training would
 otherwise start over at step 0 next to them). Pruning only deletes checkpoints older than the
 one just written, so a newer, unreadable file is left for a person to look at.
@@ -82,10 +83,21 @@ def save_checkpoint(dir_uri: str, state: dict[str, Any], keep_last: int | None =
         if bad:
             raise CheckpointError(f"refusing to save step {state['step']}: {key} tensors {bad[:5]} are not finite")
     uri = checkpoint_uri(dir_uri, state["step"])
+    for stale in storage.remove_partials(dir_uri, "ckpt-*.pt"):  # a writer killed mid-write (SIGKILL) left it
+        log.info("removed %s, left by a checkpoint write that was killed", stale)
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    size = buffer.tell()
     buffer.seek(0)
-    storage.put_fileobj(buffer, uri)
+    try:
+        storage.put_fileobj(buffer, uri)
+    except storage.NoSpaceError as error:
+        kept = (keep_last or 1) + 1
+        raise CheckpointError(
+            f"{error} (the checkpoint of step {state['step']} is {size / 2**20:.1f} MiB): checkpoint.dir needs room "
+            f"for checkpoint.keep_last + 1 = {kept} checkpoints, about {kept * size / 2**20:.1f} MiB (the newest is "
+            "written before the oldest is deleted); free space, raise the quota or file-size limit, or lower "
+            "checkpoint.keep_last") from None
     if keep_last is not None:
         older = [old for step, old in list_checkpoints(dir_uri) if step < state["step"]]
         for old in older[: max(len(older) - (keep_last - 1), 0)]:
