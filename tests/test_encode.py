@@ -316,3 +316,31 @@ def test_torchrun_two_ranks_split_the_shards(tmp_path, tiny_vae):
     a = load_dataset(str(tmp_path / "one"), cache_dir=tmp_path / "c")
     b = load_dataset(str(tmp_path / "two"), cache_dir=tmp_path / "c")
     torch.testing.assert_close(a.moments(torch.arange(9)), b.moments(torch.arange(9)), atol=2e-3, rtol=2e-3)
+
+
+def test_names_that_are_not_utf8_are_skipped_and_nfc_nfd_are_one_class(tmp_path):
+    """A Latin-1 folder or file name is skipped with its reason (no UnicodeEncodeError); "café" written in NFC
+    (Linux) and in NFD (macOS) is one class."""
+    import unicodedata
+
+    root = tmp_path / "in"
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    _save(rgb, root / nfc / "1.png")
+    _save(rgb, root / nfd / "2.png")
+    _save(rgb, root / "dog" / "3.png")
+    latin1 = os.fsencode(root) + b"/caf\xe9"  # "café" in Latin-1: not UTF-8
+    os.makedirs(latin1)
+    rgb.save(latin1 + b"/4.png")
+    rgb.save(os.fsencode(root / "dog") + b"/\xff.png")
+    result = CliRunner().invoke(app, ["encode", f"input={root}", f"out={tmp_path / 'out'}", "pixel_space=true",
+                                      "resolution=16", "progress=false"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert manifest.class_names == [nfc, "dog"] and manifest.images == 3
+    reasons = {s.path: s.reason for s in manifest.skipped}
+    assert {Path(p).name for p in reasons} == {"4.png", "\\xff.png"}, reasons
+    assert all("not valid UTF-8" in r for r in reasons.values())
+    assert any("caf\\xe9" in p for p in reasons)
