@@ -140,3 +140,18 @@ def test_a_result_whose_grid_lies_outside_the_run_is_refused(tmp_path, bucket):
     assert storage.inside(f"{prefix}/monitor/g.png", prefix)
     assert not storage.inside(f"{prefix}/../../other/g.png", prefix) and not storage.inside(f"{prefix}x/g.png", prefix)
     assert not storage.inside(str(own), prefix)
+
+
+def test_a_training_step_refuses_options_and_its_own_keys_before_launching(tmp_path):
+    """The overrides come after `--` on the job's command line; an option or a key the step sets is refused."""
+    from components.parameters import ParameterError
+
+    for bad, said in (("--config=other.yaml", "is an option"), ("--help", "is an option"),
+                      ("data.uri=s3://other", "set by the pretrain step itself"),
+                      ("checkpoint.dir=/elsewhere", "set by the pretrain step itself")):
+        step = TrainStep(stage="pretrain", config="mnist_pretrain", overrides=["steps=3", bad], dataset="d",
+                         store_uri=str(tmp_path), kfp_run_id="r", experiment="e", timeout_hours=1.0,
+                         cluster={"backend": "local"})
+        with pytest.raises(ParameterError, match=said):
+            train_step(step)
+    assert not (tmp_path / "runs").exists()
