@@ -165,11 +165,10 @@ class TrainStep(StrictModel):
 def train_step(step: TrainStep):
     """`maskdit train` as a training job (or torchrun here): (its result.json, the MLflow parent run id, log URIs)."""
     from components.launcher import launch
+    from components.parameters import check_overrides
     from components.pytorchjob import TrainJob
     from maskdit.core.result import read_result, result_uri
     from maskdit.train.loop import TrainResult
-
-    from components.parameters import check_overrides
 
     overrides = check_overrides(f"{step.stage}_overrides", list(step.overrides), step.stage)
     # after `--` every item is a key=value override, never an option (--config, --help)

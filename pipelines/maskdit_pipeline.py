@@ -22,7 +22,6 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from components import IMAGE
 from components.cleanup import cleanup
 from components.cluster import GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATIONS, with_cluster_parameters
 from components.encode import encode
@@ -237,7 +236,7 @@ def _spec_with_image(image: str):
     spec = pipeline_spec_pb2.PipelineSpec()
     spec.CopyFrom(maskdit_pipeline.pipeline_spec)
     executors = spec.deployment_spec["executors"]
-    for name in executors.keys():
+    for name in executors:
         executors[name]["container"]["image"] = image
     spec.root.input_definitions.parameters["image"].default_value.string_value = image
     return spec
