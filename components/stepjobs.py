@@ -15,9 +15,9 @@ from components.cluster import CONFIG_MAP, MLFLOW_SECRET, S3_SECRET, ClusterSett
 
 
 def override_args(values: dict) -> list[str]:
-    """`key=value` arguments of a `maskdit` command; each value as JSON (which the CLI reads as YAML), so a
-    string stays a string and a dict stays a dict."""
-    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+    """`key=value` arguments of a `maskdit` command: a string as typed (a string field takes an override's
+    text as it is, maskdit/core/config.py), anything else as JSON (which the CLI reads as YAML 1.2)."""
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in values.items()]
 
 
 def step_job(stage: str, command: list[str], settings: ClusterSettings, run_id: str, job_dir: str,

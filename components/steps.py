@@ -186,15 +186,18 @@ class TrainStep(StrictModel):
 def train_step(step: TrainStep):
     """`maskdit train` as a training job (or torchrun here): (its result.json, the MLflow parent run id, log URIs)."""
     from components.launcher import launch
+    from components.parameters import check_overrides
     from components.pytorchjob import TrainJob
     from maskdit.core.result import read_result, result_uri
     from maskdit.train.loop import TrainResult
 
-    command = ["maskdit", "train", "--config", step.config, f"data.uri={step.dataset}",
+    overrides = check_overrides(f"{step.stage}_overrides", list(step.overrides), step.stage)
+    # after `--` every item is a key=value override, never an option (--config, --help)
+    command = ["maskdit", "train", "--config", step.config, "--", f"data.uri={step.dataset}",
                f"checkpoint.dir={step.checkpoint_dir}"]
     command += [f"init_from={step.init_from}"] if step.init_from else []
     command += [f"checkpoint.resume_from={step.resume_from}"] if step.resume_from else []
-    command += list(step.overrides)
+    command += overrides
     # the pods' terminationGracePeriodSeconds is built from the same setting (components/pytorchjob.py)
     command += [f"checkpoint.grace_period_s={step.cluster.grace_period_s:g}"]
     env = step_env(step.kfp_run_id, step.kfp_run_name, step.experiment)
@@ -205,7 +208,7 @@ def train_step(step: TrainStep):
     launched = launch(job, cluster.backend, namespace=cluster.namespace or None, timeout_s=step.timeout_hours * 3600,
                       pending_timeout_s=cluster.pending_timeout_hours * 3600, local_nproc=cluster.local_nproc,
                       job_api=cluster.job_api, runtime=cluster.runtime)
-    result = read_result(TrainResult, result_uri(step.checkpoint_dir))
+    result = read_result(TrainResult, result_uri(step.checkpoint_dir), within=step.checkpoint_dir)
     if result.checkpoint is None:
         raise StepError(f"the {step.stage} job finished without a checkpoint (steps={result.step}): set steps > 0")
     return result, env.get("MASKDIT_PARENT_RUN_ID", ""), launched.log_uris

@@ -13,8 +13,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from maskdit.core.errors import exit_on_user_error
-from pipelines.kfp_auth import TOKEN_ENV, TOKEN_HINT, client, kfp_errors, read_token
+from maskdit.core.errors import UserError, exit_on_user_error
+from pipelines.host import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, kfp_client, run_arguments
+from pipelines.kfp_auth import TOKEN_ENV, TOKEN_HINT, read_token
 from pipelines.kfp_backend import (
     NEWEST_BACKEND,
     OPTIONAL_ENV_SINCE,
@@ -36,6 +37,9 @@ ServiceAccountOption = Annotated[Optional[str], typer.Option(
 ParamOption = Annotated[Optional[list[str]], typer.Option(
     "--param", "-p", help="Pipeline parameter key=value (repeatable); lists/dicts as JSON, e.g. "
     'pretrain_overrides=\'["steps=1000"]\'.')]
+TimeoutOption = Annotated[float, typer.Option(
+    help="Seconds to wait for each answer of the KFP API (connecting: at most "
+    f"{CONNECT_TIMEOUT_S:g} s).", min=0.1)]
 
 
 def parse_params(pairs: list[str] | None) -> dict[str, Any]:
@@ -46,7 +50,7 @@ def parse_params(pairs: list[str] | None) -> dict[str, Any]:
         key, sep, text = pair.partition("=")
         if not sep or key not in signature.parameters:
             known = ", ".join(signature.parameters)
-            raise typer.BadParameter(f"{pair!r}: expected key=value with key one of: {known}")
+            raise UserError(f"-p {pair!r}: expected key=value with key one of: {known}")
         kind = signature.parameters[key].annotation
         try:
             if kind is str:
@@ -60,7 +64,8 @@ def parse_params(pairs: list[str] | None) -> dict[str, Any]:
             else:
                 value = kind(text)
         except (ValueError, KeyError, json.JSONDecodeError):
-            raise typer.BadParameter(f"{key}={text!r} is not a valid {kind.__name__}") from None
+            raise UserError(f"-p {key}={text!r}: not a valid {kind.__name__}"
+                            f"{' (JSON)' if kind in (list, dict) else ''}") from None
         params[key] = value
     return params
 
@@ -98,7 +103,9 @@ def run_local_cmd(
     pipeline_root: Annotated[Path, typer.Option(help="Folder for the steps' artifacts.")] = Path("kfp-local"),
 ) -> None:
     """Run the DAG on this machine with KFP's local runner (torchrun instead of PyTorchJobs)."""
-    run_local(parse_params(param), pipeline_root.resolve())
+    with exit_on_user_error():
+        arguments = parse_params(param)
+    run_local(arguments, pipeline_root.resolve())
 
 
 TokenOption = Annotated[Optional[str], typer.Option(
@@ -118,15 +125,16 @@ def submit_cmd(
     run_name: Annotated[Optional[str], typer.Option(help="Run name (default: maskdit-<time>).")] = None,
     package: Annotated[Path, typer.Option(help="Compiled pipeline YAML.")] = PIPELINE_YAML,
     param: ParamOption = None,
+    timeout: TimeoutOption = READ_TIMEOUT_S,
     token: TokenOption = None,
     token_file: TokenFileOption = None,
 ) -> None:
-    """Start one run on Kubeflow Pipelines."""
-    arguments = parse_params(param)
+    """Start one run on Kubeflow Pipelines (its parameters are checked here first)."""
     with exit_on_user_error():
+        arguments = run_arguments(package, parse_params(param))  # before contacting the host
         bearer = read_token(token, token_file)
-        with kfp_errors(host, bearer):
-            result = client(host, bearer).create_run_from_pipeline_package(
+        with kfp_client(host, min(CONNECT_TIMEOUT_S, timeout), timeout, token=bearer) as client:
+            result = client.create_run_from_pipeline_package(
                 str(package), arguments=arguments, run_name=run_name or f"maskdit-{time.strftime('%Y%m%d-%H%M%S')}",
                 experiment_name=experiment, namespace=namespace, service_account=service_account)
     typer.echo(f"run {result.run_id}")
@@ -142,19 +150,20 @@ def schedule_cmd(
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "maskdit",
     package: Annotated[Path, typer.Option(help="Compiled pipeline YAML.")] = PIPELINE_YAML,
     param: ParamOption = None,
+    timeout: TimeoutOption = READ_TIMEOUT_S,
     token: TokenOption = None,
     token_file: TokenFileOption = None,
 ) -> None:
-    """Schedule recurring retrains (one at a time, no catch-up of missed runs)."""
-    params = parse_params(param)
+    """Schedule recurring retrains (one at a time, no catch-up of missed runs; parameters checked here first)."""
     with exit_on_user_error():
+        arguments = run_arguments(package, parse_params(param))  # before contacting the host
         bearer = read_token(token, token_file)
-        with kfp_errors(host, bearer):
-            kfp_client = client(host, bearer)
-            experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
-            recurring = kfp_client.create_recurring_run(
-                experiment_id, name, cron_expression=cron, max_concurrency=1, no_catchup=True, params=params,
-                pipeline_package_path=str(package), service_account=service_account)
+        with kfp_client(host, min(CONNECT_TIMEOUT_S, timeout), timeout, token=bearer) as client:
+            experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+            recurring = client.create_recurring_run(experiment_id, name, cron_expression=cron, max_concurrency=1,
+                                                    no_catchup=True, params=arguments,
+                                                    pipeline_package_path=str(package),
+                                                    service_account=service_account)
     typer.echo(f"recurring run {recurring.recurring_run_id}")
 
 

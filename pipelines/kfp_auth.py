@@ -60,6 +60,7 @@ def kfp_errors(host: str | None, token: str | None) -> Iterator[None]:
     """KFP's refusals and an unreachable host as a `KfpAccessError` naming the host and what to do."""
     from kfp_server_api.exceptions import ApiException
     from urllib3.exceptions import HTTPError as Urllib3Error
+    from urllib3.exceptions import ReadTimeoutError
 
     where = host or "the in-cluster KFP address"
     try:
@@ -74,6 +75,8 @@ def kfp_errors(host: str | None, token: str | None) -> Iterator[None]:
         raise
     except Urllib3Error as error:
         reason = getattr(error, "reason", None) or error
+        if isinstance(reason, ReadTimeoutError):
+            raise  # a host that accepts and never answers: pipelines/host.py says so, with the timeout
         raise KfpAccessError(f"cannot reach KFP at {where} ({type(reason).__name__}: {reason}): check --host "
                              f"(e.g. http://localhost:8080 through `kubectl port-forward`, or your Kubeflow "
                              f"ingress's https://<host>/pipeline)") from None

@@ -293,6 +293,8 @@ def for_backend(platform: dict[str, Any], version: str) -> dict[str, Any]:
         if key < _version_key(OPTIONAL_ENV_SINCE):
             for entry in config.get("secretAsEnv", []) + config.get("configMapAsEnv", []):
                 entry.pop("optional", None)
+    for name in [name for name, config in executors.items() if not config]:
+        del executors[name]  # a step whose only setting was left out has none
     return platform
 
 

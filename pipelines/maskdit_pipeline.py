@@ -24,7 +24,6 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from components import IMAGE
 from components.cleanup import cleanup
 from components.cluster import (
     CONFIG_MAP,
@@ -40,7 +39,7 @@ from components.fingerprint import fingerprint
 from components.pretrain import pretrain
 from components.pytorchjob import IMAGE_UID
 from components.register import register
-from components.settings import settings
+from components.settings import check_parameters, settings
 from components.tune import tune
 
 PIPELINE_YAML = Path(__file__).with_name("maskdit_pipeline.yaml")
@@ -55,8 +54,12 @@ def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
                                                        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"})
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "maskdit")  # MLflow's NetworkPolicy admits these
-    # the image's user, never root: a namespace that enforces runAsNonRoot admits the step pods (kfp-kubernetes
-    # >= 2.16; `--kfp-backend` before 2.16 leaves it out, pipelines/kfp_backend.py)
+    return _non_root(task)
+
+
+def _non_root(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """The image's user, never root: a namespace that enforces runAsNonRoot admits the step pods (kfp-kubernetes
+    >= 2.16; `--kfp-backend` before 2.16 leaves it out, pipelines/kfp_backend.py)."""
     kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
     return task
 
@@ -171,10 +174,22 @@ def maskdit_pipeline(
         checked = settings(**cluster)  # a bad cluster parameter fails here, before any work
         checked.set_display_name("check settings").set_caching_options(False)
         _with_credentials(checked.set_cpu_limit("500m").set_memory_limit("1Gi"))
+        # every step's config from the run's parameters: a bad one fails here, not after weeks of training
+        params = check_parameters(
+            cluster=checked.output, images=images, resolution=resolution, vae=vae, pixel_space=pixel_space,
+            grayscale=grayscale, pretrain_config=pretrain_config, pretrain_overrides=pretrain_overrides,
+            tune_config=tune_config, tune_overrides=tune_overrides, pretrain_init_from=pretrain_init_from,
+            pretrain_resume_from=pretrain_resume_from, tune_init_from=tune_init_from,
+            pretrain_timeout_hours=pretrain_timeout_hours, tune_timeout_hours=tune_timeout_hours,
+            step_gpus=step_gpus, ref_stats=ref_stats, num_samples=num_samples, sampler=sampler,
+            fid_threshold=fid_threshold, encode_as_job=encode_as_job, evaluate_as_job=evaluate_as_job,
+            encode_timeout_hours=encode_timeout_hours, evaluate_timeout_hours=evaluate_timeout_hours)
+        params.set_display_name("check parameters").set_caching_options(False)
+        _non_root(params.set_cpu_limit("500m").set_memory_limit("1Gi"))  # reads no store: no credentials
         # encode is cached on the data's identity (a listing: sizes, ETags, mtimes), not on the URI string
         identity = fingerprint(images=images, resolution=resolution, vae=vae, pixel_space=pixel_space,
                                grayscale=grayscale)
-        identity.set_display_name("fingerprint images").set_caching_options(False).set_retry(2)
+        identity.set_display_name("fingerprint images").set_caching_options(False).set_retry(2).after(params)
         _with_credentials(identity.set_cpu_limit("1").set_memory_limit("4Gi"))  # ImageNet: 1.3M listed files
         encoded = encode(images=images, store_uri=store_uri, resolution=resolution, vae=vae,
                          pixel_space=pixel_space, grayscale=grayscale, gpus=step_gpus, dataset_id=identity.output,
@@ -228,10 +243,54 @@ def _stable_header(text: str) -> str:
     return "\n".join(lines)
 
 
+# An OCI image reference (the grammar of github.com/distribution/reference): [domain[:port]/]path[:tag][@digest]
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_REF = re.compile(rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?"
+                        r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
+
+
+def check_image(image: str) -> str:
+    """`image` when it is an OCI image reference (e.g. registry.example.com:5000/team/maskdit:1.0), else UserError."""
+    from maskdit.core.config import excerpt
+    from maskdit.core.errors import UserError
+
+    if not _IMAGE_REF.fullmatch(image) or len(image.partition("@")[0].rpartition(":")[0] or image) > 255:
+        raise UserError(f"--image {excerpt(image)} is not an image reference: use [registry[:port]/]name[:tag]"
+                        "[@sha256:digest], e.g. registry.example.com/maskdit:0.1.0")
+    return image
+
+
+def _spec_with_image(image: str):
+    """A copy of the pipeline's spec with every step's image, and the training jobs' default, set to `image`."""
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    spec = pipeline_spec_pb2.PipelineSpec()
+    spec.CopyFrom(maskdit_pipeline.pipeline_spec)
+    executors = spec.deployment_spec["executors"]
+    for name in executors:
+        executors[name]["container"]["image"] = image
+    spec.root.input_definitions.parameters["image"].default_value.string_value = image
+    return spec
+
+
 def compile_pipeline(path: str | Path = PIPELINE_YAML, image: str | None = None) -> Path:
-    """Write the pipeline's IR YAML to `path`; `image` replaces the steps' image (your registry's)."""
+    """Write the pipeline's IR YAML to `path`; `image` (your registry's) replaces the steps' image and the
+    training jobs' default, set in the spec (never spliced into the text)."""
+    from kfp.compiler import pipeline_spec_builder
+
+    from maskdit.core.errors import UserError
+
     path = Path(path)
-    compiler.Compiler().compile(maskdit_pipeline, str(path))
-    text = _stable_header(path.read_text())
-    path.write_text(text.replace(IMAGE, image) if image else text)
+    try:
+        if image is None:
+            compiler.Compiler().compile(maskdit_pipeline, str(path))
+        else:
+            pipeline_spec_builder.write_pipeline_spec_to_file(
+                pipeline_spec=_spec_with_image(check_image(image)), pipeline_description=maskdit_pipeline.description,
+                platform_spec=maskdit_pipeline.platform_spec, package_path=str(path))
+        path.write_text(_stable_header(path.read_text()))
+    except OSError as error:
+        raise UserError(f"cannot write the pipeline to {str(path)!r} ({error.strerror or error}): pass a writable "
+                        "--out") from None
     return path

@@ -171,5 +171,54 @@ def test_sigkill_during_write_leaves_previous_checkpoint(tmp_path):
     assert not (ck / "ckpt-000000002.pt").exists()
     uri, state = checkpoint.load_latest(str(ck))
     assert uri == str(ck / "ckpt-000000001.pt") and state["step"] == 1
-    # the next save in the same folder works and wins
+    # the next save in the same folder works and wins, and removes what the killed write left
     assert checkpoint.save_checkpoint(str(ck), tiny_state(3)) == checkpoint.latest_checkpoint(str(ck))
+    assert not [p for p in ck.iterdir() if p.name.endswith(".partial")]
+
+
+def test_the_next_save_removes_a_partial_file_a_killed_write_left(tmp_path):
+    ck = tmp_path / "ck"
+    checkpoint.save_checkpoint(str(ck), tiny_state(1))
+    stale = ck / ".ckpt-000000002.pt.k1ll3d.partial"  # the name storage's atomic write gives its temp file
+    stale.write_bytes(b"x" * 4096)
+    other = ck / ".notes.txt.abc.partial"  # not a checkpoint's: left alone
+    other.write_bytes(b"y")
+    checkpoint.save_checkpoint(str(ck), tiny_state(2), keep_last=3)
+    assert not stale.exists() and other.exists()
+    assert [step for step, _ in checkpoint.list_checkpoints(str(ck))] == [1, 2]
+
+
+FULL = textwrap.dedent("""
+    import resource, signal, sys
+    sys.path.insert(0, sys.argv[2])
+    from test_checkpoint import tiny_state
+    import typer
+    from maskdit.core.errors import exit_for_restart_policy
+    from maskdit.method import checkpoint
+    state = tiny_state(2)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        with exit_for_restart_policy():  # how `maskdit train` classifies it: 2 permanent, 143 retryable
+            checkpoint.save_checkpoint(sys.argv[1], state, keep_last=2)
+    except typer.Exit as stop:
+        sys.exit(stop.exit_code)
+""")
+
+
+def test_a_file_size_limit_while_checkpointing_is_permanent_and_names_the_room_needed(tmp_path):
+    """EFBIG (as ENOSPC or a quota): exit 2, not a retryable failure; the message names keep_last + 1 checkpoints."""
+    import io
+    import re
+
+    buffer = io.BytesIO()
+    torch.save({"format_version": checkpoint.FORMAT_VERSION, **tiny_state(2)}, buffer)
+    mib = buffer.tell() / 2**20
+    assert buffer.tell() > 64 * 1024, "the checkpoint must exceed the limit the test sets"
+    proc = subprocess.run([sys.executable, "-c", FULL, str(tmp_path / "ck"), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip()
+    assert "\n" not in line and "File too large" in line and f"{mib:.1f} MiB" in line, line
+    assert re.search(rf"keep_last \+ 1 = 3 checkpoints, about {3 * mib:.1f} MiB", line), line
+    assert not list((tmp_path / "ck").iterdir())  # the failed write left nothing behind

@@ -41,3 +41,63 @@ def test_bad_override_and_missing_file(tmp_path):
 
 def test_flatten():
     assert flatten({"a": {"b": 1}, "c": 2}) == {"a.b": 1, "c": 2}
+
+
+# --- values mean what they say (YAML 1.2, typed overrides, bounded errors) ---
+
+def test_a_string_override_is_the_text_as_typed():
+    from maskdit.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, None, ["data.uri=s3://bucket/set #3", "checkpoint.dir=/runs/a b #c",
+                                          "init_from=~", "steps=12", "optim.lr=1e-4", "checkpoint.resume_from="])
+    assert cfg.data.uri == "s3://bucket/set #3" and cfg.checkpoint.dir == "/runs/a b #c"
+    assert cfg.init_from == "~" and cfg.checkpoint.resume_from is None  # empty = unset
+    assert cfg.steps == 12 and cfg.optim.lr == pytest.approx(1e-4)
+
+
+def test_yaml_1_1_surprises_are_refused_or_read_as_yaml_1_2(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: no\ninner:\n  lr: 1e-3\n")  # YAML 1.1: False and the string "1e-3"
+    cfg = load_config(Outer, path)
+    assert cfg.name == "no" and cfg.inner.lr == pytest.approx(1e-3)
+    path.write_text("inner:\n  depth: 010\n")  # YAML 1.1: 8
+    with pytest.raises(ConfigError, match=r"'010' is ambiguous .*write it without the leading zero"):
+        load_config(Outer, path)
+    with pytest.raises(ConfigError, match=r"override inner.depth: '010' is ambiguous"):
+        load_config(Outer, None, ["inner.depth=010"])
+    assert load_config(Outer, None, ["inner.depth=0o10", "name=yes"]).inner.depth == 8
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  depth: 4\nname: a\ninner:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"key 'inner' is given twice \(lines 1 and 4\)"):
+        load_config(Outer, path)
+
+
+def test_options_are_not_overrides():
+    from typer.testing import CliRunner
+
+    from maskdit.cli import app
+
+    for item in ("--config=other.yaml", "--help", "-c"):
+        with pytest.raises(ConfigError, match="starts with '-'"):
+            parse_overrides([item])
+    result = CliRunner().invoke(app, ["config", "show", "mnist_pretrain", "--", "--config=other.yaml"])
+    assert result.exit_code == 2 and "starts with '-'" in result.output
+
+
+def test_an_anchor_bomb_gives_a_short_error(tmp_path):
+    """475 bytes of YAML anchors expand to 9**7 strings: the error quotes a bounded excerpt."""
+    import time
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdef", "bcdefg"):
+        lines.append(f"{name}: &{name} [{','.join(['*' + prev] * 9)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\ninner:\n  depth: *g\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        load_config(Outer, path)
+    assert len(str(error.value)) < 2000 and "inner.depth" in str(error.value)
+    assert time.monotonic() - started < 5

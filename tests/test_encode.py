@@ -352,3 +352,31 @@ def test_one_and_two_ranks_write_the_same_bytes_and_a_restart_may_change_the_ran
     rewritten = sorted(name for name in again if again[name] != mtimes.get(name))
     assert rewritten == sorted([shards.shard_name(1), shards.shard_name(1).replace(".safetensors", ".json")])
     assert read_manifest(str(tmp_path / "ranks2")).shards == one.shards
+
+
+def test_names_that_are_not_utf8_are_skipped_and_nfc_nfd_are_one_class(tmp_path):
+    """A Latin-1 folder or file name is skipped with its reason (no UnicodeEncodeError); "café" written in NFC
+    (Linux) and in NFD (macOS) is one class."""
+    import unicodedata
+
+    root = tmp_path / "in"
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    _save(rgb, root / nfc / "1.png")
+    _save(rgb, root / nfd / "2.png")
+    _save(rgb, root / "dog" / "3.png")
+    latin1 = os.fsencode(root) + b"/caf\xe9"  # "café" in Latin-1: not UTF-8
+    os.makedirs(latin1)
+    rgb.save(latin1 + b"/4.png")
+    rgb.save(os.fsencode(root / "dog") + b"/\xff.png")
+    result = CliRunner().invoke(app, ["encode", f"input={root}", f"out={tmp_path / 'out'}", "pixel_space=true",
+                                      "resolution=16", "progress=false"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert manifest.class_names == [nfc, "dog"] and manifest.images == 3
+    reasons = {s.path: s.reason for s in manifest.skipped}
+    assert {Path(p).name for p in reasons} == {"4.png", "\\xff.png"}, reasons
+    assert all("not valid UTF-8" in r for r in reasons.values())
+    assert any("caf\\xe9" in p for p in reasons)

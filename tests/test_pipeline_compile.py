@@ -7,7 +7,12 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from components.cluster import ClusterSettings
 from pipelines.maskdit_pipeline import PIPELINE_YAML, compile_pipeline
+
+
+def cluster_fields():
+    return ClusterSettings.model_fields
 
 SECRET_VALUES = {"AWS_ACCESS_KEY_ID": "AKIA-test-key-id-4711", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-do-not-leak",
                  "MLFLOW_TRACKING_PASSWORD": "mlflow-password-0815", "MLFLOW_TRACKING_USERNAME": "mlflow-user-0815"}
@@ -44,7 +49,17 @@ def test_spec_parses_and_wires_the_dag(tmp_path, monkeypatch):
     assert root["cleanup"].trigger_policy.strategy == \
         pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.TriggerStrategy.ALL_UPSTREAM_TASKS_COMPLETED
     inner = spec.components[root["exit-handler-1"].component_ref.name].dag.tasks
-    assert set(inner) == {"settings", "fingerprint", "encode", "pretrain", "tune", "evaluate", "condition-2"}
+    assert set(inner) == {"settings", "check-parameters", "fingerprint", "encode", "pretrain", "tune", "evaluate",
+                          "condition-2"}
+    # every step's parameters are checked before any work: the first work step waits for the check
+    assert "check-parameters" in inner["fingerprint"].dependent_tasks
+    checked = inner["check-parameters"].inputs.parameters["cluster"].task_output_parameter
+    assert checked.producer_task == "settings"
+    # every pipeline parameter a step uses is checked, except the ones only naming where or what is registered
+    wired = {v.component_input_parameter.removeprefix("pipelinechannel--")
+             for v in inner["check-parameters"].inputs.parameters.values() if v.component_input_parameter}
+    unchecked = {"store_uri", "step_node_selector", "model_name", "experiment"} | set(cluster_fields())
+    assert wired | unchecked == set(spec.root.input_definitions.parameters)
     # the training steps take the checked cluster settings: the settings step runs before them
     assert "settings" in inner["pretrain"].dependent_tasks and "settings" in inner["tune"].dependent_tasks
     cluster = inner["pretrain"].inputs.parameters["cluster"].task_output_parameter
@@ -122,8 +137,7 @@ def test_no_secret_value_in_the_yaml(tmp_path, monkeypatch):
 
 
 def test_cli_parameters_take_the_pipelines_types():
-    import typer
-
+    from maskdit.core.errors import UserError
     from pipelines.cli import parse_params
 
     params = parse_params(["fid_threshold=3", "nodes=2", "pixel_space=true", 'pretrain_overrides=["steps=10"]',
@@ -134,7 +148,7 @@ def test_cli_parameters_take_the_pipelines_types():
     for bad in ("fid_treshold=3", "nodes=two", "tolerations={}"):
         try:
             parse_params([bad])
-        except typer.BadParameter as error:
+        except UserError as error:
             assert bad.split("=")[0] in str(error)
         else:
             raise AssertionError(f"{bad} was accepted")

@@ -248,3 +248,30 @@ def test_s3_cache_does_not_follow_planted_shard_links(bucket, tmp_path):
     data = load_dataset(uri, verify=False, cache_dir=tmp_path / "c")
     assert torch.equal(data.moments(torch.arange(13))[0], mean)
     assert victim.read_bytes() == bytes(planted) and not (cache / shards.shard_name(0)).is_symlink()
+
+
+@pytest.mark.parametrize("bad, said", [(float("nan"), "holds NaN or Inf"), (float("inf"), "holds NaN or Inf"),
+                                       (6e4, "holds 6.*outside")])
+def test_values_are_checked_with_the_checksum_naming_shard_and_row(tmp_path, bad, said):
+    """A shard whose checksum is right but whose values cannot train: refused at load, naming shard and row."""
+    uri = str(tmp_path / "ds")
+    write_latent_dataset(uri)  # shards of 5, 5 and 3 rows
+    manifest = read_manifest(uri)
+    path = tmp_path / "ds" / "shards" / manifest.shards[1].name
+    tensors = nodecache.mmap_safetensors(path)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tensors["mean"][3, 1, 0, 1] = bad  # row 8 of the dataset, row 3 of shard 1
+    info = shards.write_shard(uri, 1, tensors)  # a valid checksum of the bad values
+    shards.write_manifest(uri, manifest.model_copy(update={"shards": [manifest.shards[0], info, manifest.shards[2]]}))
+    with pytest.raises(ShardError, match=rf"shard .*{manifest.shards[1].name}: row 3 of 'mean' {said}"):
+        load_dataset(uri, cache_dir=tmp_path / "cache")
+    load_dataset(uri, verify=False, cache_dir=tmp_path / "cache")  # no checksum pass, no value check
+
+
+def test_the_value_limits_follow_the_scale_factor_and_the_vaes_logvar_clamp():
+    ok = {"mean": torch.full((2, 4), 80 / 0.18215 * 0.999), "logvar": torch.tensor([[-30.0, 20.0]] * 2)}
+    shards.check_values(ok, "s", 0.18215)  # at the limits: accepted
+    with pytest.raises(ShardError, match="row 1 of 'mean' holds 440"):
+        shards.check_values({"mean": torch.tensor([[1.0], [440.0]])}, "s", 0.18215)  # 0.18215 * 440 = 80.1
+    with pytest.raises(ShardError, match="row 0 of 'logvar_flip' holds 21"):
+        shards.check_values({"logvar_flip": torch.tensor([[21.0]])}, "s", 1.0)

@@ -114,3 +114,44 @@ def test_training_shows_metrics_and_a_card_with_the_run_link_and_the_last_grid(t
     show_training(untracked, Metrics(name="m", uri=str(tmp_path / "m")), card)
     text = (tmp_path / "card").read_text()
     assert "| MLflow run | not tracked |" in text and "base64" not in text
+
+
+def test_a_result_whose_grid_lies_outside_the_run_is_refused(tmp_path, bucket):
+    """A result.json's grid is embedded in the KFP card: it must be one of the run's own files."""
+    from maskdit.core import storage
+
+    run = tmp_path / "runs" / "r" / "tune"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the card")
+    (run / "monitor").mkdir(parents=True)
+    (run / "monitor" / "grid-000000009.png").write_bytes(b"png")
+    base = TrainResult(checkpoint=str(run / "ckpt-000000009.pt"), checkpoint_dir=str(run), step=9, metrics={},
+                       skipped_steps=0, seconds=1.0)
+    for grid in (str(secret), str(run / ".." / ".." / ".." / "secret.txt"), "/etc/hostname", f"s3://{bucket}/x.png",
+                 str(run)):
+        base.model_copy(update={"grid": grid}).write(result_uri(str(run)))
+        with pytest.raises(ResultError, match=r"grid .* lies outside the run's folder"):
+            read_result(TrainResult, result_uri(str(run)), within=str(run))
+    own = str(run / "monitor" / "grid-000000009.png")
+    base.model_copy(update={"grid": own}).write(result_uri(str(run)))
+    assert read_result(TrainResult, result_uri(str(run)), within=str(run)).grid == own
+    # the same rule on S3: '..' in a key does not lead out of the run
+    prefix = f"s3://{bucket}/runs/r/tune"
+    assert storage.inside(f"{prefix}/monitor/g.png", prefix)
+    assert not storage.inside(f"{prefix}/../../other/g.png", prefix) and not storage.inside(f"{prefix}x/g.png", prefix)
+    assert not storage.inside(str(own), prefix)
+
+
+def test_a_training_step_refuses_options_and_its_own_keys_before_launching(tmp_path):
+    """The overrides come after `--` on the job's command line; an option or a key the step sets is refused."""
+    from components.parameters import ParameterError
+
+    for bad, said in (("--config=other.yaml", "is an option"), ("--help", "is an option"),
+                      ("data.uri=s3://other", "set by the pretrain step itself"),
+                      ("checkpoint.dir=/elsewhere", "set by the pretrain step itself")):
+        step = TrainStep(stage="pretrain", config="mnist_pretrain", overrides=["steps=3", bad], dataset="d",
+                         store_uri=str(tmp_path), kfp_run_id="r", experiment="e", timeout_hours=1.0,
+                         cluster={"backend": "local"})
+        with pytest.raises(ParameterError, match=said):
+            train_step(step)
+    assert not (tmp_path / "runs").exists()

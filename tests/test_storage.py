@@ -199,3 +199,18 @@ def test_redact_masks_userinfo_and_secret_query_values():
     assert redact({"tracking": {"uri": "http://u:p@h"}, "steps": 5, "tags": ["s3://b/k"]}) == {
         "tracking": {"uri": "http://***@h"}, "steps": 5, "tags": ["s3://b/k"]}
     assert redact("bob@example.com wrote s3://bucket/key") == "bob@example.com wrote s3://bucket/key"
+
+
+def test_get_tree_writes_nothing_outside_its_folder(bucket, tmp_path, monkeypatch):
+    """AWS S3 keys may hold '..' (SeaweedFS refuses to store them, so the listing adds one here): such a key
+    is refused before any object is written, never written above the folder."""
+    storage.put_bytes(f"s3://{bucket}/vae/config.json", b"{}")
+    listed = storage.list_uris(f"s3://{bucket}/vae")
+    for key in ("vae/../../escaped.txt", "vae/sub/../../../escaped.txt"):
+        monkeypatch.setattr(storage, "list_uris", lambda uri, key=key: [*listed, f"s3://{bucket}/{key}"])
+        target = tmp_path / "a" / "b" / "vae"
+        with pytest.raises(StorageError, match=r"outside .*remove or rename"):
+            storage.get_tree(f"s3://{bucket}/vae", target)
+        assert not list(tmp_path.rglob("escaped.txt")) and not target.exists()
+    monkeypatch.setattr(storage, "list_uris", lambda uri: listed)
+    assert (storage.get_tree(f"s3://{bucket}/vae", tmp_path / "ok") / "config.json").read_bytes() == b"{}"

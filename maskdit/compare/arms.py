@@ -11,7 +11,7 @@ from typing import Any
 
 from maskdit.compare.config import CompareConfig, EvalPoint
 from maskdit.core import storage
-from maskdit.core.config import ConfigError, build_config, deep_merge
+from maskdit.core.config import ConfigError, build_config, deep_merge, load_yaml
 from maskdit.core.parent_run import parent_env
 from maskdit.core.tracking_server import environment
 from maskdit.train.config import TrainConfig
@@ -28,9 +28,7 @@ def _train_config(cfg: CompareConfig, source: str, what: str, extra: dict[str, A
     if not path.is_file():
         raise ConfigError(f"{what}={source!r} is neither a YAML file nor a preset in maskdit/configs; "
                           "give a train config file or a preset name such as mnist_pretrain")
-    import yaml
-
-    data = deep_merge(deep_merge(yaml.safe_load(path.read_text()) or {}, cfg.train), extra)
+    data = deep_merge(deep_merge(load_yaml(path.read_text()) or {}, cfg.train), extra)
     return build_config(TrainConfig, data, source=f"{what} ({path}) with compare's train overrides")
 
 

@@ -52,8 +52,22 @@ def result_uri(out: str, is_file: bool = False) -> str:
     return f"{out}.{RESULT_FILE}" if is_file else storage.join(out, RESULT_FILE)
 
 
-def read_result(cls: type[R], uri: str) -> R:
-    """The `cls` result stored at `uri`, with a clear error when it is missing or of another step."""
+def read_result(cls: type[R], uri: str, within: str | None = None, outputs: tuple[str, ...] = ("grid",)) -> R:
+    """The `cls` result stored at `uri`, with a clear error when it is missing or of another step.
+
+    With `within` (the run's own folder), each of the result's `outputs` that is set must lie under it:
+    a step shows (embeds in a KFP card) only what its run wrote, never a file a result.json points at.
+    """
+    result = _read(cls, uri)
+    for name in outputs if within else ():
+        value = getattr(result, name, None)
+        if value and not storage.inside(value, within):
+            raise ResultError(f"{uri}: {name} {str(value)[:300]!r} lies outside the run's folder {within}; a step "
+                              "reads only its own run's outputs: rerun the step into a fresh folder")
+    return result
+
+
+def _read(cls: type[R], uri: str) -> R:
     try:
         raw = storage.get_bytes(uri)
     except storage.ObjectNotFound:

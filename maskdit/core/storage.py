@@ -4,7 +4,8 @@ Everything that writes or reads artifacts (latents, checkpoints, samples, statis
 through these functions, so the laptop and the cluster differ only in the URI.
 
 S3 goes through boto3; the client (endpoint, credentials, retries) and the transfer settings
-are in `maskdit/core/s3.py`. Here: URIs, atomic writes, and botocore's errors as `StorageError`.
+are in `maskdit/core/s3.py`, botocore's errors as `StorageError` in `maskdit/core/storage_errors.py`.
+Here: URIs and atomic writes.
 
 Writes are atomic: a reader never sees half an object.
 - local: write a temporary file in the same folder, fsync, then `os.replace`;
@@ -16,6 +17,7 @@ Writes are atomic: a reader never sees half an object.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -27,23 +29,19 @@ from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
 from maskdit.core import s3
-from maskdit.core.errors import ServiceUnavailable, UserError
 from maskdit.core.retry import retrying
+from maskdit.core.storage_errors import (  # the storage API raises these: storage.StorageError etc.
+    NoSpaceError,
+    ObjectNotFound,
+    StorageError,
+    StorageUnavailable,
+    missing_bucket_check,
+    s3_errors,
+    split_s3,
+)
 
 _PARTIAL = ".partial"  # suffix of in-flight local writes; never listed
 _COPY_CHUNK = 8 * 1024 * 1024  # bytes a local copy reads at a time
-
-
-class StorageError(UserError, RuntimeError):
-    """An object store or file system refused an operation; the message names URI and endpoint."""
-
-
-class StorageUnavailable(ServiceUnavailable, StorageError):
-    """The store did not answer, timed out, answered 5xx or throttled us: retried, then exit 143."""
-
-
-class ObjectNotFound(StorageError):
-    """The URI names no object (the bucket or folder exists)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -55,14 +53,6 @@ def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    parsed = urlparse(str(uri))
-    bucket, key = parsed.netloc, parsed.path.lstrip("/")
-    if not bucket:
-        raise StorageError(f"{uri!r} names no bucket; write s3://BUCKET/KEY")
-    return bucket, key
-
-
 def local_path(uri: str | os.PathLike) -> Path:
     """The file system path of a local path or `file://` URI."""
     text = str(uri)
@@ -71,6 +61,20 @@ def local_path(uri: str | os.PathLike) -> Path:
     if text.startswith("file://"):
         return Path(unquote(urlparse(text).path))
     return Path(text).expanduser()
+
+
+def inside(uri: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `uri` names something under `folder` (same store; `..` and symlinks resolved)."""
+    import posixpath
+
+    if is_s3(uri) != is_s3(folder):
+        return False
+    if is_s3(uri):
+        (bucket, key), (root_bucket, root) = split_s3(str(uri)), split_s3(str(folder))
+        key, root = posixpath.normpath("/" + key), posixpath.normpath("/" + root)
+        return bucket == root_bucket and key.startswith(root.rstrip("/") + "/")
+    path, root_path = local_path(uri).resolve(), local_path(folder).resolve()
+    return path != root_path and path.is_relative_to(root_path)
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
@@ -102,71 +106,6 @@ def redact(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(redact(v) for v in value)
     return value
-
-
-# ------------------------------------------------------------------------------------------
-# S3 errors
-# ------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _s3_errors(uri: str, action: str) -> Iterator[None]:
-    """Turn botocore's many exceptions into one `StorageError` naming URI, endpoint and the fix."""
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectionError,
-        HTTPClientError,
-        NoCredentialsError,
-        PartialCredentialsError,
-    )
-
-    try:
-        yield
-    except ClientError as error:
-        code = str(error.response.get("Error", {}).get("Code", ""))
-        bucket = _split_s3(uri)[0]
-        where = f"{uri} (endpoint {s3.endpoint()})"
-        if s3.is_transient(code, error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")):
-            raise StorageUnavailable(f"cannot {action} {where}: the store answered {code} (busy or failing; "
-                                     "transient)") from None
-        if code == "NoSuchBucket":
-            raise StorageError(f"cannot {action} {where}: bucket {bucket!r} does not exist; "
-                               "create it or fix the URI") from None
-        if code in ("NoSuchKey", "404", "NotFound"):
-            raise ObjectNotFound(f"cannot {action} {where}: no such object") from None
-        if code in s3.CREDENTIAL_CODES:
-            raise StorageError(f"cannot {action} {where}: the credentials were rejected ({code}); check "
-                               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile / service "
-                               "account) and the bucket policy") from None
-        raise StorageError(f"cannot {action} {where}: {code}: {error}") from None
-    except (NoCredentialsError, PartialCredentialsError) as error:
-        raise StorageError(f"cannot {action} {uri} (endpoint {s3.endpoint()}): {error}; set AWS_ACCESS_KEY_ID "
-                           "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a service account role") from None
-    except (ConnectionError, HTTPClientError) as error:  # refused, timed out, closed mid-answer
-        raise StorageUnavailable(f"cannot {action} {uri}: endpoint {s3.endpoint()} is unreachable ({error}); "
-                                 "check AWS_ENDPOINT_URL and the network") from None
-    except S3UploadFailedError as error:
-        kind = StorageUnavailable if s3.is_transient_text(str(error)) else StorageError
-        raise kind(f"cannot {action} {uri} (endpoint {s3.endpoint()}): {error}") from None
-    except BotoCoreError as error:
-        raise StorageError(f"cannot {action} {uri} (endpoint {s3.endpoint()}): {error}") from None
-
-
-def _missing_bucket_check(uri: str, action: str) -> None:
-    """After a bare 404 (HEAD has no body): raise if the bucket itself is missing."""
-    from botocore.exceptions import ClientError
-
-    bucket = _split_s3(uri)[0]
-    try:
-        s3.client().head_bucket(Bucket=bucket)
-    except ClientError as error:
-        if str(error.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket", "NotFound"):
-            raise StorageError(f"cannot {action} {uri} (endpoint {s3.endpoint()}): bucket {bucket!r} does not "
-                               "exist; create it or fix the URI") from None
-        with _s3_errors(uri, action):
-            raise
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,10 +178,10 @@ def put_file(path: str | os.PathLike, uri: str | os.PathLike) -> None:
 def _put(open_source, uri: str, retried: bool = True) -> None:
     """Write the stream `open_source()` gives (a fresh one each try) to `uri`."""
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
 
         def upload() -> None:
-            with open_source() as source, _s3_errors(uri, "write"):
+            with open_source() as source, s3_errors(uri, "write"):
                 s3.client().upload_fileobj(source, bucket, key, Config=s3.transfer_config())
 
         retrying(upload, f"storage {uri}", budget=None if retried else 0)
@@ -251,7 +190,23 @@ def _put(open_source, uri: str, retried: bool = True) -> None:
         with open_source() as source, _atomic_local(local_path(uri)) as handle:
             _copy_stream(source, handle)
     except OSError as error:
+        if error.errno in _NO_SPACE:
+            raise NoSpaceError(f"cannot write {uri}: {error.strerror}") from None
         raise StorageError(f"cannot write {uri}: {error}") from None
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def remove_partials(dir_uri: str | os.PathLike, name_glob: str = "*") -> list[Path]:
+    """Delete the hidden `.partial` files that writers of `name_glob` killed mid-write (SIGKILL) left in the
+    local folder `dir_uri` (S3 keeps no partial objects); the caller must be the folder's only writer."""
+    if is_s3(dir_uri) or not local_path(dir_uri).is_dir():
+        return []
+    stale = [p for p in local_path(dir_uri).glob(f".{name_glob}.*{_PARTIAL}") if p.is_file() and not p.is_symlink()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 @_retried
@@ -259,8 +214,8 @@ def get_bytes(uri: str | os.PathLike) -> bytes:
     """The whole object at `uri`; `ObjectNotFound` when it does not exist."""
     uri = str(uri)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
-        with _s3_errors(uri, "read"):
+        bucket, key = split_s3(uri)
+        with s3_errors(uri, "read"):
             return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     try:
         return local_path(uri).read_bytes()
@@ -275,12 +230,12 @@ def get_file(uri: str | os.PathLike, path: str | os.PathLike) -> None:
     """Download `uri` to the local file `path` (parallel ranged GETs on S3); atomic on disk."""
     uri, path = str(uri), Path(path)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
-            with _atomic_local(path) as handle, _s3_errors(uri, "read"):
+            with _atomic_local(path) as handle, s3_errors(uri, "read"):
                 s3.client().download_fileobj(bucket, key, handle, Config=s3.transfer_config())
         except ObjectNotFound:
-            _missing_bucket_check(uri, "read")
+            missing_bucket_check(uri, "read")
             raise
         return
     try:
@@ -297,13 +252,13 @@ def exists(uri: str | os.PathLike) -> bool:
     """Whether an object (or local file) is at `uri`; a missing bucket is an error, not False."""
     uri = str(uri)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
-            with _s3_errors(uri, "check"):
+            with s3_errors(uri, "check"):
                 s3.client().head_object(Bucket=bucket, Key=key)
             return True
         except ObjectNotFound:
-            _missing_bucket_check(uri, "check")
+            missing_bucket_check(uri, "check")
             return False
     return local_path(uri).is_file()
 
@@ -327,11 +282,11 @@ def list_objects(prefix_uri: str | os.PathLike) -> list[StoredObject]:
     """`list_uris` with each object's size and version, from the listing alone (no object is read)."""
     uri = str(prefix_uri)
     if is_s3(uri):
-        bucket, prefix = _split_s3(uri)
+        bucket, prefix = split_s3(uri)
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         found: list[StoredObject] = []
-        with _s3_errors(uri, "list"):
+        with s3_errors(uri, "list"):
             pages = s3.client().get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": s3.SETTINGS.list_page_size})
             for page in pages:
@@ -355,8 +310,8 @@ def delete(uri: str | os.PathLike) -> None:
     """Remove the object at `uri`; no error when it is already gone."""
     uri = str(uri)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
-        with _s3_errors(uri, "delete"):
+        bucket, key = split_s3(uri)
+        with s3_errors(uri, "delete"):
             s3.client().delete_object(Bucket=bucket, Key=key)
         return
     local_path(uri).unlink(missing_ok=True)
@@ -381,12 +336,25 @@ def check_writable(uri: str | os.PathLike, what: str = "output") -> None:
 
 
 def get_tree(prefix_uri: str | os.PathLike, directory: str | os.PathLike) -> Path:
-    """Download every object under `prefix_uri` into `directory`, keeping relative paths."""
+    """Download every object under `prefix_uri` into `directory`, keeping relative paths.
+
+    A key that would land outside `directory` (`..`, an absolute part; S3 allows both) is refused
+    before anything is written.
+    """
     uri, directory = str(prefix_uri).rstrip("/"), Path(directory)
     found = list_uris(uri)
     if not found:
         raise ObjectNotFound(f"nothing under {uri}; check the URI")
+    root = directory.resolve()
+    targets = []
     for item in found:
         relative = item[len(uri):].lstrip("/")
-        get_file(item, directory / relative)
+        target = (root / relative).resolve()
+        parts = Path(relative).parts
+        if ".." in parts or target == root or not target.is_relative_to(root):
+            raise StorageError(f"{item} would be written outside {directory} (its key has '..' or is absolute): "
+                               f"remove or rename that object under {uri}")
+        targets.append((item, target))
+    for item, target in targets:
+        get_file(item, target)
     return directory

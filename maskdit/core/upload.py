@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import IO
 
 from maskdit.core import s3, storage
+from maskdit.core.storage_errors import s3_errors, split_s3
 
 log = logging.getLogger(__name__)
 PARTS_IN_FLIGHT = 4  # parts uploading at once while the serializer fills the next one
@@ -31,7 +32,7 @@ class _MultipartWriter:
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.bucket, self.key = storage._split_s3(uri)
+        self.bucket, self.key = split_s3(uri)
         self.part_size = max(s3.SETTINGS.multipart_chunksize, MIN_PART)
         self.buffer = bytearray()
         self.upload_id: str | None = None
@@ -56,7 +57,7 @@ class _MultipartWriter:
         pass
 
     def _send(self) -> None:
-        with storage._s3_errors(self.uri, "write"):
+        with s3_errors(self.uri, "write"):
             if self.upload_id is None:
                 self.upload_id = s3.client().create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
         body, self.buffer = self.buffer, bytearray()  # handed over, not copied
@@ -66,7 +67,7 @@ class _MultipartWriter:
 
     def _upload_part(self, number: int, body: bytearray) -> dict:
         try:
-            with storage._s3_errors(self.uri, "write"):
+            with s3_errors(self.uri, "write"):
                 reply = s3.client().upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
                                                 PartNumber=number, Body=body)
             return {"PartNumber": number, "ETag": reply["ETag"]}
@@ -75,7 +76,7 @@ class _MultipartWriter:
 
     def finish(self) -> None:
         try:
-            with storage._s3_errors(self.uri, "write"):
+            with s3_errors(self.uri, "write"):
                 if self.upload_id is None:  # small: one PUT
                     s3.client().put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
                     return

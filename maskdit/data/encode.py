@@ -37,7 +37,12 @@ from maskdit.core.config import StrictModel
 from maskdit.core.distributed import resolve_device
 from maskdit.core.result import StepResult, result_uri
 from maskdit.data.encodeworker import EncodeOptions, encode_shards, sidecar_uri
-from maskdit.data.identity import DatasetId, dataset_digest, dataset_name, listing_digest
+from maskdit.data.identity import (
+    DatasetId,
+    dataset_digest,
+    dataset_name,
+    listing_digest,
+)
 from maskdit.data.imagefolders import EncodeError, ImageFile, discover
 from maskdit.data.mnist import MNIST
 from maskdit.data.shards import (

@@ -1,7 +1,8 @@
 """The node cache of encoded datasets: fetch once per node, verify, memory-map everywhere.
 
 `mapped_shards` fetches a dataset's shards once per node into a private cache (default
-/dev/shm/maskdit-data-<uid>, mode 0700), verifies their sha256 against the manifest on every load,
+/dev/shm/maskdit-data-<uid>, mode 0700), verifies their sha256 against the manifest on every load
+(and, in the same check, that a latent shard's values are finite and in range, naming the row),
 and memory-maps them: every process on the node shares the same page-cache pages instead of
 holding its own copy. The manifest comes from the data bucket and is not trusted: a shard's
 header is checked before any tensor is built on it, and files in the cache are never followed
@@ -20,7 +21,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 
 from maskdit.core import storage
 from maskdit.core.cache import cache_dir as cache_rule
-from maskdit.data.shards import Manifest, ShardError, ShardInfo, shard_uri
+from maskdit.data.shards import Manifest, ShardError, ShardInfo, check_values, shard_uri
 
 SHM = Path("/dev/shm")  # the node's RAM disk: home of the default shard cache
 
@@ -121,12 +122,14 @@ def _launch_id() -> str | None:
     return f"{os.environ['TORCHELASTIC_RUN_ID']}:{os.getppid()}:{started}"
 
 
-def _fetch_shard(source: str, cache: Path, shard: ShardInfo, verify: bool) -> Path:
+def _fetch_shard(source: str, cache: Path, shard: ShardInfo, verify: bool,
+                 check: Callable[[Path, bool], None] | None = None) -> Path:
     """The local path of `shard` (downloaded into `cache` unless `source` is local), verified.
 
-    With `verify` every load hashes the shard; only the ranks of one torchrun launch share the
-    hash (a marker in the private cache naming the launch, the file's size, mtime and inode).
-    Files in the cache are never followed through symlinks.
+    With `verify` every load hashes the shard and, once the hash matches, `check`s its values (finite,
+    in range); only the ranks of one torchrun launch share the check (a marker in the private cache
+    naming the launch, the file's size, mtime and inode). Files in the cache are never followed through
+    symlinks.
     """
     remote = storage.is_s3(source)
     path = cache / shard.name if remote else storage.local_path(source)
@@ -152,6 +155,8 @@ def _fetch_shard(source: str, cache: Path, shard: ShardInfo, verify: bool) -> Pa
         actual = file_sha256(path, follow)
         if actual != shard.sha256:
             return actual
+        if check is not None:
+            check(path, follow)
         if (current := stamp()) is not None:
             storage.put_bytes(str(marker), current.encode())
         return None
@@ -265,7 +270,15 @@ def mapped_shards(root: str, manifest: Manifest, verify: bool = True,
     with _node_lock(cache):
         if remote:
             _check_room(cache, manifest)
-        paths = [_fetch_shard(shard_uri(root, s.name), cache, s, verify) for s in manifest.shards]
+        paths = [_fetch_shard(shard_uri(root, s.name), cache, s, verify, _value_check(root, s, manifest))
+                 for s in manifest.shards]
     return [mmap_safetensors(p, shard_uri(root, s.name), follow=not remote)
             for p, s in zip(paths, manifest.shards) if s.count > 0]
 
+
+def _value_check(root: str, shard: ShardInfo, manifest: Manifest) -> Callable[[Path, bool], None] | None:
+    """The check of a latent shard's values (maskdit.data.shards.check_values) made once its sha256 matches."""
+    if manifest.space != "latent":
+        return None  # uint8 pixels: every value is a valid one
+    source = shard_uri(root, shard.name)
+    return lambda path, follow: check_values(mmap_safetensors(path, source, follow), source, manifest.scale_factor)

@@ -87,6 +87,33 @@ class Manifest(StrictModel):
 # ------------------------------------------------------------------------------------------
 
 
+# The values a latent shard may hold, from the arithmetic of what wrote it and what trains on it:
+LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the VAE's logvar to this
+X0_LIMIT = 80.0  # |scale_factor * mean| above EDM's largest noise level (sigma_max 80) is no image the model can learn
+_ROWS = 1024  # rows checked at a time (bounded memory)
+
+
+def check_values(tensors: dict[str, torch.Tensor], source: str, scale_factor: float) -> None:
+    """Every row of a latent shard finite and in range; a ShardError naming the shard, tensor and row."""
+    limit = X0_LIMIT / scale_factor
+    for name, values in tensors.items():
+        low, high = (-limit, limit) if name.startswith("mean") else LOGVAR_RANGE if name.startswith("logvar") \
+            else (None, None)
+        if low is None or not values.numel():
+            continue
+        for start in range(0, values.shape[0], _ROWS):
+            chunk = values[start:start + _ROWS].float().flatten(1)  # (rows, C * h * w)
+            finite = torch.isfinite(chunk).all(1)
+            ok = finite & ((chunk >= low) & (chunk <= high)).all(1)
+            if not bool(ok.all()):
+                first = int((~ok).nonzero()[0])
+                what = ("holds NaN or Inf" if not finite[first] else
+                        f"holds {float(chunk[first].abs().max()):.4g}, outside [{low:.4g}, {high:.4g}]")
+                raise ShardError(f"shard {source}: row {start + first} of {name!r} {what} (x0 = {scale_factor:g} * "
+                                 f"mean must stay within sigma_max {X0_LIMIT:g}); re-run `maskdit encode` into a fresh "
+                                 "--out, or remove that image")
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.safetensors"
 

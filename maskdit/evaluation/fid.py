@@ -27,7 +27,13 @@ from pydantic import Field
 
 from maskdit.core.config import StrictModel
 from maskdit.core.result import StepResult, result_uri
-from maskdit.evaluation.inception import BUNDLED, FEATURE_DIM, FIDError, InceptionFeatures, sha256_file
+from maskdit.evaluation.inception import (
+    BUNDLED,
+    FEATURE_DIM,
+    FIDError,
+    InceptionFeatures,
+    sha256_file,
+)
 
 # An FID as results carry it (evaluate's, register's): a distance, so finite and >= 0; pydantic refuses the rest
 # where a result is read, so a NaN or negative FID can never reach the champion gate.

@@ -22,8 +22,10 @@ Both load into the same dict (everything loads with `torch.load(weights_only=Tru
     resumed_from    the other run's checkpoint this run continued (checkpoint.resume_from) or None
     train_config    dict (TrainConfig, JSON-able)
 
-A writer killed mid-write leaves only a hidden `.partial` file (storage's atomic put) or a folder
-without a commit marker; the previous checkpoint stays valid. Readers take the newest checkpoint that loads and skip corrupt ones;
+A writer killed mid-write leaves only a hidden `.partial` file (storage's atomic put; the next
+file save removes it) or a folder without a commit marker; the previous checkpoint stays valid.
+A full disk or a file-size limit is a `CheckpointError` (permanent: restarting cannot help) naming
+the room needed. Readers take the newest checkpoint that loads and skip corrupt ones;
 a folder whose checkpoints all fail to load is an error, never an empty folder (training would
 otherwise start over at step 0 next to them). Pruning only deletes checkpoints older than the
 one just written, so a newer, unreadable file is left for a person to look at.
@@ -118,10 +120,21 @@ def save_checkpoint(dir_uri: str, state: dict[str, Any], keep_last: int | None =
     then drop all but the newest `keep_last`. Builds the whole file in memory first."""
     check_finite(state)
     uri = checkpoint_uri(dir_uri, state["step"], "file")
+    for stale in storage.remove_partials(dir_uri, "ckpt-*.pt"):  # a writer killed mid-write (SIGKILL) left it
+        log.info("removed %s, left by a checkpoint write that was killed", stale)
     buffer = io.BytesIO()
     torch.save({"format_version": FILE_FORMAT_VERSION, **state}, buffer)
+    size = buffer.tell()
     buffer.seek(0)
-    storage.put_fileobj(buffer, uri)
+    try:
+        storage.put_fileobj(buffer, uri)
+    except storage.NoSpaceError as error:
+        kept = (keep_last or 1) + 1
+        raise CheckpointError(
+            f"{error} (the checkpoint of step {state['step']} is {size / 2**20:.1f} MiB): checkpoint.dir needs room "
+            f"for checkpoint.keep_last + 1 = {kept} checkpoints, about {kept * size / 2**20:.1f} MiB (the newest is "
+            "written before the oldest is deleted); free space, raise the quota or file-size limit, or lower "
+            "checkpoint.keep_last") from None
     if keep_last is not None:
         prune(dir_uri, state["step"], keep_last)
     return uri

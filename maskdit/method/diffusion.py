@@ -24,7 +24,13 @@ import torch.nn as nn
 from pydantic import Field
 
 from maskdit.core.config import StrictModel
-from maskdit.method.model import MaskDiT, MaskIndices, ModelConfig, patchify, random_masking
+from maskdit.method.model import (
+    MaskDiT,
+    MaskIndices,
+    ModelConfig,
+    patchify,
+    random_masking,
+)
 
 SamplerPrecision = Literal["fp32", "bf16", "tf32"]
 

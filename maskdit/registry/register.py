@@ -36,10 +36,19 @@ from maskdit.core.result import RESULT_FILE, StepResult, read_result, result_uri
 from maskdit.evaluation.evaluate import EvaluateResult
 from maskdit.evaluation.fid import FID
 from maskdit.method.diffusion import SamplerConfig
-from maskdit.method.modelformat import DIGESTS, MANIFEST_ARTIFACT, MODEL_FORMAT, VAE_ARTIFACT, WEIGHTS_ARTIFACT
+from maskdit.method.modelformat import (
+    DIGESTS,
+    MANIFEST_ARTIFACT,
+    MODEL_FORMAT,
+    VAE_ARTIFACT,
+    WEIGHTS_ARTIFACT,
+)
 from maskdit.registry.bundle import copy_code, model_card, requirements, save_vae
 from maskdit.registry.champion import CANDIDATE, FID_TAG, RegistryError, promote
-from maskdit.registry.pyfunc import SIGNATURE, MaskDiTModel  # also a name older versions pickled (pyfunc.py)
+from maskdit.registry.pyfunc import (  # also a name older versions pickled (pyfunc.py)
+    SIGNATURE,
+    MaskDiTModel,
+)
 
 log = logging.getLogger(__name__)
 
