@@ -372,7 +372,10 @@ def test_secrets_are_made_from_the_templates(overlay) -> None:
     name, docs = overlay
     step_namespace, _ = K8S_INSTALLS[name]
     found = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in secrets_of(docs)}
-    assert found == {(ns, s) for ns in (step_namespace, MLFLOW_NAMESPACE) for s in ("maskdit-s3", "maskdit-mlflow")}
+    expected = {(ns, s) for ns in (step_namespace, MLFLOW_NAMESPACE) for s in ("maskdit-s3", "maskdit-mlflow")}
+    if name == "quickstart":  # MLflow's database password, beside MLflow only (k8s/components/mlflow-postgres)
+        expected.add((MLFLOW_NAMESPACE, "maskdit-mlflow-db"))
+    assert found == expected
     for secret in secrets_of(docs):
         values = {**secret.get("data", {}), **secret.get("stringData", {})}
         assert values, f"{secret['metadata']['name']}: the template should list its keys"
@@ -381,6 +384,8 @@ def test_secrets_are_made_from_the_templates(overlay) -> None:
 
 
 def test_env_files_with_values_are_ignored_by_git() -> None:
+    for example in K8S.rglob("*.env.example"):
+        assert "*.env" in (example.parent / ".gitignore").read_text().split(), f"{example.parent}/.gitignore"
     ignore = (K8S / "secrets" / ".gitignore").read_text().split()
     assert "*.env" in ignore
     kustomization = yaml.safe_load((K8S / "secrets" / "kustomization.yaml").read_text())
@@ -448,8 +453,10 @@ def test_mlflow_allows_its_service_dns_names(overlay) -> None:
         assert configmap["data"]["MLFLOW_TRACKING_URI"] == f"http://mlflow.{namespace}.svc.cluster.local:{port}"
         assert configmap["data"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     args = container.get("args", [])
-    assert arg_value(args, "--backend-store-uri").startswith("sqlite:////mlflow/")
     assert arg_value(args, "--artifacts-destination") == "$(MLFLOW_ARTIFACTS_DESTINATION)"
+    if overlay[0] == "quickstart":  # on PostgreSQL: tests/test_k8s_postgres.py
+        return
+    assert arg_value(args, "--backend-store-uri").startswith("sqlite:////mlflow/")
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/mlflow" in mounts, "the sqlite store must live on the PVC"
 
