@@ -195,7 +195,9 @@ def test_each_install_puts_the_steps_needs_where_its_steps_run(overlay) -> None:
             placed.setdefault(doc["metadata"].get("namespace", ""), set()).add((doc["kind"], doc["metadata"]["name"]))
     assert set(placed) == {step_namespace, MLFLOW_NAMESPACE}, f"{name}: resources in {sorted(placed)}"
     assert STEP_SIDE <= placed[step_namespace], f"{name}: {sorted(STEP_SIDE - placed[step_namespace])} missing"
-    assert MLFLOW_SIDE <= placed[MLFLOW_NAMESPACE], f"{name}: {sorted(MLFLOW_SIDE - placed[MLFLOW_NAMESPACE])}"
+    mlflow_side = MLFLOW_SIDE if name != "quickstart" else (  # MLflow on Postgres: tests/test_k8s_postgres.py
+        MLFLOW_SIDE - {("PersistentVolumeClaim", "mlflow-db")} | {("StatefulSet", "mlflow-postgres")})
+    assert mlflow_side <= placed[MLFLOW_NAMESPACE], f"{name}: {sorted(mlflow_side - placed[MLFLOW_NAMESPACE])}"
     binding = by_kind_name([d for d in docs if d["metadata"].get("namespace") == step_namespace],
                            "RoleBinding", "maskdit-pipeline")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": step_namespace}]
@@ -482,7 +484,8 @@ def test_mlflow_requires_authentication(overlay) -> None:
     ini = by_kind_name(docs, "ConfigMap", volume["configMap"]["name"])["data"][config_path.name]
     parser = configparser.ConfigParser()
     parser.read_string(ini)
-    assert parser["mlflow"]["database_uri"].startswith("sqlite:////mlflow/")
+    assert parser["mlflow"]["database_uri"] == ("postgresql:///mlflow_auth" if overlay[0] == "quickstart" else
+                                                "sqlite:////mlflow/basic_auth.db")
     assert "admin_password" not in parser["mlflow"], "the admin password belongs in the Secret"
     # the clients sign in with the same Secret
     job = pytorchjobs(docs)[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]

@@ -51,6 +51,7 @@ def test_quickstart_runs_two_mlflow_replicas_on_postgres(k8s_built) -> None:
     auth = configparser.ConfigParser()
     auth.read_string(find(docs, "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"])
     assert auth["mlflow"]["database_uri"] == "postgresql:///mlflow_auth"
+    assert auth["mlflow"].getint("auth_cache_ttl_seconds") > 0, "a scrypt check on every request caps the server"
     assert "PGPASSWORD" in find(docs, "Secret", "maskdit-mlflow-db")["data"]
     budget = find(docs, "PodDisruptionBudget", "mlflow")["spec"]
     assert budget["minAvailable"] == 1 and budget["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
