@@ -146,7 +146,7 @@ class Client:
         run_id = run.info.run_id
         pending: list[list] = []  # batches not yet acknowledged (the metric thread's backlog)
         for step in range(MAX_BATCHES_PER_CLIENT):
-            if time.time() >= self.deadline:
+            if time.time() >= self.deadline or len(pending) > 2:  # unsent backlog: no new batch (no spin)
                 break
             now = int(time.time() * 1000)
             batch = [Metric(f"train/m{i:02d}", float(step * METRICS_PER_BATCH + i), now, step)
@@ -158,7 +158,7 @@ class Client:
                 pending.append(metrics)
             while pending and time.time() < self.deadline:
                 if not self._send(run_id, pending[0], self.deadline):
-                    break
+                    break  # within a retry interval of the end: the flush below has the rest
                 acknowledged = pending.pop(0)
                 if acknowledged[0].key.startswith("system/"):
                     self.system_batches += 1
