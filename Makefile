@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo bench clean image k8s-image
+.PHONY: setup postgres test test-fast demo bench clean image k8s-image
 IMAGE_REPO ?= maskdit
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 MLFLOW_VERSION := 3.17.2
@@ -22,13 +22,27 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps pytorch-fid==0.3.0
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) postgres
 
-test: $(STAMP)
+# PostgreSQL's server, for tests/test_mlflow_postgres.py and benchmarks/mlflow_load.py (MLflow on
+# the store of k8s/components/mlflow-postgres): Debian's package, installed once as root (CI runs
+# as root), without the cluster Debian would otherwise create and start on port 5432. The tests
+# start their own server (tests/fixtures/postgres.py; as `nobody` when run as root). Elsewhere:
+# install it yourself, or point MASKDIT_PG_BIN at a folder with initdb and postgres.
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || [ -n "$$MASKDIT_PG_BIN" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  mkdir -p /etc/postgresql-common; \
+	  [ -e /etc/postgresql-common/createcluster.conf ] || echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold postgresql >/dev/null; \
+	else echo "make: PostgreSQL's server is not installed (needed by tests/test_mlflow_postgres.py):"; \
+	  echo "  as root: apt-get install postgresql, or set MASKDIT_PG_BIN to a folder holding initdb and postgres"; fi
+
+test: $(STAMP) postgres
 	$(PY) tests/fixtures/image_venv.py
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) postgres
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)

@@ -239,7 +239,9 @@ def test_each_install_puts_the_steps_needs_where_its_steps_run(overlay) -> None:
         del placed[where]
     assert set(placed) == {step_namespace, MLFLOW_NAMESPACE}, f"{name}: resources in {sorted(placed)}"
     assert STEP_SIDE <= placed[step_namespace], f"{name}: {sorted(STEP_SIDE - placed[step_namespace])} missing"
-    assert MLFLOW_SIDE <= placed[MLFLOW_NAMESPACE], f"{name}: {sorted(MLFLOW_SIDE - placed[MLFLOW_NAMESPACE])}"
+    mlflow_side = MLFLOW_SIDE if name != "quickstart" else (  # MLflow on Postgres: tests/test_k8s_postgres.py
+        MLFLOW_SIDE - {("PersistentVolumeClaim", "mlflow-db")} | {("StatefulSet", "mlflow-postgres")})
+    assert mlflow_side <= placed[MLFLOW_NAMESPACE], f"{name}: {sorted(mlflow_side - placed[MLFLOW_NAMESPACE])}"
     binding = by_kind_name([d for d in docs if d["metadata"].get("namespace") == step_namespace],
                            "RoleBinding", "maskdit-pipeline")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": step_namespace}]
@@ -423,7 +425,10 @@ def test_secrets_are_made_from_the_templates(overlay) -> None:
     name, docs = overlay
     step_namespace, _ = K8S_INSTALLS[name]
     found = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in secrets_of(docs)}
-    assert found == {(ns, s) for ns in (step_namespace, MLFLOW_NAMESPACE) for s in ("maskdit-s3", "maskdit-mlflow")}
+    expected = {(ns, s) for ns in (step_namespace, MLFLOW_NAMESPACE) for s in ("maskdit-s3", "maskdit-mlflow")}
+    if name == "quickstart":  # MLflow's database password, beside MLflow only (k8s/components/mlflow-postgres)
+        expected.add((MLFLOW_NAMESPACE, "maskdit-mlflow-db"))
+    assert found == expected
     for secret in secrets_of(docs):
         values = {**secret.get("data", {}), **secret.get("stringData", {})}
         assert values, f"{secret['metadata']['name']}: the template should list its keys"
@@ -432,6 +437,8 @@ def test_secrets_are_made_from_the_templates(overlay) -> None:
 
 
 def test_env_files_with_values_are_ignored_by_git() -> None:
+    for example in K8S.rglob("*.env.example"):
+        assert "*.env" in (example.parent / ".gitignore").read_text().split(), f"{example.parent}/.gitignore"
     ignore = (K8S / "secrets" / ".gitignore").read_text().split()
     assert "*.env" in ignore
     kustomization = yaml.safe_load((K8S / "secrets" / "kustomization.yaml").read_text())
@@ -499,8 +506,10 @@ def test_mlflow_allows_its_service_dns_names(overlay) -> None:
         assert configmap["data"]["MLFLOW_TRACKING_URI"] == f"http://mlflow.{namespace}.svc.cluster.local:{port}"
         assert configmap["data"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     args = container.get("args", [])
-    assert arg_value(args, "--backend-store-uri").startswith("sqlite:////mlflow/")
     assert arg_value(args, "--artifacts-destination") == "$(MLFLOW_ARTIFACTS_DESTINATION)"
+    if overlay[0] == "quickstart":  # on PostgreSQL: tests/test_k8s_postgres.py
+        return
+    assert arg_value(args, "--backend-store-uri").startswith("sqlite:////mlflow/")
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/mlflow" in mounts, "the sqlite store must live on the PVC"
 
@@ -526,7 +535,8 @@ def test_mlflow_requires_authentication(overlay) -> None:
     ini = by_kind_name(docs, "ConfigMap", volume["configMap"]["name"])["data"][config_path.name]
     parser = configparser.ConfigParser()
     parser.read_string(ini)
-    assert parser["mlflow"]["database_uri"].startswith("sqlite:////mlflow/")
+    assert parser["mlflow"]["database_uri"] == ("postgresql:///mlflow_auth" if overlay[0] == "quickstart" else
+                                                "sqlite:////mlflow/basic_auth.db")
     assert "admin_password" not in parser["mlflow"], "the admin password belongs in the Secret"
     # the clients sign in with the same Secret
     job = training_template(docs)["spec"]["containers"][0]
