@@ -18,7 +18,8 @@ def test_requirements_pin_what_inference_imports_as_installed_and_no_maskdit():
     pins = dict(r.split("==") for r in latent)
     assert pins["torch"] == metadata.version("torch").split("+")[0]  # the index's release, not a local build
     assert pins["mlflow"] == metadata.version("mlflow") and pins["diffusers"] == metadata.version("diffusers")
-    assert not any(r.startswith(("diffusers", "safetensors")) for r in pixel)  # pixel space: no VAE
+    assert not any(r.startswith("diffusers") for r in pixel)  # pixel space: no VAE
+    assert any(r.startswith("safetensors") for r in pixel)  # the registered weights are safetensors
     assert not any(r.startswith("maskdit") for r in latent)  # the code travels inside the model instead
     assert set(pixel) < set(latent)
 

@@ -24,8 +24,9 @@ from typing import Any
 from maskdit.core import storage
 from maskdit.method.modelformat import VAE_ARTIFACT
 
-INFERENCE_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pydantic", "pyyaml", "pillow", "tqdm")
-LATENT_PACKAGES = ("diffusers", "safetensors")  # the VAE decoder
+# safetensors: the registered weights (bf16 safetensors, maskdit/method/weights.py)
+INFERENCE_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pydantic", "pyyaml", "pillow", "tqdm", "safetensors")
+LATENT_PACKAGES = ("diffusers",)  # the VAE decoder
 
 
 def requirements(latent: bool) -> list[str]:
