@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fixtures.s3 import run_seaweedfs
+from host import loadavg
 
 from maskdit.method import checkpoint
 from maskdit.method.model import MaskDiT, model_config
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     models, repeats = (["tiny"], 1) if args.dry_run else (args.models, args.repeats)
 
-    rows, skipped = [], {}
+    rows, skipped, load_before = [], {}, loadavg()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp, run_seaweedfs(Path(tmp) / "seaweedfs") as server:
         os.environ.update(server.env())
         server.client().create_bucket(Bucket="bench")
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"mode": "dry run (tiny)" if args.dry_run else "measured", "device": args.device, "repeats": repeats,
               "rows": rows, "skipped": skipped, "cpu_cores": os.cpu_count(),
               "available_memory_gb": round(available_memory() / GB, 1), "torch": torch.__version__,
+              "loadavg_before": load_before, "loadavg_after": loadavg(),
               "note": "one rank; stall = what the loop waits; total = until the checkpoint counts; medians"}
     text = json.dumps(result, indent=1)
     if args.out:

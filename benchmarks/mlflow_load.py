@@ -41,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from host import loadavg  # noqa: E402
+
 METRICS_PER_BATCH = 15
 SYSTEM_KEYS = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
                "system/system_memory_usage_percentage", "system/disk_usage_percentage",
@@ -49,13 +51,6 @@ SYSTEM_KEYS = ("system/cpu_utilization_percentage", "system/system_memory_usage_
 MAX_BATCHES_PER_CLIENT = 1_000_000  # a bound besides the clock
 FLUSH_S = 20.0  # what MetricLogger.close waits at the end for a backlog
 READY_TIMEOUT_S = 900.0  # every client has imported MLflow and created its run (slow on a busy machine)
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "n/a"
 
 
 def error_kind(error: BaseException) -> str:
