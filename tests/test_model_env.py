@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -81,7 +82,11 @@ def model_env(champion, mlflow_server, tmp_path_factory):
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(f"mlflow models prepare-env: {time.monotonic() - started:.0f} s", file=sys.stderr)
-    (venv,) = [p for p in root.iterdir() if (p / "bin" / "python").exists()]
+    # the environment prepare-env made or reused (an older one of other build tools may lie beside it)
+    named = re.search(r"(?:Environment (\S+) already exists|Creating a new environment in (\S+) with)", proc.stderr)
+    assert named, f"prepare-env did not say which environment it used:\n{proc.stderr[-2000:]}"
+    venv = Path(named.group(1) or named.group(2))
+    assert venv.parent == root and (venv / "bin" / "python").exists(), venv
     return root, venv
 
 
