@@ -184,6 +184,8 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
     manifest = kind.manifest(job, runtime=runtime)  # a spec the kind cannot carry fails here, before anything runs
     calls = calls.with_kind(kind)
     print(f"[launcher] running {name} as a {kind.kind} ({kind.group}/{kind.version})", file=out, flush=True)
+    for line in kind.ignored(job, runtime):
+        print(f"[launcher] warning: {line}", file=out, flush=True)
     try:
         deadline_at = _claim_deadline(job, kind, namespace, timeout_s)
     except DeadlinePassed:
