@@ -40,7 +40,7 @@ from components.kube_calls import (
     api_message,
     describe,
     http_status,
-    training_client,  # noqa: F401 (part of this module's interface: tests and the cleanup step use it)
+    training_client,
 )
 from components.kube_logs import MasterLog, save_replica_logs
 from components.kube_pods import Incidents, pending_reason

@@ -59,10 +59,10 @@ def ignored_settings(job: TrainJob, runtime: str = "maskdit") -> list[str]:
     `build_trainjob`; these only differ in how failures are retried.)"""
     if job.backoff_limit == _DEFAULT_BACKOFF_LIMIT:
         return []
-    return [f"backoff_limit={job.backoff_limit} does not apply to a TrainJob: Trainer v2 restarts it by the "
-            f"runtime's JobSet failurePolicy.maxRestarts (ClusterTrainingRuntime {runtime}; "
-            f"{_DEFAULT_BACKOFF_LIMIT} in k8s/components/trainer-v2/trainingruntime.yaml) and Kueue requeues it when "
-            f"it preempts it; change maxRestarts in the runtime, or use job_api=pytorchjob"]
+    return [(f"backoff_limit={job.backoff_limit} does not apply to a TrainJob: Trainer v2 restarts it by the "
+             f"runtime's JobSet failurePolicy.maxRestarts (ClusterTrainingRuntime {runtime}; "
+             f"{_DEFAULT_BACKOFF_LIMIT} in k8s/components/trainer-v2/trainingruntime.yaml) and Kueue requeues it when "
+             f"it preempts it; change maxRestarts in the runtime, or use job_api=pytorchjob")]
 
 
 def build_trainjob(job: TrainJob, *, owner: dict | None = None, deadline: str = "",
