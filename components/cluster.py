@@ -60,8 +60,9 @@ class ClusterSettings(StrictModel):
                                           description="Node labels the training pods must match.")
     tolerations: list[dict[str, Any]] = Field(default_factory=lambda: [dict(t) for t in GPU_TOLERATIONS],
                                               description="Tolerations of the training pods (for tainted GPU nodes).")
-    backoff_limit: int = Field(3, ge=0, description="Restarts of a training job (preemption, retryable exit codes) "
-                               "before it fails; user errors never restart.")
+    backoff_limit: int = Field(3, ge=0, description="Restarts of a PyTorchJob (preemption, retryable exit codes) "
+                               "before it fails; user errors never restart. A TrainJob restarts as its runtime "
+                               "says (failurePolicy.maxRestarts, 3): another value here is a warning.")
     queue_name: str = Field("", description='Kueue LocalQueue that admits the training jobs ("" = no Kueue).')
     priority_class_name: str = Field("", description='PriorityClass of the training pods ("" = the cluster\'s '
                                      "default).")

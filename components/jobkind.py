@@ -47,6 +47,7 @@ class JobKind:
     succeeded: str  # the condition type that means success
     installs: str  # what to install for it (docs/operating.md)
     build: Callable[..., dict]  # (job, owner=, deadline=, runtime=) -> manifest
+    ignores: Callable[[TrainJob, str], list[str]]  # (job, runtime) -> a line for each setting the kind does not carry
 
     @property
     def resource(self) -> str:
@@ -60,6 +61,10 @@ class JobKind:
 
     def manifest(self, job: TrainJob, *, owner: dict | None = None, deadline: str = "", runtime: str = "") -> dict:
         return self.build(job, owner=owner, deadline=deadline, runtime=runtime)
+
+    def ignored(self, job: TrainJob, runtime: str = "") -> list[str]:
+        """A warning line for each setting of `job` this kind does not carry (and what it does instead)."""
+        return self.ignores(job, runtime or "maskdit")
 
     def state(self, obj: dict) -> dict[str, dict]:
         """The job's True conditions as Succeeded / Failed / Suspended (the kind's own names mapped)."""
@@ -80,13 +85,13 @@ PYTORCHJOB = JobKind(
     key="pytorchjob", kind=pytorchjob.KIND, group=pytorchjob.GROUP, version=pytorchjob.VERSION,
     plural=pytorchjob.PLURAL, container=pytorchjob.CONTAINER, pod_label="training.kubeflow.org/job-name",
     master_labels="training.kubeflow.org/replica-type=master", succeeded="Succeeded",
-    installs="Kubeflow Training Operator v1.9", build=_pytorchjob)
+    installs="Kubeflow Training Operator v1.9", build=_pytorchjob, ignores=lambda job, runtime: [])
 TRAINJOB = JobKind(
     key="trainjob", kind=trainer_v2.KIND, group=trainer_v2.GROUP, version=trainer_v2.VERSION,
     plural=trainer_v2.PLURAL, container=trainer_v2.CONTAINER, pod_label="jobset.sigs.k8s.io/jobset-name",
     master_labels=f"jobset.sigs.k8s.io/replicatedjob-name={trainer_v2.REPLICATED_JOB},"
                   "batch.kubernetes.io/job-completion-index=0",
-    succeeded="Complete", installs="Kubeflow Trainer v2.3", build=_trainjob)
+    succeeded="Complete", installs="Kubeflow Trainer v2.3", build=_trainjob, ignores=trainer_v2.ignored_settings)
 KINDS = {k.key: k for k in (TRAINJOB, PYTORCHJOB)}  # in the order "auto" prefers them
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import multiprocessing
+import os
 import random
 import sys
 import time
@@ -203,3 +204,28 @@ class Calls:
         timeout = (self.call_timeout_s, idle_s or self.call_timeout_s)
         return self.call(f"read the log of pod {pod}", open_raw, until=until, timeout=timeout)
 
+
+def training_client(namespace: str | None = None, configuration=None):
+    """A Kubeflow `TrainingClient`: in-cluster credentials in a pod, else the kubeconfig ($KUBECONFIG, else
+    ~/.kube/config).
+
+    `configuration` (a kubernetes.client.Configuration) overrides both, e.g. for a stand-in server. urllib3's
+    own silent retries are off: the launcher retries, with backoff, within its deadline."""
+    import copy
+
+    from kubeflow.training import TrainingClient
+    from kubernetes import client, config
+
+    from components.pytorchjob import KIND
+
+    if configuration is None:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config()  # re-reads the rotated service-account token
+        else:
+            config.load_kube_config()
+        configuration = client.Configuration.get_default_copy()
+    else:
+        configuration = copy.deepcopy(configuration)
+    configuration.retries = False
+    kwargs = {"namespace": namespace} if namespace else {}  # of the client, only its API clients are used:
+    return TrainingClient(client_configuration=configuration, job_kind=KIND, **kwargs)  # either kind

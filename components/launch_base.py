@@ -6,6 +6,7 @@ components/launcher.py (Kubernetes, and the `launch` entry point) and components
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 TERMINATED_CLEANUP_S = 20.0  # after SIGTERM, within the step pod's default 30 s grace period
+POLL_ENV = "MASKDIT_LAUNCH_POLL_S"
+DEFAULT_POLL_S = 15.0
 
 Backend = Literal["kubernetes", "local"]
 
@@ -48,6 +51,23 @@ class StepEvicted(StepTerminated):
 
 class Terminated(BaseException):
     """Raised by the SIGTERM handler; a BaseException so that no retry loop swallows it."""
+
+
+def poll_interval() -> float:
+    """Seconds between two looks at a running job (MASKDIT_LAUNCH_POLL_S, default 15): its status and pods, and
+    the master's log when its stream broke."""
+    from maskdit.core.errors import UsageError
+
+    text = os.environ.get(POLL_ENV, "").strip()
+    if not text:
+        return DEFAULT_POLL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):  # also NaN
+        raise UsageError(f"{POLL_ENV}={text!r} is not a number of seconds > 0; set it to e.g. 15, or unset it")
+    return value
 
 
 @contextmanager

@@ -33,13 +33,14 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from components.jobkind import KINDS, PYTORCHJOB, JobKind, NoJobApi, resolve
+from components.jobkind import KINDS, JobKind, NoJobApi, resolve
 from components.kube_calls import (
     Calls,
     OutOfTime,
     api_message,
     describe,
     http_status,
+    training_client,
 )
 from components.kube_logs import MasterLog, save_replica_logs
 from components.kube_pods import Incidents, pending_reason
@@ -55,6 +56,7 @@ from components.launch_base import (  # noqa: F401 (the errors are part of this 
     StepEvicted,
     StepTerminated,
     Terminated,
+    poll_interval,
     sigterm_raises,
 )
 from components.launch_drain import release_job, step_pod_disruption
@@ -116,29 +118,6 @@ def _mark_deadline_passed(job: TrainJob) -> None:
 # --------------------------------------------------------------------------------------------
 # Kubernetes backend
 # --------------------------------------------------------------------------------------------
-
-def training_client(namespace: str | None = None, configuration=None):
-    """A Kubeflow `TrainingClient`: in-cluster credentials in a pod, else ~/.kube/config.
-
-    `configuration` (a kubernetes.client.Configuration) overrides both, e.g. for a stand-in server. urllib3's
-    own silent retries are off: the launcher retries, with backoff, within its deadline."""
-    import copy
-
-    from kubeflow.training import TrainingClient
-    from kubernetes import client, config
-
-    if configuration is None:
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()  # re-reads the rotated service-account token
-        else:
-            config.load_kube_config()
-        configuration = client.Configuration.get_default_copy()
-    else:
-        configuration = copy.deepcopy(configuration)
-    configuration.retries = False
-    kwargs = {"namespace": namespace} if namespace else {}  # of the client, only its API clients are used:
-    return TrainingClient(client_configuration=configuration, job_kind=PYTORCHJOB.kind, **kwargs)  # either kind
-
 
 class _Stuck(Exception):
     pass
@@ -205,6 +184,8 @@ def launch_kubernetes(job: TrainJob, api, namespace: str | None = None, timeout_
     manifest = kind.manifest(job, runtime=runtime)  # a spec the kind cannot carry fails here, before anything runs
     calls = calls.with_kind(kind)
     print(f"[launcher] running {name} as a {kind.kind} ({kind.group}/{kind.version})", file=out, flush=True)
+    for line in kind.ignored(job, runtime):
+        print(f"[launcher] warning: {line}", file=out, flush=True)
     try:
         deadline_at = _claim_deadline(job, kind, namespace, timeout_s)
     except DeadlinePassed:
@@ -381,7 +362,7 @@ def delete_run_jobs(run_id: str, api, namespace: str | None = None, *, call_time
 
 
 def launch(job: TrainJob, backend: Backend = "kubernetes", *, namespace: str | None = None,
-           timeout_s: float = 86400.0, local_nproc: int = 1, api=None, poll_s: float = 15.0,
+           timeout_s: float = 86400.0, local_nproc: int = 1, api=None, poll_s: float | None = None,
            pending_timeout_s: float = 3600.0, call_timeout_s: float = 30.0, backoff_s: float = 1.0,
            cleanup_s: float = 120.0, tail_lines: int = 50, out=None, job_api: str = "auto",
            runtime: str = "maskdit") -> LaunchResult:
@@ -389,8 +370,10 @@ def launch(job: TrainJob, backend: Backend = "kubernetes", *, namespace: str | N
 
     job_api (kubernetes backend): "trainjob" (Kubeflow Trainer v2, on ClusterTrainingRuntime `runtime`),
     "pytorchjob" (Training Operator v1.9), or "auto" (whichever the cluster serves; TrainJob when both).
+    poll_s: seconds between looks at the job (default: $MASKDIT_LAUNCH_POLL_S, else 15).
     """
     if backend == "kubernetes":
+        poll_s = poll_interval() if poll_s is None else poll_s
         return launch_kubernetes(job, api or training_client(namespace), namespace, timeout_s, poll_s,
                                  pending_timeout_s=pending_timeout_s, call_timeout_s=call_timeout_s,
                                  backoff_s=backoff_s, cleanup_s=cleanup_s, tail_lines=tail_lines, out=out,

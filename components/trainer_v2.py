@@ -11,6 +11,7 @@ Built from the same `TrainJob` description as the PyTorchJob (components/pytorch
 
 from __future__ import annotations
 
+from components.cluster import ClusterSettings
 from components.launch_base import LaunchError
 from components.pytorchjob import (
     CHECKPOINT_ANNOTATION,
@@ -31,6 +32,7 @@ KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"  # a Kueue WorkloadPriori
 # What the runtime passes as env to every run (envFrom in k8s/steps/trainingruntime.yaml); a TrainJob cannot add more
 RUNTIME_SECRETS = ("maskdit-s3", "maskdit-mlflow")
 RUNTIME_CONFIG_MAPS = ("maskdit-config",)
+_DEFAULT_BACKOFF_LIMIT = ClusterSettings().backoff_limit  # = the runtime's failurePolicy.maxRestarts
 
 
 class TrainJobSpecError(LaunchError):
@@ -49,6 +51,18 @@ def _check(job: TrainJob) -> None:
             f"priority_class_name={job.priority_class_name!r} with a TrainJob needs Kueue: Trainer v2.3 runtime "
             f"patches cannot set a pod's priorityClassName, so it becomes the Kueue WorkloadPriorityClass label; "
             f"set queue_name too, put priorityClassName in the runtime, or use job_api=pytorchjob")
+
+
+def ignored_settings(job: TrainJob, runtime: str = "maskdit") -> list[str]:
+    """What in `job` a TrainJob does not carry, one line each saying what Trainer v2 does instead ([] = nothing).
+    (A setting it cannot carry and would change the run, e.g. a priority class without Kueue, is refused in
+    `build_trainjob`; these only differ in how failures are retried.)"""
+    if job.backoff_limit == _DEFAULT_BACKOFF_LIMIT:
+        return []
+    return [(f"backoff_limit={job.backoff_limit} does not apply to a TrainJob: Trainer v2 restarts it by the "
+             f"runtime's JobSet failurePolicy.maxRestarts (ClusterTrainingRuntime {runtime}; "
+             f"{_DEFAULT_BACKOFF_LIMIT} in k8s/components/trainer-v2/trainingruntime.yaml) and Kueue requeues it when "
+             f"it preempts it; change maxRestarts in the runtime, or use job_api=pytorchjob")]
 
 
 def build_trainjob(job: TrainJob, *, owner: dict | None = None, deadline: str = "",

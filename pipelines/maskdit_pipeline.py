@@ -151,7 +151,7 @@ def maskdit_pipeline(
         tune_init_from: Skip pretraining and tune from this model: a checkpoint or models:/<name>@champion (a weekly retrain); empty = this run's pretraining.
         pretrain_timeout_hours: Delete the pretraining job and fail after this long (2M steps: about 257 h on 8 A100).
         tune_timeout_hours: Delete the tuning job and fail after this long.
-        encode_as_job: Run `maskdit encode` as a job on gpus_per_node GPUs (a PyTorchJob; torchrun with local_nproc processes on the local backend); false = in the encode pod itself (small data).
+        encode_as_job: Run `maskdit encode` as a job on gpus_per_node GPUs (a training job, `job_api`; torchrun with local_nproc processes on the local backend); false = in the encode pod itself (small data).
         evaluate_as_job: Run `maskdit evaluate` (sampling, Inception) as a job on gpus_per_node GPUs, like encode_as_job; false = in the evaluate pod itself.
         encode_timeout_hours: Delete the encode job and fail after this long (ImageNet: 1.28M images).
         evaluate_timeout_hours: Delete the evaluation job and fail after this long.

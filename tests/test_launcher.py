@@ -28,6 +28,7 @@ from fixtures.k8s_api import (
 from components.jobkind import KINDS, TRAINJOB
 from components.kube_calls import is_transient
 from components.kube_logs import stamp_ns
+from components.launch_base import POLL_ENV, poll_interval
 from components.launcher import (
     DeadlinePassed,
     JobFailed,
@@ -53,6 +54,7 @@ from components.pytorchjob import (
     job_name,
     label_value,
 )
+from maskdit.core.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "3f2c9a1e-7b4d-4c55-9d0e-1a2b3c4d5e6f"
@@ -125,6 +127,19 @@ def _printed(text: str, pod: str) -> list[str]:
 
 def _posts(k8s_api) -> int:
     return sum(1 for m, p in k8s_api.requests if m == "POST")
+
+
+def test_the_poll_interval_comes_from_the_environment(monkeypatch):
+    """$MASKDIT_LAUNCH_POLL_S sets how often the launcher looks at a running job (15 s unset); a value that is not a
+    number of seconds > 0 is one line naming it."""
+    monkeypatch.delenv(POLL_ENV, raising=False)
+    assert poll_interval() == 15.0
+    monkeypatch.setenv(POLL_ENV, "0.5")
+    assert poll_interval() == 0.5
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        monkeypatch.setenv(POLL_ENV, bad)
+        with pytest.raises(UsageError, match=rf"MASKDIT_LAUNCH_POLL_S='{bad}' is not a number of seconds > 0"):
+            poll_interval()
 
 
 # --- the manifest ---

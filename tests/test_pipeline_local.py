@@ -1,5 +1,12 @@
 """The whole DAG with KFP's local runner: S3 (SeaweedFS), a real MLflow server, torchrun on CPU.
 
+Three backends, each run once: the first test's DAG runs on a stand-in Kubernetes API server
+(tests/fixtures/k8s_api.py) as Trainer v2 TrainJobs, the weekly retrain's two DAGs on one that serves
+only PyTorchJobs (`job_api=auto` finds them), the missed threshold's with the local backend. On the
+stand-in the steps find the cluster through $KUBECONFIG (no service-account token), and its kubelet
+runs each job's master command for real (torchrun); `_check_the_cluster` makes the same checks for
+both kinds.
+
 A tiny configuration: 50 MNIST digits at 32x32, a few training steps, 16 samples for FID (Inception
 on CPU is the slow part: about 0.25 s an image).
 """
@@ -14,8 +21,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.k8s_api import JobScript, K8sApiServer, as_the_cluster, manifest_errors
 from PIL import Image
 
+from components.launch_base import POLL_ENV
+from components.pytorchjob import RUN_ID_LABEL, STEP_LABEL, label_value
 from maskdit.core import storage
 from pipelines.cli import run_local
 
@@ -36,6 +46,64 @@ def digits(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    """`start(kinds)`: a stand-in API server serving those training-job APIs, made the cluster of the DAG's steps
+    (as_the_cluster); its kubelet runs each job's master command here. Stopped after the test."""
+    servers = []
+
+    def start(kinds: tuple[str, ...]) -> K8sApiServer:
+        server = K8sApiServer(kinds=kinds, run_pods=True).start()
+        servers.append(server)
+        server.default_script = JobScript(log_lines=[], worker_lines=[])  # the master's log is the command's own
+        as_the_cluster(server, tmp_path / "kubeconfig", monkeypatch)
+        monkeypatch.setenv(POLL_ENV, "0.2")  # the launcher looks at its job 5 times a second, not every 15 s
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _on_the_cluster(job_api: str, gpus_per_node: int = 0) -> dict:
+    """The pipeline's cluster parameters for the stand-in: small pods (it schedules nothing; its kubelet runs the
+    master on this machine's CPU, one process a GPU)."""
+    return {"backend": "kubernetes", "job_api": job_api, "namespace": "default", "gpus_per_node": gpus_per_node,
+            "cpu_request": "1", "cpu_limit": "", "memory_request": "1Gi", "memory_limit": "4Gi", "shm_size": "1Gi"}
+
+
+def _check_the_cluster(server: K8sApiServer, kind: str, version, stages: list[str]) -> None:
+    """What one DAG run on the kubernetes backend left, the same for either kind: the model `version` registered
+    with its FID; a job of `kind` for each step in `stages` that ran as one, valid against the CRD (the stand-in
+    answers 422 to any other: checked again here), a TrainJob on the ClusterTrainingRuntime `maskdit`; the exit
+    handler deleted every job of the run, and no job's pod runs on."""
+    from maskdit.core.result import read_result
+    from maskdit.evaluation.evaluate import EvaluateResult
+
+    run_id, run_dir = version.tags["kfp_run_id"], version.tags["checkpoint_uri"].split("/tune/")[0]
+    assert float(version.tags["fid"]) == pytest.approx(read_result(EvaluateResult, f"{run_dir}/evaluate/result.json")
+                                                       .fid, rel=1e-5)
+    ours = [job for job in server.created if job["metadata"]["labels"][RUN_ID_LABEL] == label_value(run_id)]
+    assert sorted(job["metadata"]["labels"][STEP_LABEL] for job in ours) == sorted(stages)
+    for job in ours:
+        assert job["kind"] == kind and manifest_errors(job) == []
+        if kind == "TrainJob":
+            assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                                 "name": "maskdit"} and "maskdit" in server.runtimes
+        name = job["metadata"]["name"]
+        assert ("default", name) not in server.jobs  # the exit handler's delete_run_jobs
+        assert any(method == "DELETE" and path.endswith(f"/{name}") for method, path in server.requests)
+    assert all(process.poll() is not None for process, _ in server.processes.values())  # no master runs on
+    for (_, pod), container in server.containers.items():  # pods of jobs that stay (an encode job): ended
+        assert "terminated" in container.state, pod
+
+
+def _job_log(folder: str) -> str:
+    """The one replica log a job left in `<folder>/logs` (the master pod's on Kubernetes, local.log here)."""
+    (uri,) = storage.list_uris(f"{folder}/logs/")
+    return storage.get_bytes(uri).decode()
+
+
 def _arguments(digits, bucket, name, experiment, fid_threshold):
     return dict(images=digits, store_uri=f"s3://{bucket}", resolution=32, pixel_space=True, grayscale=True,
                 pretrain_config="mnist_pretrain", pretrain_overrides=["steps=6", "checkpoint.every=3", *TINY],
@@ -45,10 +113,12 @@ def _arguments(digits, bucket, name, experiment, fid_threshold):
                 encode_as_job=False, evaluate_as_job=False)  # in the step's process; the first test: as jobs
 
 
-def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
+def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path, stand_in):
+    """The whole DAG as on a current Kubeflow: encode, pretrain, tune and evaluate each a TrainJob (job_api=trainjob
+    on a cluster that serves both kinds) of 2 processes (gpus_per_node=2, run on the CPU)."""
     name, experiment = "maskdit-local-dag", "pipeline-local"
-    # encode and evaluate as jobs, as on Kubernetes: torchrun with 2 processes (training too)
-    run_local({**_arguments(digits, bucket, name, experiment, fid_threshold=1e6), "local_nproc": 2,
+    server = stand_in(("trainjob", "pytorchjob"))
+    run_local({**_arguments(digits, bucket, name, experiment, fid_threshold=1e6), **_on_the_cluster("trainjob", 2),
                "encode_as_job": True, "evaluate_as_job": True}, tmp_path / "kfp")
 
     version = tracking.get_model_version_by_alias(name, "champion")
@@ -75,9 +145,9 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
     # the version's tag holds the FID to 6 significant digits (f"{fid:.6g}"): off by at most 5e-6 relative
     assert evaluation.fid == pytest.approx(float(tags["fid"]), rel=1e-5) and evaluation.sampler.num_steps == 3
     assert evaluation.world_size == 2  # the evaluation job's two ranks; its log lies beside its result
-    assert f"FID {evaluation.fid:.4g}" in storage.get_bytes(f"{run_dir}/evaluate/logs/local.log").decode()
+    assert f"FID {evaluation.fid:.4g}" in _job_log(f"{run_dir}/evaluate")
     dataset = tags["dataset_manifest"].rsplit("/", 1)[0]
-    assert "samples of shape" in storage.get_bytes(f"{dataset}/job/logs/local.log").decode()  # the encode job's
+    assert "samples of shape" in _job_log(f"{dataset}/job")  # the encode job's
     assert read_result(RegisterResult, f"{run_dir}/evaluate/register/result.json").version == "1"
     # the version's source is the tune run, with the evaluate run's metrics (issue 13.3)
     assert version.run_id == read_result(TrainResult, f"{run_dir}/tune/result.json").run_id is not None
@@ -115,6 +185,14 @@ def test_dag_trains_evaluates_and_registers(digits, bucket, tracking, tmp_path):
         grid = Image.open(io.BytesIO(base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)\)", card).group(1))))
         assert trained.grid.endswith(f"/{stage}/monitor/grid-{steps:09d}.png") and grid.size[0] >= 2 * 32
         assert storage.get_bytes(trained.grid) == base64.b64decode(re.search(r"base64,([^)]+)\)", card).group(1))
+
+    # the cluster: four TrainJobs; the encode job, named by the dataset, is not the run's and stays (its owner, the
+    # step's pod, takes it along on a cluster), finished
+    _check_the_cluster(server, "TrainJob", version, ["pretrain", "tune", "evaluate"])
+    (encoded,) = [job for job in server.created if job["metadata"]["labels"][STEP_LABEL] == "encode"]
+    assert encoded["kind"] == "TrainJob" and encoded["metadata"]["labels"][RUN_ID_LABEL] == label_value(identity.digest)
+    assert [c["type"] for c in server.jobs[("default", encoded["metadata"]["name"])]["status"]["conditions"]
+            if c["status"] == "True"] == ["Created", "Complete"]
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     out = model.predict(pd.DataFrame({"class_label": [1, 7], "seed": [0, 1], "num_steps": [2, 2]}))
@@ -158,25 +236,29 @@ def _untrained_checkpoint(folder) -> str:
                                                     "ema": weights, "step": 0})
 
 
-def test_a_weekly_retrain_warm_starts_from_the_champion(digits, bucket, tracking, ref_stats, tmp_path):
-    """The DAG twice, as a recurring retrain runs it. Both skip pretraining (tune_init_from): the first tunes a
-    given checkpoint and registers the champion; the second tunes models:/<name>@champion for its own steps
-    and registers again. MLflow shows the second run's steps and where its weights came from."""
+def test_a_weekly_retrain_warm_starts_from_the_champion(digits, bucket, tracking, ref_stats, tmp_path, stand_in):
+    """The DAG twice, as a recurring retrain runs it, on a cluster with the Training Operator only (job_api=auto
+    finds the PyTorchJob). Both skip pretraining (tune_init_from): the first tunes a given checkpoint and registers
+    the champion; the second tunes models:/<name>@champion for its own steps and registers again. MLflow shows the
+    second run's steps and where its weights came from."""
     from maskdit.core.result import read_result
     from maskdit.train.loop import TrainResult
 
     name, experiment = "maskdit-local-retrain", "pipeline-local-retrain"
-    first = {**_arguments(digits, bucket, name, experiment, fid_threshold=1e6), "ref_stats": ref_stats,
-             "num_samples": 8, "tune_init_from": _untrained_checkpoint(tmp_path / "given"),
+    server = stand_in(("pytorchjob",))
+    first = {**_arguments(digits, bucket, name, experiment, fid_threshold=1e6), **_on_the_cluster("auto"),
+             "ref_stats": ref_stats, "num_samples": 8, "tune_init_from": _untrained_checkpoint(tmp_path / "given"),
              "tune_overrides": ["steps=2", "checkpoint.every=2", *TINY]}
     run_local(first, tmp_path / "kfp-1")
     champion = tracking.get_model_version_by_alias(name, "champion")
+    _check_the_cluster(server, "PyTorchJob", champion, ["tune"])  # encode and evaluate in their steps' processes
 
     second = {**first, "tune_init_from": f"models:/{name}@champion",
               "tune_overrides": ["steps=3", "checkpoint.every=3", *TINY]}
     run_local(second, tmp_path / "kfp-2")
 
     latest = tracking.get_model_version(name, "2")
+    _check_the_cluster(server, "PyTorchJob", latest, ["tune"])
     assert "candidate" in latest.aliases and latest.tags["kfp_run_id"] != champion.tags["kfp_run_id"]
     run_dir = latest.tags["checkpoint_uri"].split("/tune/")[0]
     assert not storage.exists(f"{run_dir}/pretrain/result.json")  # no pretraining

@@ -15,7 +15,9 @@ import yaml
 from fixtures.k8s_api import (
     PROJECT_RUNTIME,
     STOCK_RUNTIME,
+    JobScript,
     K8sApiServer,
+    as_the_cluster,
     crd_validator,
     manifest_errors,
     restricted_violations,
@@ -23,6 +25,7 @@ from fixtures.k8s_api import (
 
 from components.cluster import ClusterSettings
 from components.jobkind import KINDS, PYTORCHJOB, TRAINJOB, NoJobApi, resolve
+from components.launch_base import POLL_ENV
 from components.launcher import LaunchError, launch, training_client
 from components.pytorchjob import QUEUE_LABEL, RUN_ID_LABEL, TrainJob, job_name
 from components.trainer_v2 import KUEUE_PRIORITY_LABEL, TrainJobSpecError, build_trainjob
@@ -149,6 +152,21 @@ def test_what_a_trainjob_cannot_carry_is_refused_in_one_line():
         build_trainjob(_job(priority_class_name="low"))
 
 
+def test_a_backoff_limit_a_trainjob_cannot_carry_is_a_warning(server, tmp_path, capsys):
+    """A TrainJob's restarts are its runtime's (failurePolicy.maxRestarts): a backoff_limit other than the default
+    is said in one line, naming the setting and what Trainer v2 does instead; a PyTorchJob carries it."""
+    api = training_client(namespace="default", configuration=server.configuration())
+    for job_api in ("trainjob", "pytorchjob"):
+        launch(_job(step=job_api, backoff_limit=5, checkpoint_uri=str(tmp_path / job_api)), "kubernetes",
+               namespace="default", api=api, job_api=job_api, **FAST)
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warning.startswith("[launcher] warning: backoff_limit=5 does not apply to a TrainJob")
+    assert "failurePolicy.maxRestarts (ClusterTrainingRuntime maskdit; 3 in " in warning
+    assert "Kueue" in warning and "job_api=pytorchjob" in warning
+    assert server.jobs[("default", job_name("pytorchjob", RUN_ID))]["spec"]["runPolicy"]["backoffLimit"] == 5
+    assert TRAINJOB.ignored(_job()) == [] and PYTORCHJOB.ignored(_job(backoff_limit=5)) == []
+
+
 # --- which kind: job_api and discovery ---
 
 @pytest.mark.parametrize("server,job_api,expected", [
@@ -224,28 +242,14 @@ def test_the_training_step_runs_as_either_kind(job_api, digits_dataset, tmp_path
     kinds, with job_api forced: the job is created, its master runs torchrun + `maskdit train` (the
     stand-in runs the pod's command as a kubelet would), the step reads the job's result.json and
     saves its log - the same checks for both kinds."""
-    import functools
-
-    from components import launcher
     from components.steps import TrainStep, train_step
 
-    monkeypatch.setattr(launcher, "launch", functools.partial(launcher.launch, poll_s=0.2))  # not the pod's 15 s
+    monkeypatch.setenv(POLL_ENV, "0.2")  # not the pod's 15 s
     server = K8sApiServer(kinds=("trainjob", "pytorchjob"), run_pods=True).start()
     try:
-        server.default_script = server.default_script.__class__(log_lines=[], worker_lines=[])
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
-            "clusters": [{"name": "stand-in", "cluster": {"server": server.host}}],
-            "users": [{"name": "step", "user": {}}],
-            "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "step",
-                                                          "namespace": "default"}}]}))
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        from kubernetes.config import kube_config  # it read KUBECONFIG once, at import
-
-        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-        for key in ("KUBERNETES_SERVICE_HOST", "MLFLOW_TRACKING_URI", "MASKDIT_POD_NAME"):
-            monkeypatch.delenv(key, raising=False)
+        server.default_script = JobScript(log_lines=[], worker_lines=[])
+        as_the_cluster(server, tmp_path / "kubeconfig", monkeypatch)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
         cluster = ClusterSettings(job_api=job_api, namespace="default", gpus_per_node=0, cpu_request="1",
                                   cpu_limit="", memory_request="1Gi", memory_limit="4Gi", shm_size="1Gi")
         step = TrainStep(stage="pretrain", config="mnist_pretrain", overrides=TINY, dataset=digits_dataset,
