@@ -181,6 +181,10 @@ def test_what_an_admin_created_before_needs_a_grant_and_a_403_is_one_line(server
     with pytest.raises(TrackingError) as denied, tracking_run(run_name="train", experiment=experiment):
         pass
     assert "HTTP 403" in str(denied.value) and "mlflow-user ensure" in str(denied.value)
+    with pytest.raises(TrackingError) as denied:  # the DAG's first MLflow call
+        find_or_create_parent(experiment, "kfp.run_id", "run-2", "kfp-run-2")
+    assert str(denied.value).startswith(f"the pipeline run's parent run in the MLflow experiment {experiment!r}: "
+                                        f"MLflow denied the account {USER!r} (HTTP 403")
     with pytest.raises(RegistryError) as denied:
         register(ckpt, 10.0, name, dataset_uri=dataset, experiment="maskdit-user-exp")
     message = str(denied.value)
@@ -195,6 +199,7 @@ def test_what_an_admin_created_before_needs_a_grant_and_a_403_is_one_line(server
     again = _ensure(server, password, "--experiment", experiment, "--model", name)
     assert again.exit_code == 0 and "granted" not in again.output  # idempotent
 
+    assert find_or_create_parent(experiment, "kfp.run_id", "run-2", "kfp-run-2")
     with tracking_run(run_name="train", experiment=experiment) as run_id:
         log_metrics({"loss": 0.25}, step=1)
     assert run_id
