@@ -210,3 +210,14 @@ def test_what_an_admin_created_before_needs_a_grant_and_a_403_is_one_line(server
 
     with pytest.raises(MlflowException, match="403"):
         as_user.delete_registered_model(name)
+
+
+def test_an_empty_secret_or_no_server_address_is_one_line_before_any_request():
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+           "MLFLOW_AUTH_ADMIN_PASSWORD": "pw", "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": ""}
+    result = CliRunner().invoke(app, ["mlflow-user", "ensure"], env=env)
+    assert result.exit_code == 2 and result.output.strip() == (
+        "MLFLOW_TRACKING_PASSWORD is empty: fill it in the Secret maskdit-mlflow (docs/operating.md, "
+        "\"Fill in the secrets\")")
+    result = CliRunner().invoke(app, ["mlflow-user", "ensure"], env={**env, "MLFLOW_TRACKING_URI": "mlruns"})
+    assert result.exit_code == 2 and "MLFLOW_TRACKING_URI is 'mlruns'" in result.output

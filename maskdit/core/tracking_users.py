@@ -23,6 +23,7 @@ MASKDIT_RETRY_BUDGET_S (maskdit/core/retry.py), then exit 143 and the Job's next
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -74,7 +75,7 @@ def _credentials(name_env: str, password_env: str, secret: str) -> tuple[str, st
     return name, password
 
 
-def ensure_from_env(uri: str | None = None, experiments: list[str] = (), models: list[str] = ()) -> EnsuredUser:
+def ensure_from_env(uri: str | None = None, experiments: Sequence[str] = (), models: Sequence[str] = ()) -> EnsuredUser:
     """`ensure_user` with the URI and both accounts from the environment, as the Job sets them."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if urlsplit(uri).scheme not in ("http", "https"):
@@ -114,8 +115,8 @@ def _fail(what: str, status: int, body) -> UserSetupError:
     return UserSetupError(f"{what}: MLflow answered HTTP {status} ({redact(str(body))[:200]!r})")
 
 
-def ensure_user(uri: str, admin: tuple[str, str], user: tuple[str, str], *, experiments: list[str] = (),
-                models: list[str] = ()) -> EnsuredUser:
+def ensure_user(uri: str, admin: tuple[str, str], user: tuple[str, str], *, experiments: Sequence[str] = (),
+                models: Sequence[str] = ()) -> EnsuredUser:
     """Create or update the non-admin `user` (name, password) as `admin`, and grant EDIT on the named
     `experiments` / `models` it does not already own; see the module doc."""
     return retrying(lambda: _ensure(uri, admin, user, list(experiments), list(models)),
