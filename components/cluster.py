@@ -25,7 +25,7 @@ from components import IMAGE
 from maskdit.core.config import StrictModel
 
 S3_SECRET = "maskdit-s3"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
-MLFLOW_SECRET = "maskdit-mlflow"  # MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD (may be empty)
+MLFLOW_SECRET = "maskdit-mlflow"  # the pipeline's own non-admin MLflow account: MLFLOW_TRACKING_USERNAME / _PASSWORD
 CONFIG_MAP = "maskdit-config"  # MLFLOW_TRACKING_URI (k8s/base/kustomization.yaml)
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # the label NVIDIA's GPU feature discovery sets

@@ -11,7 +11,8 @@ Trainer v2 TrainJob or a Training Operator PyTorchJob, parameter `job_api`; or, 
 version with alias `candidate` and moves `champion` only when the FID beats the champion's.
 
 Secrets never pass as parameters: the steps read S3 and MLflow credentials from Kubernetes
-Secrets (`maskdit-s3`, `maskdit-mlflow`) and MLflow's address from the ConfigMap `maskdit-config`
+Secrets (`maskdit-s3`, `maskdit-mlflow`: the pipeline's own non-admin MLflow account, never MLflow's
+admin) and MLflow's address from the ConfigMap `maskdit-config`
 (k8s/); the training jobs get the same through envFrom. The local runner ignores these settings:
 there the environment of the calling process provides them.
 """

@@ -218,7 +218,9 @@ STEP_SIDE = {("Role", "maskdit-pipeline"), ("RoleBinding", "maskdit-pipeline"), 
 TRAINER_SIDE = {"training-operator": ("PyTorchJob", "maskdit-pretrain-example"),  # where the steps run
                 "trainer-v2": ("ClusterTrainingRuntime", "maskdit")}  # cluster-scoped
 MLFLOW_SIDE = {("Deployment", "mlflow"), ("Service", "mlflow"), ("PersistentVolumeClaim", "mlflow-db"),
-               ("ConfigMap", "maskdit-config"), ("Secret", "maskdit-s3"), ("Secret", "maskdit-mlflow")}
+               ("ConfigMap", "maskdit-config"), ("Secret", "maskdit-s3"), ("Secret", "maskdit-mlflow"),
+               ("Secret", "maskdit-mlflow-admin"), ("Job", "mlflow-pipeline-user")}
+ADMIN_SECRET, USER_SECRET = "maskdit-mlflow-admin", "maskdit-mlflow"  # MLflow's admin; the pipeline's own account
 
 
 def test_each_install_puts_the_steps_needs_where_its_steps_run(overlay) -> None:
@@ -376,9 +378,8 @@ def test_no_image_is_left_unset(overlay) -> None:
             assert "/" in repository and ("." in registry or ":" in registry or registry == "localhost"), (
                 f"{name}: image {image!r} names no registry: make k8s-image IMAGE_REPO=<registry>/maskdit")
             ours[last] = image
-    # a Trainer v2 install runs maskdit only in the TrainJobs (its image: the pipeline's `image` parameter)
-    expected = {"maskdit", "maskdit-mlflow"} if pytorchjobs(overlay[1]) else {"maskdit-mlflow"}
-    assert set(ours) == expected, f"found {ours}"
+    # every install runs maskdit in the Job mlflow-pipeline-user (and a Training Operator one in its example)
+    assert set(ours) == {"maskdit", "maskdit-mlflow"}, f"found {ours}"
     if "maskdit" in ours:
         assert ours["maskdit"].endswith(f":{VERSION}"), f"{ours['maskdit']}: the tag is not pyproject's {VERSION}"
 
@@ -393,8 +394,7 @@ def test_make_k8s_image_points_every_overlay_at_a_registry(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     for name in OVERLAYS:
         found = {image for _, image in images(kustomize_build(tree / "overlays" / name))}
-        if pytorchjobs(kustomize_build(tree / "overlays" / name)):  # Trainer v2: maskdit runs only in TrainJobs
-            assert f"registry.example.com:5000/ml/maskdit:{VERSION}" in found, found
+        assert f"registry.example.com:5000/ml/maskdit:{VERSION}" in found, found
         assert any(i.startswith("registry.example.com:5000/ml/maskdit-mlflow:") for i in found), found
     refused = subprocess.run([*make, "IMAGE_REPO=maskdit"], capture_output=True, text=True)
     assert refused.returncode != 0 and "names no registry" in refused.stdout + refused.stderr
@@ -420,12 +420,13 @@ def test_pods_talk_to_no_api_server_unless_they_must(overlay) -> None:
 # ------------------------------------------------------------------------------------------
 
 def test_secrets_are_made_from_the_templates(overlay) -> None:
-    """Both Secrets in both namespaces, with the templates' keys and no value (the quickstart sets
-    only its store's address)."""
+    """Both Secrets in both namespaces, MLflow's admin beside MLflow only, with the templates' keys and
+    no value (the quickstart sets only its store's address)."""
     name, docs = overlay
     step_namespace, _ = K8S_INSTALLS[name]
     found = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in secrets_of(docs)}
-    expected = {(ns, s) for ns in (step_namespace, MLFLOW_NAMESPACE) for s in ("maskdit-s3", "maskdit-mlflow")}
+    expected = {(ns, s) for ns in (step_namespace, MLFLOW_NAMESPACE) for s in ("maskdit-s3", USER_SECRET)}
+    expected.add((MLFLOW_NAMESPACE, ADMIN_SECRET))
     if name == "quickstart":  # MLflow's database password, beside MLflow only (k8s/components/mlflow-postgres)
         expected.add((MLFLOW_NAMESPACE, "maskdit-mlflow-db"))
     assert found == expected
@@ -521,13 +522,12 @@ def test_mlflow_requires_authentication(overlay) -> None:
     container = spec["containers"][0]
     assert arg_value(container["command"] + container.get("args", []), "--app-name") == "basic-auth"
     env = {e["name"]: e for e in container["env"]}
-    for name, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
-                      ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
-                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY")):
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         ref = env[name]["valueFrom"]["secretKeyRef"]
-        assert (ref["name"], ref["key"]) == ("maskdit-mlflow", key) and not ref.get("optional"), name
-    mlflow_secrets = [s for s in secrets_of(docs) if s["metadata"]["name"] == "maskdit-mlflow"]
-    assert mlflow_secrets and all("MLFLOW_FLASK_SERVER_SECRET_KEY" in s["data"] for s in mlflow_secrets)
+        assert (ref["name"], ref["key"]) == (ADMIN_SECRET, name) and not ref.get("optional"), name
+    admin_secret = by_kind_name(docs, "Secret", ADMIN_SECRET)
+    assert set(admin_secret["data"]) == {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                                         "MLFLOW_FLASK_SERVER_SECRET_KEY"}
     # the auth config comes from a ConfigMap, and the user store lives on the PVC with the runs
     config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(config_path.parent))
@@ -538,10 +538,84 @@ def test_mlflow_requires_authentication(overlay) -> None:
     assert parser["mlflow"]["database_uri"] == ("postgresql:///mlflow_auth" if overlay[0] == "quickstart" else
                                                 "sqlite:////mlflow/basic_auth.db")
     assert "admin_password" not in parser["mlflow"], "the admin password belongs in the Secret"
-    # the clients sign in with the same Secret
+    # the clients sign in as the pipeline's own account
     job = training_template(docs)["spec"]["containers"][0]
     refs = [s["secretRef"] for s in job["envFrom"] if "secretRef" in s]
-    assert {"name": "maskdit-mlflow"} in refs, "training pods need MLflow's credentials (not optional)"
+    assert {"name": USER_SECRET} in refs, "training pods need MLflow's credentials (not optional)"
+
+
+def secret_reads(spec: dict[str, Any]) -> dict[str, set[str]]:
+    """{Secret name: the keys a pod spec reads from it ("*": all of them)}, from env, envFrom and volumes."""
+    reads: dict[str, set[str]] = {}
+    for container in containers(spec):
+        for source in container.get("envFrom", []):
+            if "secretRef" in source:
+                reads.setdefault(source["secretRef"]["name"], set()).add("*")
+        for env in container.get("env", []):
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                reads.setdefault(ref["name"], set()).add(ref["key"])
+    for volume in spec.get("volumes", []):
+        for secret in [volume.get("secret", {})] + [s.get("secret", {}) for s in
+                                                    volume.get("projected", {}).get("sources", [])]:
+            if secret.get("secretName") or secret.get("name"):
+                reads.setdefault(secret.get("secretName") or secret["name"], set()).add("*")
+    return reads
+
+
+def test_only_mlflow_holds_its_admin_and_the_pipeline_signs_in_as_its_own_user(overlay) -> None:
+    """Issue 23.10: the training pods and the steps received MLflow's admin password and CSRF key."""
+    name, docs = overlay
+    step_namespace, _ = K8S_INSTALLS[name]
+    assert {d["metadata"]["namespace"] for d in secrets_of(docs) if d["metadata"]["name"] == ADMIN_SECRET} == \
+        {MLFLOW_NAMESPACE}, "MLflow's admin Secret must not exist where the steps run"
+    placed = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in secrets_of(docs)}
+    assert (step_namespace, USER_SECRET) in placed, "the steps need the pipeline's account where they run"
+    for secret in secrets_of(docs):
+        if secret["metadata"]["name"] == USER_SECRET:  # the pipeline's account: a name and a password, nothing else
+            assert set(secret["data"]) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    readers = {}
+    for pod, template in pod_templates(docs):
+        reads = secret_reads(template["spec"])
+        if ADMIN_SECRET in reads:
+            readers[pod] = reads[ADMIN_SECRET]
+        if pod.startswith(("PyTorchJob/", "ClusterTrainingRuntime/")):
+            assert "*" in reads.get(USER_SECRET, set()), f"{pod}: no MLflow account"
+    assert readers == {"Deployment/mlflow": {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                                             "MLFLOW_FLASK_SERVER_SECRET_KEY"},
+                       "Job/mlflow-pipeline-user": {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"}}, \
+        "only MLflow reads its admin Secret (and the Job that creates the pipeline's user, without the CSRF key)"
+    assert USER_SECRET not in secret_reads(by_kind_name(docs, "Deployment", "mlflow")["spec"]["template"]["spec"])
+    role = by_kind_name(docs, "Role", "maskdit-pipeline")
+    named = {n for rule in role["rules"] for n in rule.get("resourceNames", [])}
+    assert ADMIN_SECRET not in named and USER_SECRET in named
+
+
+def test_the_pipelines_user_is_made_by_the_job_as_the_cli_defines_it(overlay) -> None:
+    """The Job runs `maskdit mlflow-user ensure` with options the command has, signed in as the admin,
+    for the user of the steps' Secret; exit 2 (a wrong Secret) fails it at once."""
+    from typer.testing import CliRunner
+
+    from maskdit.cli import app
+
+    docs = overlay[1]
+    job = by_kind_name(docs, "Job", "mlflow-pipeline-user")
+    assert job["metadata"]["namespace"] == MLFLOW_NAMESPACE
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[:2] == ["mlflow-user", "ensure"]
+    help_text = CliRunner().invoke(app, [*args[:2], "--help"]).output
+    for arg in args[2:]:
+        assert arg.split("=", 1)[0] in help_text, f"{arg}: `maskdit mlflow-user ensure` has no such option"
+    assert "--experiment=maskdit" in args and "--model=maskdit-xl2-imagenet256" in args  # the pipeline's defaults
+    env = {e["name"]: e["valueFrom"] for e in container["env"] if "valueFrom" in e}
+    assert env["MLFLOW_TRACKING_URI"]["configMapKeyRef"]["name"] == "maskdit-config"
+    for key, secret in (("MLFLOW_AUTH_ADMIN_USERNAME", ADMIN_SECRET), ("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_SECRET),
+                        ("MLFLOW_TRACKING_USERNAME", USER_SECRET), ("MLFLOW_TRACKING_PASSWORD", USER_SECRET)):
+        assert env[key]["secretKeyRef"] == {"name": secret, "key": key}, key
+    rule = job["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0, "a finished Job must go, so that the next apply runs it again"
 
 
 def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -599,8 +673,10 @@ def test_only_the_pipeline_and_the_ui_reach_mlflow(overlay) -> None:
     assert not admitted(policies, target, port, pipeline, "default"), "any namespace's pods may reach MLflow"
     assert not admitted(policies, target, port, {"app": "x"}, "kubeflow")
     assert not admitted(policies, target, port + 1, pipeline, "maskdit"), "a rule without ports"
+    user_job = by_kind_name(docs, "Job", "mlflow-pipeline-user")["spec"]["template"]["metadata"]["labels"]
+    assert admitted(policies, target, port, user_job, "maskdit"), "the Job that makes the pipeline's user is refused"
     for name, template in pod_templates(docs):  # e.g. the quickstart's SeaweedFS: no business with MLflow
-        if name.startswith(("Deployment/mlflow", "PyTorchJob/", "ClusterTrainingRuntime/")):
+        if name.startswith(("Deployment/mlflow", "PyTorchJob/", "ClusterTrainingRuntime/", "Job/mlflow-pipeline-user")):
             continue
         assert not admitted(policies, target, port, template["metadata"].get("labels", {}), "maskdit"), name
 

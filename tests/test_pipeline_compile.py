@@ -109,6 +109,9 @@ def test_gpus_tolerations_node_selectors_and_secrets(tmp_path, monkeypatch):
     for step in ("exec-fingerprint", "exec-encode", "exec-pretrain", "exec-tune", "exec-evaluate", "exec-register"):
         secrets = {(s.secret_name, k.env_var) for s in executors[step].secret_as_env for k in s.key_to_env}
         assert {("maskdit-s3", "AWS_SECRET_ACCESS_KEY"), ("maskdit-mlflow", "MLFLOW_TRACKING_PASSWORD")} <= secrets
+        # the pipeline's own MLflow account, never MLflow's admin Secret (maskdit-mlflow-admin, issue 23.10)
+        assert {s for s, _ in secrets} == {"maskdit-s3", "maskdit-mlflow"}
+        assert {k for s, k in secrets if s == "maskdit-mlflow"} == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
         assert [c.config_map_name for c in executors[step].config_map_as_env] == ["maskdit-config"]
     # the PyTorchJobs get their GPUs, node selector and tolerations as (documented) parameters
     params = spec.root.input_definitions.parameters

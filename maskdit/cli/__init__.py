@@ -9,7 +9,7 @@ itself (compile, submit, schedule, the local demo) is the `maskdit-pipeline` com
 
 import typer
 
-from maskdit.cli import compare, config, data, evaluation, registry, train
+from maskdit.cli import compare, config, data, evaluation, registry, tracking, train
 
 app = typer.Typer(
     help="MaskDiT: encode, train, sample, evaluate and register masked diffusion transformers.",
@@ -41,3 +41,4 @@ app.command("evaluate")(evaluation.evaluate)
 app.command("sample")(evaluation.sample)
 app.command("register")(registry.register)
 app.command("compare")(compare.compare)
+app.add_typer(tracking.mlflow_user_app, name="mlflow-user")

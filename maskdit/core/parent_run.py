@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from maskdit.core.tracking_server import tracking_uri
+from maskdit.core.tracking_server import TrackingError, refusal, tracking_uri
 
 log = logging.getLogger(__name__)
 PARENT_RUN_ENV = "MASKDIT_PARENT_RUN_ID"  # the run this process's runs nest under
@@ -59,11 +61,27 @@ def find_or_create_parent(experiment: str, tag: str, value: str, run_name: str,
     import mlflow
 
     client = mlflow.MlflowClient()
-    exp_id = experiment_id(client, experiment)
-    found = client.search_runs([exp_id], f"tags.`{tag}` = '{value}'", max_results=1)
-    if found:
-        return found[0].info.run_id
-    return client.create_run(exp_id, run_name=run_name, tags={tag: value, **(tags or {})}).info.run_id
+    with _refusal_in_one_line(f"the pipeline run's parent run in the MLflow experiment {experiment!r}"):
+        exp_id = experiment_id(client, experiment)
+        found = client.search_runs([exp_id], f"tags.`{tag}` = '{value}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        return client.create_run(exp_id, run_name=run_name, tags={tag: value, **(tags or {})}).info.run_id
+
+
+@contextmanager
+def _refusal_in_one_line(what: str) -> Iterator[None]:
+    """MLflow refusing the account (401, 403: docs/operating.md, "MLflow accounts") as a one-line
+    `TrackingError`; every other failure as it was."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as error:
+        refused = refusal(error, what)
+        if refused is None:
+            raise
+        raise TrackingError(refused) from None
 
 
 def finish_parent(client, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
@@ -81,10 +99,11 @@ def finish_parents(experiment: str, tag: str, value: str, status: str,
     import mlflow
 
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    found = client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{value}'") if exp else []
-    for run in found:
-        finish_parent(client, run.info.run_id, status, tags)
+    with _refusal_in_one_line(f"closing the pipeline run's parent run in the MLflow experiment {experiment!r}"):
+        exp = client.get_experiment_by_name(experiment)
+        found = client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{value}'") if exp else []
+        for run in found:
+            finish_parent(client, run.info.run_id, status, tags)
     return [run.info.run_id for run in found]
 
 

@@ -82,10 +82,29 @@ def mlflow_failure(error: BaseException, permanent: type[UserError], what: str) 
     if is_transient(error):
         return TrackingUnavailable(f"{what}: MLflow is unavailable ({error_reason(error)}); it is retried, and the "
                                    "step restarted if it stays down")
+    refused = refusal(error, what)
+    if refused is not None:
+        return permanent(refused)
     if _html(message) or re.search(r"JSONDecodeError|Expecting value|not in a valid JSON format", message):
         return permanent(f"{what}: the tracking URI answers HTML, not MLflow's API; is MLFLOW_TRACKING_URI / "
                          "tracking.uri the MLflow server's address (not its UI behind a proxy or login page)?")
     return permanent(f"{what}: {redact(message.splitlines()[0] if message else type(error).__name__)[:300]}")
+
+
+def refusal(error: BaseException, what: str) -> str | None:
+    """The one line for a 401 (wrong name or password) or a 403 (the account may not do this); None otherwise."""
+    status = _status(error)
+    account = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none)"
+    if status == 401:
+        return (f"{what}: MLflow refused the account {account!r} (HTTP 401: wrong name or password); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the maskdit-mlflow Secret) to the "
+                "pipeline's MLflow user (docs/operating.md, \"MLflow accounts\")")
+    if status == 403:
+        return (f"{what}: MLflow denied the account {account!r} (HTTP 403: no permission); an experiment or "
+                "registered model someone else created needs a grant for it: add its name to the Job "
+                "mlflow-pipeline-user (maskdit mlflow-user ensure --experiment/--model) or grant EDIT in MLflow's "
+                "UI (docs/operating.md, \"MLflow accounts\")")
+    return None
 
 
 def tracking_uri(configured: str | None = None) -> str | None:
@@ -139,7 +158,8 @@ def _probe(uri: str) -> None:
     code, body = response.status_code, response.text[:2000]
     if code in (401, 403):
         raise TrackingError(f"MLflow at {redact(uri)} refused us (HTTP {code}); set "
-                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the maskdit-mlflow Secret)")
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the maskdit-mlflow Secret: the "
+                            "pipeline's MLflow user)")
     if code >= 500 or code == 429 or _OVERLOAD.search(body):
         raise TrackingUnavailable(f"MLflow at {redact(uri)} is unavailable (HTTP {code}: {redact(body[:200])!r})")
     if code >= 400:

@@ -156,8 +156,9 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
 
     `sampler`: the settings the FID was measured with (the evaluation's when given, else the defaults).
     """
-    from maskdit import __version__
-    from maskdit.core.tracking_server import check_reachable, connect
+    from mlflow.exceptions import MlflowException
+
+    from maskdit.core.tracking_server import check_reachable, connect, mlflow_failure
 
     if not (math.isfinite(float(fid)) and float(fid) >= 0):  # what EvaluateResult.fid / RegisterResult.fid demand
         raise RegistryError(f"FID {fid} is no distance (a finite number >= 0): refusing to register it; evaluate "
@@ -168,6 +169,18 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
         raise RegistryError("no MLflow tracking URI: set MLFLOW_TRACKING_URI or pass tracking_uri")
     tracking_uri = connect(tracking_uri)  # credentials in the URI go to MLflow's env, not into logs
     check_reachable(tracking_uri)  # down: retried within MASKDIT_RETRY_BUDGET_S, then one line and exit 143
+    try:
+        return _register(checkpoint_uri, fid, name, sampler, evaluation, dataset_uri, kfp_run_id, tracking_uri,
+                         experiment, tags)
+    except MlflowException as error:  # refused (a 403: docs/operating.md, "MLflow accounts"), down, ...: one line
+        raise mlflow_failure(error, RegistryError, f"registering {name} in MLflow") from None
+
+
+def _register(checkpoint_uri: str, fid: float, name: str, sampler: SamplerConfig, evaluation: EvaluateResult | None,
+              dataset_uri: str | None, kfp_run_id: str | None, tracking_uri: str, experiment: str,
+              tags: dict[str, str] | None) -> RegisterResult:
+    from maskdit import __version__
+
     client = mlflow.MlflowClient()
     version_tags = {FID_TAG: f"{float(fid):.6g}", **{k: str(v) for k, v in sampler.model_dump().items()},
                     **({"kfp_run_id": kfp_run_id} if kfp_run_id else {}), **(tags or {})}
