@@ -156,8 +156,11 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
 
     `sampler`: the settings the FID was measured with (the evaluation's when given, else the defaults).
     """
+    import requests
+    from mlflow.exceptions import MlflowException
+
     from maskdit import __version__
-    from maskdit.core.tracking_server import check_reachable, connect
+    from maskdit.core.tracking_server import check_reachable, connect, transfer_failure
 
     if not (math.isfinite(float(fid)) and float(fid) >= 0):  # what EvaluateResult.fid / RegisterResult.fid demand
         raise RegistryError(f"FID {fid} is no distance (a finite number >= 0): refusing to register it; evaluate "
@@ -199,14 +202,20 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
                           fid=float(fid), sampler=sampler, evaluation=evaluation, source_run=source_run)
         params = {"fid": fid, **sampler.model_dump(), "checkpoint_uri": checkpoint_uri}
         with _model_run(client, source_run, name, params, version_tags, tracking_uri, experiment) as run_id:
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=MaskDiTModel(), signature=SIGNATURE,
-                input_example=pd.DataFrame({"class_label": [min(1, manifest.num_classes - 1)], "seed": [0]}),
-                artifacts=artifacts, code_paths=[str(copy_code(tmp / "code"))],
-                model_config={"sampler": sampler.model_dump()},
-                metadata={"maskdit_format": MODEL_FORMAT, "maskdit_version": __version__,
-                          "sampler": sampler.model_dump(), DIGESTS: _digests(artifacts)},
-                pip_requirements=requirements(latent=manifest.space == "latent"))
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=MaskDiTModel(), signature=SIGNATURE,
+                    input_example=pd.DataFrame({"class_label": [min(1, manifest.num_classes - 1)], "seed": [0]}),
+                    artifacts=artifacts, code_paths=[str(copy_code(tmp / "code"))],
+                    model_config={"sampler": sampler.model_dump()},
+                    metadata={"maskdit_format": MODEL_FORMAT, "maskdit_version": __version__,
+                              "sampler": sampler.model_dump(), DIGESTS: _digests(artifacts)},
+                    pip_requirements=requirements(latent=manifest.space == "latent"))
+            except (MlflowException, requests.RequestException, OSError) as error:  # not retried here: a retry
+                # sends the weights again (gigabytes); the step's retries (KFP) start it over
+                size = Path(artifacts[WEIGHTS_ARTIFACT]).stat().st_size / 1e6
+                raise transfer_failure(error, RegistryError, f"registering {name}: uploading the model ({size:.1f} "
+                                       f"MB of weights) to MLflow at {tracking_uri}", "UPLOAD") from None
         # the evaluation's numbers on the logged model (the registry shows them), in the run that measured them
         measured_in = _source_run(client, evaluation.run_id if evaluation else None) or run_id
         mlflow.log_metrics(metrics, step=state["step"], model_id=info.model_id, run_id=measured_in)
