@@ -248,6 +248,37 @@ def test_mlflow_failures_are_classified_from_the_client_errors():
     assert isinstance(mlflow_failure(down, UserError, "x"), TrackingUnavailable)
 
 
+
+def test_artifact_transfer_failures_say_what_to_check():
+    """Model files moving to or from MLflow (maskdit register, downloads of models:/): a server error on a proxied
+    file names the spool and the multipart setting; a multipart part the store did not serve names the store's
+    address (transient), one it refused with a 4xx is permanent. tests/test_mlflow_spool.py has the real server."""
+    from mlflow.exceptions import MlflowException
+
+    from maskdit.core.tracking_server import transfer_failure
+
+    proxied = MlflowException("The following failures occurred while downloading one or more artifacts from "
+                              "http://m/api/2.0/mlflow-artifacts/artifacts/1/models/m-1/artifacts:\n##### File "
+                              "ema.safetensors #####\nAPI request to http://m/api/2.0/mlflow-artifacts/artifacts/1/m"
+                              "odels/m-1/artifacts/ema.safetensors failed with exception HTTPConnectionPool(host='m', "
+                              "port=5000): Max retries exceeded with url: /x (Caused by ResponseError('too many 500 "
+                              "error responses'))")
+    failure = transfer_failure(proxied, UserError, "cannot read models:/m/1", "DOWNLOAD")
+    assert isinstance(failure, TrackingUnavailable) and "\n" not in str(failure)
+    assert "too many 500 error responses" in str(failure) and "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=true" in str(
+        failure) and "/tmp" in str(failure)
+    chunks = MlflowException("Failed to download 3 chunk(s) for artifacts/ema.safetensors after all retries exhausted.")
+    failure = transfer_failure(chunks, UserError, "cannot read models:/m/1", "DOWNLOAD")
+    assert isinstance(failure, TrackingUnavailable) and "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false" in str(failure)
+    assert "MLFLOW_S3_ENDPOINT_URL" in str(failure)
+    parts = "Failed to upload at least one part of /tmp/x/ema.safetensors. Errors: {1: \"HTTPError('{} for url: s3')\"}"
+    refused = transfer_failure(MlflowException(parts.replace("{}", "403 Client Error: Forbidden")), UserError, "x", "UPLOAD")
+    assert type(refused) is UserError and "refused the multipart upload" in str(refused)
+    dropped = MlflowException(parts.replace("{}", "ConnectionError: [Errno 104] Connection reset by peer"))
+    assert isinstance(transfer_failure(dropped, UserError, "x", "UPLOAD"), TrackingUnavailable)
+    unknown = MlflowException("RESOURCE_DOES_NOT_EXIST: Registered Model with name=m not found")
+    assert type(transfer_failure(unknown, UserError, "x", "DOWNLOAD")) is UserError
+
 @pytest.mark.slow
 def test_a_registry_read_refused_is_permanent_and_a_registry_outage_transient(tracking, mlflow_server_process,
                                                                              tmp_path):

@@ -8,7 +8,12 @@
 - every MLflow failure is classified once (`mlflow_failure`): down, timed out, 5xx, 429 or overloaded
   (`QueuePool limit ... reached`, which MLflow answers as a 400) is a `TrackingUnavailable`
   (transient: retried within the budget of maskdit/core/retry.py, then exit 143); refused credentials,
-  an unknown model or path, a URI that answers HTML instead of MLflow's JSON is permanent (exit 2).
+  an unknown model or path, a URI that answers HTML instead of MLflow's JSON is permanent (exit 2);
+- a model's files moving to or from MLflow's artifact store (`transfer_failure`) are classified the same
+  way, and the line adds what to check: a file the server proxies is spooled whole under its /tmp (a
+  server error there is often that spool overflowing), one moved by multipart goes straight between
+  this process and the object store through URLs the server presigns (docs/operating.md, "MLflow at
+  model size").
 """
 
 from __future__ import annotations
@@ -88,7 +93,36 @@ def mlflow_failure(error: BaseException, permanent: type[UserError], what: str) 
     if _html(message) or re.search(r"JSONDecodeError|Expecting value|not in a valid JSON format", message):
         return permanent(f"{what}: the tracking URI answers HTML, not MLflow's API; is MLFLOW_TRACKING_URI / "
                          "tracking.uri the MLflow server's address (not its UI behind a proxy or login page)?")
-    return permanent(f"{what}: {redact(message.splitlines()[0] if message else type(error).__name__)[:300]}")
+    return permanent(f"{what}: {redact(' '.join(message.split()) or type(error).__name__)[:300]}")
+
+
+# a failure of MLflow's artifact proxy (the file went through the server) or of a multipart transfer (it went
+# straight to the object store through presigned URLs), as MLflow's HttpArtifactRepository words them
+_PROXIED = re.compile(r"mlflow-artifacts/artifacts/")
+_MULTIPART = re.compile(r"Failed to upload at least one part|Failed to download \d+ chunk")
+_REFUSED = re.compile(r"\b4(?!29)\d\d Client Error")  # a part the store refused (403: a bad signature)
+
+
+def transfer_failure(error: BaseException, permanent: type[UserError], what: str, direction: str) -> UserError:
+    """`mlflow_failure` of an artifact upload or download (`direction`: "UPLOAD" or "DOWNLOAD") as one line
+    that says what to check: the server's spool for a proxied file, the object store's address for multipart."""
+    setting = f"MLFLOW_ENABLE_PROXY_MULTIPART_{direction}"
+    text = " ".join(str(error).split())
+    if _MULTIPART.search(text):  # a part the object store did not take or serve (MLflow logs each part's cause)
+        check = (f"this process must reach the store at the address the MLflow server presigns for (its "
+                 f"MLFLOW_S3_ENDPOINT_URL), and the store accept presigned multipart; outside the cluster set {setting}=false")
+        if _REFUSED.search(text):
+            return permanent(f"{what}: the object store refused the multipart {direction.lower()} "
+                             f"({redact(text[:200])}); {check}")
+        return TrackingUnavailable(f"{what}: the object store did not complete the multipart {direction.lower()} "
+                                   f"({redact(text[:160])}); it is retried, and the step restarted if it fails "
+                                   f"again; {check}")
+    failure = mlflow_failure(error, permanent, what)
+    if isinstance(failure, TrackingUnavailable) and _PROXIED.search(text):
+        failure.args = (f"{failure}. The file went through the MLflow server, which spools it whole under its /tmp: "
+                        f"if this repeats, set {setting}=true (maskdit-config does) or give the server's /tmp room "
+                        "for it (docs/operating.md, MLflow at model size)"),
+    return failure
 
 
 def refusal(error: BaseException, what: str) -> str | None:
@@ -130,8 +164,9 @@ def connect(uri: str) -> str:
 
 def error_reason(error: BaseException) -> str:
     """The root cause of a requests / MLflow error in a few words ("[Errno 111] Connection refused")."""
-    text = str(error)
-    found = re.search(r"\[Errno -?\d+\][^'\")]*", text) or re.search(r"(Read|Connect)TimeoutError|timed out", text)
+    text = " ".join(str(error).split())  # one line: MLflow lists a download's failures one per line
+    found = (re.search(r"\[Errno -?\d+\][^'\")]*", text) or re.search(r"(Read|Connect)TimeoutError|timed out", text)
+             or re.search(r"too many \d{3} error responses", text))  # urllib3's retries of a 5xx / 429 ran out
     return redact(found.group(0).strip() if found else f"{type(error).__name__}: {text[:200]}")
 
 

@@ -52,13 +52,14 @@ def _download_once(uri: str, dest: str) -> Path:
     import mlflow
     import requests
 
-    from maskdit.core.tracking_server import mlflow_failure, quick_requests
+    from maskdit.core.tracking_server import quick_requests, transfer_failure
 
     try:
         with quick_requests():
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest))
     except (mlflow.exceptions.MlflowException, requests.RequestException, OSError) as error:
-        raise mlflow_failure(error, ModelFormatError, f"cannot read {uri} from the MLflow registry") from None
+        raise transfer_failure(error, ModelFormatError, f"cannot read {uri} from the MLflow registry",
+                               "DOWNLOAD") from None
 
 
 def model_description(uri: str, dest: str) -> dict[str, Any]:

@@ -179,7 +179,11 @@ def register(checkpoint_uri: str, fid: float, name: str, *, sampler: SamplerConf
 def _register(checkpoint_uri: str, fid: float, name: str, sampler: SamplerConfig, evaluation: EvaluateResult | None,
               dataset_uri: str | None, kfp_run_id: str | None, tracking_uri: str, experiment: str,
               tags: dict[str, str] | None) -> RegisterResult:
+    import requests
+    from mlflow.exceptions import MlflowException
+
     from maskdit import __version__
+    from maskdit.core.tracking_server import transfer_failure
 
     client = mlflow.MlflowClient()
     version_tags = {FID_TAG: f"{float(fid):.6g}", **{k: str(v) for k, v in sampler.model_dump().items()},
@@ -212,14 +216,20 @@ def _register(checkpoint_uri: str, fid: float, name: str, sampler: SamplerConfig
                           fid=float(fid), sampler=sampler, evaluation=evaluation, source_run=source_run)
         params = {"fid": fid, **sampler.model_dump(), "checkpoint_uri": checkpoint_uri}
         with _model_run(client, source_run, name, params, version_tags, tracking_uri, experiment) as run_id:
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=MaskDiTModel(), signature=SIGNATURE,
-                input_example=pd.DataFrame({"class_label": [min(1, manifest.num_classes - 1)], "seed": [0]}),
-                artifacts=artifacts, code_paths=[str(copy_code(tmp / "code"))],
-                model_config={"sampler": sampler.model_dump()},
-                metadata={"maskdit_format": MODEL_FORMAT, "maskdit_version": __version__,
-                          "sampler": sampler.model_dump(), DIGESTS: _digests(artifacts)},
-                pip_requirements=requirements(latent=manifest.space == "latent"))
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=MaskDiTModel(), signature=SIGNATURE,
+                    input_example=pd.DataFrame({"class_label": [min(1, manifest.num_classes - 1)], "seed": [0]}),
+                    artifacts=artifacts, code_paths=[str(copy_code(tmp / "code"))],
+                    model_config={"sampler": sampler.model_dump()},
+                    metadata={"maskdit_format": MODEL_FORMAT, "maskdit_version": __version__,
+                              "sampler": sampler.model_dump(), DIGESTS: _digests(artifacts)},
+                    pip_requirements=requirements(latent=manifest.space == "latent"))
+            except (MlflowException, requests.RequestException, OSError) as error:  # not retried here: a retry
+                # sends the weights again (gigabytes); the step's retries (KFP) start it over
+                size = Path(artifacts[WEIGHTS_ARTIFACT]).stat().st_size / 1e6
+                raise transfer_failure(error, RegistryError, f"registering {name}: uploading the model ({size:.1f} "
+                                       f"MB of weights) to MLflow at {tracking_uri}", "UPLOAD") from None
         # the evaluation's numbers on the logged model (the registry shows them), in the run that measured them
         measured_in = _source_run(client, evaluation.run_id if evaluation else None) or run_id
         mlflow.log_metrics(metrics, step=state["step"], model_id=info.model_id, run_id=measured_in)
