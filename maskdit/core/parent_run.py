@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from maskdit.core.tracking_server import TrackingError, refusal, tracking_uri
+from maskdit.core.tracking_server import TrackingError, check_reachable, refusal, tracking_uri
 
 log = logging.getLogger(__name__)
 PARENT_RUN_ENV = "MASKDIT_PARENT_RUN_ID"  # the run this process's runs nest under
@@ -56,10 +56,12 @@ def find_or_create_parent(experiment: str, tag: str, value: str, run_name: str,
 
     None when no tracking URI is configured (MLFLOW_TRACKING_URI).
     """
-    if tracking_uri() is None:
+    uri = tracking_uri()
+    if uri is None:
         return None
     import mlflow
 
+    check_reachable(uri)  # down: waited for within the retry budget, not MLflow's own minutes of retries
     client = mlflow.MlflowClient()
     with _refusal_in_one_line(f"the pipeline run's parent run in the MLflow experiment {experiment!r}"):
         exp_id = experiment_id(client, experiment)
@@ -94,10 +96,12 @@ def finish_parent(client, run_id: str, status: str, tags: dict[str, str] | None 
 def finish_parents(experiment: str, tag: str, value: str, status: str,
                    tags: dict[str, str] | None = None) -> list[str]:
     """`finish_parent` every run of `experiment` tagged `tag`=`value`; their ids ([] when not tracking)."""
-    if tracking_uri() is None:
+    uri = tracking_uri()
+    if uri is None:
         return []
     import mlflow
 
+    check_reachable(uri)
     client = mlflow.MlflowClient()
     with _refusal_in_one_line(f"closing the pipeline run's parent run in the MLflow experiment {experiment!r}"):
         exp = client.get_experiment_by_name(experiment)
@@ -125,6 +129,7 @@ def close_stale_runs(parent_run_id: str, reason: str, status: str = "KILLED", *,
         return []
     import mlflow
 
+    check_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_run(parent_run_id).info.experiment_id
     query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
