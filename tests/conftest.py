@@ -16,3 +16,15 @@ for _path in sorted((_here / "fixtures").glob("*.py")):
         continue
     _module = importlib.import_module(f"fixtures.{_path.stem}")
     globals().update({k: v for k, v in vars(_module).items() if not k.startswith("_")})
+
+# The slowest files first: `make test` hands whole files to two processes (pytest-xdist, --dist loadfile)
+# in this order, and the longest first keeps one process from running a long file alone at the end.
+# From `pytest --durations=0` (docs/benchmarks.md, "The test suite's wall time"), slowest first.
+SLOWEST_FIRST = ("test_pipeline_local.py", "test_fid.py", "test_image_venv.py", "test_model_env.py",
+                 "test_mlflow_spool.py", "test_mlflow_postgres.py", "test_registry.py", "test_evaluate.py",
+                 "test_preemption.py", "test_mlflow_user.py", "test_sharded_checkpoint.py", "test_launcher.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
