@@ -6,7 +6,6 @@ components/launcher.py (Kubernetes, and the `launch` entry point) and components
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -56,18 +55,9 @@ class Terminated(BaseException):
 def poll_interval() -> float:
     """Seconds between two looks at a running job (MASKDIT_LAUNCH_POLL_S, default 15): its status and pods, and
     the master's log when its stream broke."""
-    from maskdit.core.errors import UsageError
+    from maskdit.core.config import env_seconds
 
-    text = os.environ.get(POLL_ENV, "").strip()
-    if not text:
-        return DEFAULT_POLL_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):  # also NaN
-        raise UsageError(f"{POLL_ENV}={text!r} is not a number of seconds > 0; set it to e.g. 15, or unset it")
-    return value
+    return env_seconds(POLL_ENV, DEFAULT_POLL_S, example=DEFAULT_POLL_S)
 
 
 @contextmanager

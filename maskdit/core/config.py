@@ -12,6 +12,8 @@ gigabytes).
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import reprlib
 import types
@@ -22,7 +24,7 @@ from typing import Any, TypeVar, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from maskdit.core.errors import UserError
+from maskdit.core.errors import UsageError, UserError
 
 T = TypeVar("T", bound="StrictModel")
 
@@ -251,3 +253,20 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def env_seconds(name: str, default: float, *, example: float, zero_ok: bool = False,
+                infinite_ok: bool = False) -> float:
+    """Seconds from the environment variable `name` (`default` when unset or blank): a number > 0, or >= 0
+    with `zero_ok`; infinity only with `infinite_ok`. Anything else is a one-line `UsageError` naming it."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not ((value >= 0 if zero_ok else value > 0) and (infinite_ok or math.isfinite(value))):  # NaN fails both
+        raise UsageError(f"{name}={text!r} is not a number of seconds {'>= 0' if zero_ok else '> 0'}; set it to "
+                         f"e.g. {example:g}, or unset it")
+    return value

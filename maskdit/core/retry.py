@@ -11,13 +11,13 @@ find the service back). Any other error, permanent ones included, is raised at o
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from maskdit.core.errors import ServiceUnavailable, UsageError
+from maskdit.core.config import env_seconds
+from maskdit.core.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,16 +31,7 @@ _jitter = random.Random()  # its own generator: a retry never moves the global R
 
 def budget_s() -> float:
     """Seconds a transient failure is retried in process (MASKDIT_RETRY_BUDGET_S; 0: not retried)."""
-    text = os.environ.get(BUDGET_ENV, "").strip()
-    if not text:
-        return DEFAULT_BUDGET_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also NaN
-        raise UsageError(f"{BUDGET_ENV}={text!r} is not a number of seconds >= 0; set it to e.g. 300, or unset it")
-    return value
+    return env_seconds(BUDGET_ENV, DEFAULT_BUDGET_S, example=DEFAULT_BUDGET_S, zero_ok=True, infinite_ok=True)
 
 
 def retrying(call: Callable[[], T], what: str, budget: float | None = None) -> T:
