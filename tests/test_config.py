@@ -101,3 +101,21 @@ def test_an_anchor_bomb_gives_a_short_error(tmp_path):
         load_config(Outer, path)
     assert len(str(error.value)) < 2000 and "inner.depth" in str(error.value)
     assert time.monotonic() - started < 5
+
+
+def test_seconds_from_the_environment_keep_their_bounds_and_name_the_variable(monkeypatch):
+    """MASKDIT_RETRY_BUDGET_S takes 0 (no retries) and inf (retry forever); a poll interval needs a finite > 0."""
+    from maskdit.core.config import env_seconds
+    from maskdit.core.errors import UsageError
+
+    for text, value in (("", 300.0), (" ", 300.0), ("0", 0.0), ("inf", float("inf")), ("2.5", 2.5)):
+        monkeypatch.setenv("X_S", text)
+        assert env_seconds("X_S", 300.0, example=300, zero_ok=True, infinite_ok=True) == value
+    for text in ("-1", "nan", "x"):
+        monkeypatch.setenv("X_S", text)
+        with pytest.raises(UsageError, match=rf"X_S='{text}' is not a number of seconds >= 0; set it to e.g. 300"):
+            env_seconds("X_S", 300.0, example=300, zero_ok=True, infinite_ok=True)
+    for text in ("0", "inf", "nan", "x"):
+        monkeypatch.setenv("X_S", text)
+        with pytest.raises(UsageError, match=rf"X_S='{text}' is not a number of seconds > 0; set it to e.g. 15,"):
+            env_seconds("X_S", 15.0, example=15)
