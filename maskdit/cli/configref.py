@@ -119,6 +119,7 @@ def render_presets() -> str:
 def sections() -> list[tuple[str, type[BaseModel], str]]:
     """The configs users write, in the order of the pipeline: one per step command."""
     from maskdit.compare.config import CompareConfig
+    from maskdit.compare.report import CompareReportConfig
     from maskdit.data.encode import EncodeConfig
     from maskdit.evaluation.evaluate import EvaluateConfig
     from maskdit.evaluation.fid import FIDStatsConfig
@@ -140,6 +141,9 @@ def sections() -> list[tuple[str, type[BaseModel], str]]:
          usage.format("sample", "`out/result.json` (a folder) or `<out>.result.json` (a grid PNG)")),
         ("`maskdit compare`", CompareConfig,
          usage.format("compare", "`out/compare.json` and `out/compare.png`") + " See docs/benchmarks.md."),
+        ("`maskdit compare-report`", CompareReportConfig,
+         usage.format("compare-report", "`out/report.json`, `out/report.md` and `out/compare-seeds.png`")
+         + " Joins the seeds of one comparison."),
     ]
 
 

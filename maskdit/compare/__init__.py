@@ -24,5 +24,6 @@ as `<arm>_fid`), two child runs (`maskdit`, `dit`: the training metrics, and `fi
 
 Modules: `config` (CompareConfig in, CompareResult out), `arms` (the arms and their segments),
 `judge` (FID and accuracy of an arm), `plot` (compare.png), `tracker` (the MLflow parent run),
-`command` (`run`: the whole comparison).
+`command` (`run`: the whole comparison), `report` (`maskdit compare-report`: several seeds of one
+comparison as bands, a table and first-reach times).
 """
