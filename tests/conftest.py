@@ -20,9 +20,10 @@ for _path in sorted((_here / "fixtures").glob("*.py")):
 # The slowest files first: `make test` hands whole files to two processes (pytest-xdist, --dist loadfile)
 # in this order, and the longest first keeps one process from running a long file alone at the end.
 # From `pytest --durations=0` (docs/benchmarks.md, "The test suite's wall time"), slowest first.
-SLOWEST_FIRST = ("test_pipeline_local.py", "test_fid.py", "test_image_venv.py", "test_model_env.py",
-                 "test_mlflow_spool.py", "test_mlflow_postgres.py", "test_registry.py", "test_evaluate.py",
-                 "test_preemption.py", "test_mlflow_user.py", "test_sharded_checkpoint.py", "test_launcher.py")
+SLOWEST_FIRST = ("test_pipeline_local.py", "test_pipeline_retrain.py", "test_fid.py", "test_image_venv.py",
+                 "test_model_env.py", "test_mlflow_spool.py", "test_mlflow_postgres.py", "test_registry.py",
+                 "test_evaluate.py", "test_preemption.py", "test_mlflow_user.py", "test_sharded_checkpoint.py",
+                 "test_launcher.py")
 
 
 def pytest_collection_modifyitems(config, items):
