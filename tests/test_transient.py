@@ -223,11 +223,31 @@ def test_a_tracking_uri_answering_html_is_permanent_at_once(answering):
                       "size 5 overflow 10 reached, connection timed out, timeout 30.00"})),
     (503, "upstream connect error"), (429, "slow down"), (502, "<html>Bad Gateway</html>")])
 def test_an_overloaded_or_failing_server_is_transient(answering, status, body):
-    """MLflow's pool exhaustion comes as a 400; it and 5xx / 429 are retried, then exit 143."""
+    """MLflow's pool exhaustion comes as a 400; it and 5xx / 429 are retried, then exit 143. The same answers are
+    transient for the REST calls of `maskdit mlflow-user` (one rule: tracking_server.busy_answer)."""
+    from maskdit.core.tracking_users import _Api
+
     uri, server = answering(status, body)
     with pytest.raises(TrackingUnavailable):
         check_reachable(uri, budget=1)
     assert server.hits >= 2  # retried within the budget
+    with pytest.raises(TrackingUnavailable, match=f"HTTP {status}"):
+        _Api(uri, "admin", "secret").call("GET", "/api/2.0/mlflow/users/get", params={"username": "u"})
+
+
+def test_a_server_that_does_not_implement_a_call_is_not_waited_for(answering):
+    """A 501 no retry changes: the probe says so at once, a REST call gets the answer, a client error is permanent."""
+    from mlflow.exceptions import RestException
+
+    from maskdit.core.tracking_server import is_transient
+    from maskdit.core.tracking_users import _Api
+
+    uri, server = answering(501, json.dumps({"error_code": "NOT_IMPLEMENTED", "message": "no"}))
+    with pytest.raises(TrackingError, match="answered HTTP 501") as info:
+        check_reachable(uri, budget=60)
+    assert not isinstance(info.value, ServiceUnavailable) and server.hits == 1
+    assert _Api(uri, "admin", "secret").call("GET", "/api/2.0/mlflow/users/get")[0] == 501
+    assert not is_transient(RestException({"error_code": "NOT_IMPLEMENTED", "message": "no"}))
 
 
 def test_mlflow_failures_are_classified_from_the_client_errors():

@@ -63,14 +63,21 @@ def _status(error: BaseException) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def busy_answer(status: int, body: str = "") -> bool:
+    """Whether an HTTP answer of MLflow means "down or busy: try again": a 5xx but 501 (not implemented, which
+    no retry changes), a 429, or an overload in the body (MLflow answers its database pool running dry as 400).
+    The one rule for every way maskdit talks to MLflow: the client's errors, the probe and the REST calls."""
+    return (status >= 500 and status != 501) or status == 429 or _OVERLOAD.search(body) is not None
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether an MLflow client error means "the server is down or busy: try again"."""
     text = str(error)
-    if _OVERLOAD.search(text):
-        return True
     status = _status(error)
-    if status is not None and (status >= 500 or status == 429):
-        return status != 501  # 501: the server does not implement it, which no retry changes
+    if busy_answer(status or 0, text):
+        return True
+    if status is not None and status >= 400:
+        return False
     import requests
 
     return isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)) or \
@@ -195,7 +202,7 @@ def _probe(uri: str) -> None:
         raise TrackingError(f"MLflow at {redact(uri)} refused us (HTTP {code}); set "
                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the maskdit-mlflow Secret: the "
                             "pipeline's MLflow user)")
-    if code >= 500 or code == 429 or _OVERLOAD.search(body):
+    if busy_answer(code, body):
         raise TrackingUnavailable(f"MLflow at {redact(uri)} is unavailable (HTTP {code}: {redact(body[:200])!r})")
     if code >= 400:
         raise TrackingError(f"{redact(uri)} answered HTTP {code} to an MLflow API call; is "

@@ -33,6 +33,7 @@ from maskdit.core.storage import redact
 from maskdit.core.tracking_server import (
     REQUEST_TIMEOUT_S,
     TrackingUnavailable,
+    busy_answer,
     error_reason,
 )
 
@@ -93,7 +94,8 @@ class _Api:
         self.uri, self.username, self.password = uri.rstrip("/"), username, password
 
     def call(self, method: str, path: str, **kwargs):
-        """(status, parsed JSON or text); a server that is down, 5xx or 429 is a `TrackingUnavailable`."""
+        """(status, parsed JSON or text); a server that is down or busy (`busy_answer`: 5xx, 429, an overloaded
+        database's 400) is a `TrackingUnavailable`."""
         from mlflow.utils.credentials import MlflowHostCreds
         from mlflow.utils.rest_utils import http_request
 
@@ -103,8 +105,9 @@ class _Api:
                                     timeout=REQUEST_TIMEOUT_S, raise_on_status=False, **kwargs)
         except Exception as error:  # noqa: BLE001 - requests and MLflow wrap connection errors in many types
             raise TrackingUnavailable(f"MLflow at {redact(self.uri)} is unreachable ({error_reason(error)})") from None
-        if response.status_code >= 500 or response.status_code == 429:
-            raise TrackingUnavailable(f"MLflow at {redact(self.uri)} is unavailable (HTTP {response.status_code})")
+        if busy_answer(response.status_code, response.text[:2000]):
+            raise TrackingUnavailable(f"MLflow at {redact(self.uri)} is unavailable (HTTP {response.status_code}: "
+                                      f"{redact(response.text[:200])!r})")
         try:
             return response.status_code, response.json()
         except ValueError:
