@@ -10,12 +10,12 @@ from components import IMAGE
 def cleanup(kfp_run_id: str, backend: str, namespace: str, experiment: str, status: dsl.PipelineTaskFinalStatus):
     """Delete every training job (TrainJob, PyTorchJob) labelled with this pipeline run (terminating a KFP
     run does not), then
-    mark the run's MLflow parent run FINISHED or FAILED."""
-    from components.steps import cleanup_step, close_stale_runs, finish_parent_run
+    mark the run's MLflow parent run FINISHED or FAILED (its stale child runs KILLED, once the jobs are gone)."""
+    from components.steps import cleanup_step, close_pipeline_run
 
+    deleted = False
     try:
         cleanup_step(kfp_run_id, backend, namespace)
-        close_stale_runs(kfp_run_id, experiment, f"the pipeline run ended ({status.state}) while its process was "
-                         "gone without closing it (SIGKILL, OOM or a lost node)")
+        deleted = True
     finally:
-        finish_parent_run(kfp_run_id, experiment, status.state, status.error_message)
+        close_pipeline_run(kfp_run_id, experiment, status.state, status.error_message, close_stale=deleted)

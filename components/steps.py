@@ -307,6 +307,28 @@ def close_stale_runs(kfp_run_id: str, experiment: str, reason: str, step: str | 
     return closed
 
 
+def close_pipeline_run(kfp_run_id: str, experiment: str, state: str, error: str = "",
+                       close_stale: bool = True) -> None:
+    """The exit step's MLflow part: close the child runs killed processes left RUNNING (when `close_stale`: the
+    run's jobs are gone), then the parent run as KFP's `state` says.
+
+    MLflow is waited for once, within the retry budget (MASKDIT_RETRY_BUDGET_S): when it stays down,
+    this is one line and exit 143 after one budget, not one budget for each of the two closings.
+    """
+    from maskdit.core.tracking_server import check_reachable, tracking_uri
+
+    uri = tracking_uri()
+    if uri is None:
+        return
+    check_reachable(uri)
+    try:
+        if close_stale:
+            close_stale_runs(kfp_run_id, experiment, f"the pipeline run ended ({state}) while its process was gone "
+                             "without closing it (SIGKILL, OOM or a lost node)")
+    finally:
+        finish_parent_run(kfp_run_id, experiment, state, error)
+
+
 def evaluate_step(checkpoint_uri: str, dataset_uri: str, ref_stats: str, num_samples: int, sampler: dict,
                   device: str, store_uri: str, kfp_run_id: str, kfp_run_name: str, experiment: str, metrics, samples,
                   evaluation, job: dict | None = None):

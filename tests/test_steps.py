@@ -83,6 +83,52 @@ def test_steps_close_the_runs_that_killed_processes_left_running(tracking):
     assert close_stale_runs("kfp-7", "stale-runs", "again") == []
 
 
+def test_the_exit_step_waits_for_a_down_mlflow_once_not_once_a_closing(monkeypatch):
+    """With MLflow down, closing the stale runs and then the parent run each probed it and each waited the whole
+    retry budget (300 s in production) before the step exited 143. Now one wait: with the budget 0 each wait is
+    one probe, so the probes count the waits."""
+    from components.steps import close_pipeline_run
+    from maskdit.core import tracking_server
+    from maskdit.core.tracking_server import TrackingUnavailable
+
+    probes = []
+
+    def down(uri):
+        probes.append(uri)
+        raise TrackingUnavailable(f"MLflow at {uri} is unreachable (connection refused)")
+
+    monkeypatch.setattr(tracking_server, "_probe", down)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MASKDIT_RETRY_BUDGET_S", "0")
+    for close_stale in (True, False):
+        probes.clear()
+        with pytest.raises(TrackingUnavailable, match="unreachable"):
+            close_pipeline_run("kfp-8", "exit-step", "FAILED", "boom", close_stale=close_stale)
+        assert probes == ["http://127.0.0.1:9"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    probes.clear()
+    close_pipeline_run("kfp-8", "exit-step", "SUCCEEDED")  # not tracking: nothing to close, nothing probed
+    assert probes == []
+
+
+@pytest.mark.slow
+def test_the_exit_step_closes_stale_children_and_the_parent(tracking):
+    """The exit step's MLflow part against a real server: a child left RUNNING is KILLED, the parent FAILED with
+    KFP's state and error; without `close_stale` (its jobs could not be deleted) the children are left alone."""
+    from components.steps import close_pipeline_run, parent_run
+
+    parent = parent_run("kfp-9", "nightly", "exit-step")
+    experiment_id = tracking.get_run(parent).info.experiment_id
+    child = tracking.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "maskdit.step": "train"})
+    close_pipeline_run("kfp-9", "exit-step", "FAILED", "the tune step failed", close_stale=False)
+    assert tracking.get_run(child.info.run_id).info.status == "RUNNING"
+    run = tracking.get_run(parent)
+    assert run.info.status == "FAILED" and run.data.tags["kfp.error"] == "the tune step failed"
+    close_pipeline_run("kfp-9", "exit-step", "FAILED", "the tune step failed")
+    assert tracking.get_run(child.info.run_id).info.status == "KILLED"
+    assert "the pipeline run ended (FAILED)" in tracking.get_run(child.info.run_id).data.tags["maskdit.closed_reason"]
+
+
 def test_training_shows_metrics_and_a_card_with_the_run_link_and_the_last_grid(tmp_path):
     """What pretrain and tune publish to the KFP UI comes from their result.json alone."""
     import base64
