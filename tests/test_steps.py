@@ -70,17 +70,17 @@ def test_steps_close_the_runs_that_killed_processes_left_running(tracking):
     """Issue 11.6: the evaluate step closes stale training runs, the exit step every stale run; the parent says why."""
     from components.steps import close_stale_runs, parent_run
 
-    parent = parent_run("kfp-7", "weekly", "stale-runs")
+    parent = parent_run("kfp-7", "weekly", "steps-stale-runs")
     experiment_id = tracking.get_run(parent).info.experiment_id
     train = tracking.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "maskdit.step": "train"})
     other = tracking.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "maskdit.step": "evaluate"})
-    assert close_stale_runs("kfp-7", "stale-runs", "training finished", step="train") == [train.info.run_id]
+    assert close_stale_runs("kfp-7", "steps-stale-runs", "training finished", step="train") == [train.info.run_id]
     assert tracking.get_run(train.info.run_id).info.status == "KILLED"
     assert tracking.get_run(other.info.run_id).info.status == "RUNNING"
-    assert close_stale_runs("kfp-7", "stale-runs", "the pipeline run ended") == [other.info.run_id]
+    assert close_stale_runs("kfp-7", "steps-stale-runs", "the pipeline run ended") == [other.info.run_id]
     tags = tracking.get_run(parent).data.tags
     assert tags[f"maskdit.closed_run.{train.info.run_id}"] == "KILLED: training finished"
-    assert close_stale_runs("kfp-7", "stale-runs", "again") == []
+    assert close_stale_runs("kfp-7", "steps-stale-runs", "again") == []
 
 
 def test_the_exit_step_waits_for_a_down_mlflow_once_not_once_a_closing(monkeypatch):
