@@ -120,3 +120,13 @@ def test_bad_inputs_are_one_line_each_and_write_nothing(tmp_path):
     assert not (tmp_path / "report").exists()
     with pytest.raises(ConfigError, match="accuracy_levels"):
         build_config(CompareReportConfig, {"out": out, "results": [a], "accuracy_levels": [90]})
+
+
+def test_one_seed_is_a_report_without_ranges(tmp_path):
+    """A single comparison reports its own numbers (no band to draw, no range to print)."""
+    report = run(build_config(CompareReportConfig, {"results": [comparison(tmp_path, 0, FIDS[0], ACCS[0])],
+                                                    "out": str(tmp_path / "report")}))
+    assert report.seeds == [0] and report.arms["dit"][2].fid_min == report.arms["dit"][2].fid_max == 120.0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.startswith("Seed [0]; FID from 500 samples against 500 held-out images.\n")
+    assert "| MaskDiT | 3 | 300 | 600 | 38,400 | 60.0 | 95.0 | train | 1.00 |" in md

@@ -231,13 +231,16 @@ def plot_bands(arms: dict[str, list[Band]], path: str, title: str) -> None:
 def _fmt_range(mean: float | None, lo: float | None, hi: float | None, scale: float = 1.0, digits: int = 1) -> str:
     if mean is None:
         return "-"
+    if lo == hi:  # one seed: no range to show
+        return f"{mean * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f} ({lo * scale:.{digits}f}-{hi * scale:.{digits}f})"
 
 
 def markdown(report: CompareReport) -> str:
     """report.md: the table of points and the first-reach table."""
-    lines = [f"Seeds {report.seeds}; FID from {report.fid_samples} samples against {report.reference_n} held-out "
-             f"images; mean (min-max) over the seeds.", "",
+    several = len(report.seeds) > 1
+    lines = [f"Seed{'s' if several else ''} {report.seeds}; FID from {report.fid_samples} samples against "
+             f"{report.reference_n} held-out images" + ("; mean (min-max) over the seeds." if several else "."), "",
              "| arm | point | training s | steps | images seen | FID | accuracy % | phase | load (max) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for k in range(len(report.arms["maskdit"])):
@@ -278,7 +281,9 @@ def run(cfg: CompareReportConfig) -> CompareReport:
         budget_s=config["budget_s"], fid_samples=results[0].fid_samples, reference_n=results[0].reference_n,
         classifier_accuracy=[r.classifier_accuracy for r in results], seconds=[r.seconds for r in results])
     train = config.get("train", {}).get("model", {})
-    title = (f"{len(seeds)} seeds {seeds}: mean and min-max band; {results[0].params / 1e6:.2f}M params, patch "
+    spread = f"{len(seeds)} seeds {seeds}: mean and min-max band" if len(seeds) > 1 else \
+        f"one seed ({seeds[0]}): no band"
+    title = (f"{spread}; {results[0].params / 1e6:.2f}M params, patch "
              f"{train.get('patch_size', 'preset')}, batch {results[0].global_batch}, {config['budget_s']:g} s an "
              f"arm on {results[0].device}, FID-{results[0].fid_samples}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,4 +306,4 @@ def summary(report: CompareReport) -> str:
         b = bands[-1]
         acc = f", accuracy {100 * b.accuracy:.1f} %" if b.accuracy is not None else ""
         parts.append(f"{name} FID {b.fid:.1f}{acc} at {b.wall_s:.0f} s")
-    return f"{len(report.seeds)} seeds: " + "; ".join(parts)
+    return f"{len(report.seeds)} seed{'s' if len(report.seeds) > 1 else ''}: " + "; ".join(parts)
