@@ -21,6 +21,13 @@ def plot(result: CompareResult, path: str, title: str) -> None:
         axes[1].plot([p.images for p in pts], [p.fid for p in pts], **styles[name])
         if with_acc:
             axes[2].plot([p.wall_s for p in pts], [100 * p.accuracy for p in pts], **styles[name])
+    label_and_save(fig, axes, title, path)
+
+
+def label_and_save(fig, axes, title: str, path: str) -> None:
+    """The comparison's three panels labelled (FID / wall clock, FID / images, accuracy / wall clock), saved."""
+    import matplotlib.pyplot as plt
+
     for ax, xlabel, ylabel in zip(axes, ("training wall clock (s)", "training images seen", "training wall clock (s)"),
                                   ("FID (lower is better)", "FID (lower is better)", "classifier accuracy (%)")):
         ax.set_xlabel(xlabel)

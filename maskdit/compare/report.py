@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from maskdit.compare.config import CompareResult, EvalPoint
+from maskdit.compare.plot import label_and_save
 from maskdit.core import storage
 from maskdit.core.config import ConfigError, StrictModel, flatten
 
@@ -216,16 +217,7 @@ def plot_bands(arms: dict[str, list[Band]], path: str, title: str) -> None:
             axes[2].plot(wall, [100 * b.accuracy for b in bands], label=label, **style)
             axes[2].fill_between(wall, [100 * b.accuracy_min for b in bands], [100 * b.accuracy_max for b in bands],
                                  color=style.get("color"), alpha=0.2, linewidth=0)
-    for ax, xlabel, ylabel in zip(axes, ("training wall clock (s)", "training images seen", "training wall clock (s)"),
-                                  ("FID (lower is better)", "FID (lower is better)", "classifier accuracy (%)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    label_and_save(fig, axes, title, path)
 
 
 def _fmt_range(mean: float | None, lo: float | None, hi: float | None, scale: float = 1.0, digits: int = 1) -> str:
