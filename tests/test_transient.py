@@ -250,6 +250,21 @@ def test_a_server_that_does_not_implement_a_call_is_not_waited_for(answering):
     assert not is_transient(RestException({"error_code": "NOT_IMPLEMENTED", "message": "no"}))
 
 
+def test_a_successful_answer_is_never_busy_whatever_it_names(answering):
+    """An experiment named after an overload ("QueuePool limit") in a 200 answer is MLflow answering, not MLflow
+    overloaded: the probe passes at once, the REST call returns it; the same words in a 400 are an overload."""
+    from maskdit.core.tracking_server import busy_answer
+    from maskdit.core.tracking_users import _Api
+
+    named = "QueuePool limit reached, too many connections"
+    body = json.dumps({"experiments": [{"experiment_id": "1", "name": named}]})
+    uri, server = answering(200, body)
+    check_reachable(uri, budget=60)
+    assert server.hits == 1
+    assert _Api(uri, "admin", "secret").call("GET", "/api/2.0/mlflow/experiments/search")[0] == 200
+    assert not busy_answer(200, body) and busy_answer(400, body) and busy_answer(None, body)
+
+
 def test_mlflow_failures_are_classified_from_the_client_errors():
     from mlflow.exceptions import MlflowException
 

@@ -63,18 +63,22 @@ def _status(error: BaseException) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def busy_answer(status: int, body: str = "") -> bool:
+def busy_answer(status: int | None, body: str = "") -> bool:
     """Whether an HTTP answer of MLflow means "down or busy: try again": a 5xx but 501 (not implemented, which
-    no retry changes), a 429, or an overload in the body (MLflow answers its database pool running dry as 400).
-    The one rule for every way maskdit talks to MLflow: the client's errors, the probe and the REST calls."""
-    return (status >= 500 and status != 501) or status == 429 or _OVERLOAD.search(body) is not None
+    no retry changes), a 429, or an error (or an error of unknown status) whose text is an overload (MLflow
+    answers its database pool running dry as 400). A successful answer is never busy, whatever its content (an
+    experiment may be named "too many connections"). The one rule for every way maskdit talks to MLflow: the
+    client's errors, the probe and the REST calls."""
+    if status is not None and ((status >= 500 and status != 501) or status == 429):
+        return True
+    return (status is None or status >= 400) and _OVERLOAD.search(body) is not None
 
 
 def is_transient(error: BaseException) -> bool:
     """Whether an MLflow client error means "the server is down or busy: try again"."""
     text = str(error)
     status = _status(error)
-    if busy_answer(status or 0, text):
+    if busy_answer(status, text):
         return True
     if status is not None and status >= 400:
         return False
