@@ -5,13 +5,16 @@ The master's log is read with `timestamps=true`; after a dropped stream the foll
 second come again: those older than the last one seen, and as many copies of each line at the last time stamp
 as were already seen, are skipped - no line twice, none lost. A container restart (restartCount up) is caught up
 through `previous=true` (the kubelet keeps one terminated container), a re-created pod (new uid) is read from
-its start. Everything the follower saw is spooled to a local file; at the end it goes to
-`<checkpoint_uri>/logs/<pod>.log`, as do the other replicas' logs (previous container, then current).
+its start. A stream opened just before the master was re-created is still the old pod's, and that pod's log is
+gone once it is deleted: it is kept unless its first line is in the new pod's log (then the log was opened by
+name just after the re-creation, on the new pod). Everything the follower saw is spooled to a local file; at
+the end it goes to `<checkpoint_uri>/logs/<pod>.log`, as do the other replicas' logs (previous container, then current).
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 import tempfile
 import threading
@@ -151,8 +154,13 @@ class MasterLog(threading.Thread):
         return self._read(name, (uid, restarts), previous=False, follow=follow and "running" in state)
 
     def _read(self, pod: str, expect: tuple[str, int], previous: bool, follow: bool) -> bool:
-        """Read one container's log from the last time stamp seen; False (nothing read) if the master is no
-        longer the (uid, restartCount) `expect`ed: the log opened may be another container's than assumed."""
+        """Read one container's log from the last time stamp seen; False if the master is no longer the
+        (uid, restartCount) `expect`ed, so that the caller looks again.
+
+        After a restart the log opened may be the new instance's: it is left unread (the old one is caught up
+        through `previous=true`). After a re-creation the old pod's log is gone for good, so the stream is read
+        unless its first line is in the new master's log (then it is the new pod's, read from its start next).
+        """
         query = [("container", self.calls.kind.container), ("timestamps", "true")]
         query += [("previous", "true")] if previous else []
         query += [("follow", "true")] if follow else []
@@ -162,26 +170,45 @@ class MasterLog(threading.Thread):
         try:
             now = self._master()
             restarts = (_container_status(now or {}, self.calls.kind.container) or {}).get("restartCount", 0)
-            if now is None or (now["metadata"]["uid"], restarts) != expect:
+            replaced = now is None or now["metadata"]["uid"] != expect[0]
+            if not replaced and restarts != expect[1]:
                 return False
             if follow:  # published, so that finish() can cut it
                 with self._lock:
                     if self._halt.is_set():
                         return True
                     self._response = response
+            lines = _lines(response)
+            if replaced:
+                first = next(lines, None)
+                if first is None or (now is not None and self._logged(now, first)):
+                    return False
+                lines = itertools.chain([first], lines)
             replay = collections.Counter(self._at_hwm)
-            buffer = b""
-            for chunk in response.stream(64 * 1024):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for raw in lines:
-                    self._accept(pod, raw.decode("utf-8", "replace"), replay)
-            if buffer:  # a clean end without a final newline: the last line is whole
-                self._accept(pod, buffer.decode("utf-8", "replace"), replay)
-            return True
+            for raw in lines:
+                self._accept(pod, raw, replay)
+            return not replaced
         finally:  # a cut stream raises here: its half line is dropped, the next read starts at its time stamp
             with self._lock:
                 self._response = None
+            response.release_conn()
+
+    def _logged(self, pod: dict, raw: str) -> bool:
+        """Whether time-stamped line `raw` is in `pod`'s current container's log (False if it has none yet)."""
+        query = [("container", self.calls.kind.container), ("timestamps", "true")]
+        try:
+            query += [("sinceTime", _since(stamp_ns(raw.partition(" ")[0])))]
+        except ValueError:
+            pass
+        try:
+            response = self.calls.open_log(pod["metadata"]["name"], query, until=self.until)
+        except Exception as error:
+            if http_status(error) == 400:  # not started yet: it has printed nothing
+                return False
+            raise
+        try:
+            return raw in response.read().decode("utf-8", "replace").split("\n")
+        finally:
             response.release_conn()
 
     def _accept(self, pod: str, raw: str, replay: collections.Counter) -> None:
@@ -205,6 +232,18 @@ class MasterLog(threading.Thread):
         self._tail.append(text)
         self._spool.write(text + "\n")
         print(f"[{pod}] {text}", file=self.out, flush=True)
+
+
+def _lines(response):
+    """The lines of a log response as they arrive; a last line without a newline counts at a clean end."""
+    buffer = b""
+    for chunk in response.stream(64 * 1024):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            yield raw.decode("utf-8", "replace")
+    if buffer:
+        yield buffer.decode("utf-8", "replace")
 
 
 def _read_all(calls: Calls, pod: dict, until: float) -> bytes:

@@ -401,6 +401,26 @@ def test_a_recreated_master_pod_is_followed(k8s_api, api, ckpt, capsys, kind):
     assert "was re-created: following the new one" in capsys.readouterr().out
 
 
+def test_lines_streamed_just_before_the_master_is_re_created_are_kept(k8s_api, api, ckpt, kind):
+    # Every pod list answers late: the old master's lines are on the follower's open stream, the job moves on
+    # and re-creates the master before the follower's check of whose log it opened comes back.
+    k8s_api.inject(Fault(method="GET", path=r"/pods$", delay_s=0.15))
+    k8s_api.script(NAME, JobScript(["Created", "Running", "Recreate", "Running", "Succeeded"], ["old 0", "old 1"],
+                                   lines_at={2: ["new 0"], 3: ["new 1"]}))
+    _run(_job(ckpt), api)
+    assert _log(ckpt, kind).read_text().splitlines() == ["old 0", "old 1", "new 0", "new 1"]
+
+
+def test_a_log_opened_just_after_the_master_is_re_created_is_read_once(k8s_api, api, ckpt, kind):
+    # The follower sees the old master running (silent, so the job moves on), its log call answers late: by
+    # then the master was re-created, and (PyTorchJob: same pod name) the stream opened is the new pod's.
+    k8s_api.inject(Fault(method="GET", path=r"/log$", delay_s=0.8, times=1))
+    k8s_api.script(NAME, JobScript(["Created", *["Running"] * 3, "Recreate", "Running", "Succeeded"], [],
+                                   lines_at={4: ["new 0"], 5: ["new 1"]}))
+    _run(_job(ckpt), api, call_timeout_s=2.0)
+    assert _log(ckpt, kind).read_text().splitlines() == ["new 0", "new 1"]
+
+
 def test_an_unschedulable_job_fails_with_the_schedulers_reason(k8s_api, api, ckpt):
     k8s_api.script(NAME, JobScript(["Created", "Unschedulable"]))
     with pytest.raises(JobPending) as info:
