@@ -27,12 +27,11 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from maskdit.compare.config import CompareResult, EvalPoint
-from maskdit.compare.plot import label_and_save
+from maskdit.compare.plot import arm_style, label_and_save
 from maskdit.core import storage
 from maskdit.core.config import ConfigError, StrictModel, flatten
 
 FREE_KEYS = ("seed", "out", "tracking.")  # what may differ between the runs of one report
-ARM_LABELS = {"maskdit": "MaskDiT (mask 0.5 + tuning)", "dit": "DiT (unmasked)"}
 
 
 class CompareReportConfig(StrictModel):
@@ -205,16 +204,15 @@ def plot_bands(arms: dict[str, list[Band]], path: str, title: str) -> None:
 
     with_acc = all(b.accuracy is not None for bands in arms.values() for b in bands)
     fig, axes = plt.subplots(1, 3 if with_acc else 2, figsize=(15 if with_acc else 10, 4.2))
-    styles = {"maskdit": dict(color="tab:red", marker="o"), "dit": dict(color="tab:blue", marker="s")}
     for name, bands in arms.items():
-        style, label = styles.get(name, {}), ARM_LABELS.get(name, name)
+        style = arm_style(name)
         wall, images = [b.wall_s for b in bands], [b.images for b in bands]
         for ax, x in ((axes[0], wall), (axes[1], images)):
-            ax.plot(x, [b.fid for b in bands], label=label, **style)
+            ax.plot(x, [b.fid for b in bands], **style)
             ax.fill_between(x, [b.fid_min for b in bands], [b.fid_max for b in bands], color=style.get("color"),
                             alpha=0.2, linewidth=0)
         if with_acc:
-            axes[2].plot(wall, [100 * b.accuracy for b in bands], label=label, **style)
+            axes[2].plot(wall, [100 * b.accuracy for b in bands], **style)
             axes[2].fill_between(wall, [100 * b.accuracy_min for b in bands], [100 * b.accuracy_max for b in bands],
                                  color=style.get("color"), alpha=0.2, linewidth=0)
     label_and_save(fig, axes, title, path)
@@ -238,7 +236,7 @@ def markdown(report: CompareReport) -> str:
     for k in range(len(report.arms["maskdit"])):
         for name in ("maskdit", "dit"):
             b = report.arms[name][k]
-            lines.append(f"| {ARM_LABELS[name].split(' (')[0]} | {b.point} | {b.wall_s:.0f} | {b.steps:.0f} | "
+            lines.append(f"| {arm_style(name)['label'].split(' (')[0]} | {b.point} | {b.wall_s:.0f} | {b.steps:.0f} | "
                          f"{b.images:,.0f} | {_fmt_range(b.fid, b.fid_min, b.fid_max)} | "
                          f"{_fmt_range(b.accuracy, b.accuracy_min, b.accuracy_max, 100)} | {b.phase} | "
                          f"{b.load_max:.2f} |")
