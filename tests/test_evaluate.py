@@ -211,7 +211,9 @@ def test_a_rank_killed_mid_evaluation_restarts_the_job_and_no_partial_fid_is_wri
     args = [f"checkpoint={tiny_sampler.checkpoint}", f"ref_stats={ref_stats}", "num_samples=8", "batch_size=2",
             "sampler.num_steps=3", "grid_classes=[1]", "grid_columns=2"]
     killed_out = tmp_path / "killed"
-    proc = _torchrun_evaluate(2, killed_out, *args, max_restarts=1)
+    # the restarts a job has by default (ClusterSettings.backoff_limit): the restarted group's gloo setup can
+    # itself be refused under load (seen once in four full runs); the kill is the test, a second restart is not
+    proc = _torchrun_evaluate(2, killed_out, *args, max_restarts=3)
     deadline = time.monotonic() + 300
     while "1" not in (workers := _workers(proc)) and time.monotonic() < deadline:
         time.sleep(0.2)
